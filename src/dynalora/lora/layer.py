@@ -1,0 +1,52 @@
+"""The injected layer: a base linear layer plus the per-row dynamic LoRA of a :class:`LoraState`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dynalora.lora.state import LoraState, ModuleSlot
+
+
+class DynamicLoraLinear(nn.Module):
+    """``y = W x + (x A_t ⊙ rank_weights[b]) B_t + bmm(bmm(x, A_row[b]), B_row[b])``.
+
+    No loop over adapters or rows: the bank blend is one rank-(K·r) LoRA whose rank dimension is
+    scaled per row, the per-row factors are one pair of batched matmuls. Each term is skipped when the
+    state has nothing in it, so an all-zero state costs two attribute reads.
+    """
+
+    def __init__(self, base_layer: nn.Module, state: LoraState, module_name: str):
+        super().__init__()
+        self.base_layer = base_layer
+        self.module_name = module_name
+        # Plain attributes, not submodules or buffers: the state owns the tensors and the model's
+        # state_dict stays exactly the base model's.
+        self.__dict__["dynalora_state"] = state
+        self.__dict__["dynalora_slot"] = state.slots[module_name]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, in)
+        y = self.base_layer(x)  # (B, T, out)
+        state: LoraState = self.dynalora_state
+        slot: ModuleSlot = self.dynalora_slot
+        bank_on = state.bank_active and slot.bank_a_t is not None
+        if not (bank_on or slot.rows_active):
+            return y
+        squeeze = x.dim() == 2
+        if squeeze:  # (T, in): one row
+            x, y = x.unsqueeze(0), y.unsqueeze(0)
+        batch = x.shape[0]
+        if batch > state.max_batch:
+            raise RuntimeError(f"batch of {batch} rows, but the LoRA state holds {state.max_batch}; "
+                               "attach with a larger StateConfig.max_batch")
+        x = x.to(slot.row_a_t.dtype)
+        if bank_on:
+            mixed = (x @ slot.bank_a_t) * state.rank_weights[:batch, None, :]  # (B, T, K*r)
+            y = y + (mixed @ slot.bank_b_t).to(y.dtype)  # (B, T, out)
+        if slot.rows_active:
+            low = torch.bmm(x, slot.row_a_t[:batch])  # (B, T, r_g + r_m)
+            y = y + torch.bmm(low, slot.row_b_t[:batch]).to(y.dtype)  # (B, T, out)
+        return y.squeeze(0) if squeeze else y
+
+    def extra_repr(self) -> str:
+        return f"module_name={self.module_name!r}"

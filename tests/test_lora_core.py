@@ -1,0 +1,174 @@
+"""Exact invariants of the dynamic LoRA core on tiny Llama / Qwen2 / GPT-2 models."""
+
+from __future__ import annotations
+
+import torch
+from peft import PeftModel
+
+from dynalora.lora import DynamicLoraModel, InjectConfig, LoraBank, StateConfig, module_shapes_of
+from dynalora.models import tiny_model
+
+TOL = 1e-5
+
+
+def attach_bank(family, adapter_dirs, **state_kwargs):
+    model = tiny_model(family)
+    bank = LoraBank(module_shapes_of(model))
+    for k, folder in enumerate(adapter_dirs):
+        bank.add_peft(folder, label=f"a{k}", description=f"adapter {k}")
+    return DynamicLoraModel.attach(model, bank, InjectConfig(state=StateConfig(**state_kwargs)))
+
+
+def logits(model, tokens):
+    with torch.no_grad():
+        return model(input_ids=tokens).logits
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+def test_zero_state_gives_base_logits_exactly(family, adapter_dirs, tokens):
+    base = logits(tiny_model(family), tokens)
+    dyn = attach_bank(family, adapter_dirs)
+    assert torch.equal(logits(dyn, tokens), base)
+    dyn.state.set_blend(0, [0.3, 0.3, 0.4])
+    assert not torch.equal(logits(dyn, tokens), base)
+    dyn.state.reset()
+    assert torch.equal(logits(dyn, tokens), base)
+
+
+def test_one_hot_blend_matches_peft_adapter(family, adapter_dirs, tokens):
+    dyn = attach_bank(family, adapter_dirs)
+    for k, folder in enumerate(adapter_dirs):
+        peft_model = PeftModel.from_pretrained(tiny_model(family), str(folder)).eval()
+        one_hot = [0.0] * len(adapter_dirs)
+        one_hot[k] = 1.0
+        dyn.state.set_blend(0, one_hot)
+        ours, theirs = logits(dyn, tokens), logits(peft_model, tokens)
+        assert max_diff(ours, theirs) <= TOL, f"adapter {k}"
+        assert max_diff(theirs, logits(tiny_model(family), tokens)) > 1e-2  # the adapter does something
+
+
+def test_weighted_blend_matches_peft_cat_combination(family, adapter_dirs, tokens):
+    weights = [0.7, -0.4, 1.3]
+    peft_model = PeftModel.from_pretrained(tiny_model(family), str(adapter_dirs[0]), adapter_name="a0")
+    for k, folder in enumerate(adapter_dirs[1:], start=1):
+        peft_model.load_adapter(str(folder), adapter_name=f"a{k}")
+    peft_model.add_weighted_adapter(["a0", "a1", "a2"], weights, "mix", combination_type="cat")
+    peft_model.set_adapter("mix")
+    peft_model.eval()
+    dyn = attach_bank(family, adapter_dirs)
+    dyn.state.set_blend(0, weights)
+    assert max_diff(logits(dyn, tokens), logits(peft_model, tokens)) <= TOL
+
+
+def random_factors(dyn, rank, seed, scale=0.1):
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for module in dyn.target_modules[::2]:
+        in_features, out_features = dyn.bank.module_shapes[module]
+        out[module] = (torch.randn(rank, in_features, generator=generator) * scale,
+                       torch.randn(out_features, rank, generator=generator) * scale)
+    return out
+
+
+def test_export_reproduces_logits_in_peft(family, adapter_dirs, tokens, tmp_path):
+    dyn = attach_bank(family, adapter_dirs, generated_rank=4, memory_rank=2)
+    dyn.state.update(1, blend=[0.5, 0.0, -0.8], generated=random_factors(dyn, 3, 0),
+                     memory=random_factors(dyn, 2, 1))
+    ours = logits(dyn, tokens.repeat(2, 1))[1:2]
+    report = dyn.export_peft(1, tmp_path / "export")
+    assert report.exact and report.rank == 4 + 8 + 3 + 2  # adapter a1 has weight 0: dropped
+    theirs = logits(PeftModel.from_pretrained(tiny_model(family), str(tmp_path / "export")).eval(), tokens)
+    assert max_diff(ours, theirs) <= TOL
+
+
+def test_import_export_round_trips_tensors(family, adapter_dirs, tmp_path):
+    from dynalora.lora.peft_io import read_peft_adapter
+
+    dyn = attach_bank(family, adapter_dirs)
+    dyn.state.set_blend(0, [0.0, 1.0, 0.0])
+    dyn.export_peft(0, tmp_path / "out")
+    original, exported = read_peft_adapter(adapter_dirs[1]), read_peft_adapter(tmp_path / "out")
+    assert set(original.factors) == set(exported.factors)
+    for module, (lora_a, lora_b) in original.factors.items():  # scaling is folded into B on both sides
+        assert torch.equal(exported.factors[module][0], lora_a)
+        assert torch.equal(exported.factors[module][1], lora_b)
+
+
+def test_rows_of_a_batch_match_rows_run_alone(family, adapter_dirs):
+    torch.manual_seed(5)
+    batch_tokens = torch.randint(0, 256, (4, 10))
+    dyn = attach_bank(family, adapter_dirs, max_batch=4)
+    updates = [dict(blend=[1.0, 0.0, 0.0]), dict(blend=[0.2, 0.5, -0.3], generated=random_factors(dyn, 2, 9)),
+               dict(), dict(memory=random_factors(dyn, 4, 3))]
+    for row, update in enumerate(updates):
+        dyn.state.update(row, **update)
+    batched = logits(dyn, batch_tokens)
+    snapshot = dyn.state.snapshot()
+    for row in range(4):
+        dyn.state.reset()
+        dyn.state.restore(dyn.state.snapshot(0) | {"tensors": {k: v[row:row + 1] for k, v in snapshot["tensors"].items()}})
+        alone = logits(dyn, batch_tokens[row:row + 1])
+        assert max_diff(batched[row:row + 1], alone) <= TOL, f"row {row}"
+    assert not torch.allclose(batched[0], batched[2])
+
+
+def test_updates_keep_every_buffer_in_place(adapter_dirs, family, tmp_path):
+    dyn = attach_bank(family, adapter_dirs)
+    state = dyn.state
+    pointers = lambda: [state.blend_weights.data_ptr(), state.rank_weights.data_ptr()] + [  # noqa: E731
+        t.data_ptr() for s in state.slots.values() for t in (s.row_a_t, s.row_b_t, s.bank_a_t) if t is not None]
+    before = pointers()
+    state.update(0, blend=[1.0, 2.0, 3.0], generated=random_factors(dyn, 3, 0), memory=random_factors(dyn, 1, 1))
+    snap = state.snapshot()
+    state.reset(0)
+    state.restore(snap)
+    state.save(tmp_path / "s.safetensors")
+    state.load(tmp_path / "s.safetensors")
+    state.set_blend_by_label(2, {"a1": 0.5})
+    assert pointers() == before
+
+
+def test_state_save_load_and_snapshot_restore(adapter_dirs, family, tokens, tmp_path):
+    dyn = attach_bank(family, adapter_dirs)
+    dyn.state.update(0, blend=[0.1, 0.2, 0.3], generated=random_factors(dyn, 2, 4))
+    expected = logits(dyn, tokens)
+    dyn.state.save(tmp_path / "state.safetensors")
+    snap = dyn.state.snapshot(0)
+    dyn.state.reset()
+    assert not torch.equal(logits(dyn, tokens), expected)
+    dyn.state.load(tmp_path / "state.safetensors")
+    assert torch.equal(logits(dyn, tokens), expected)
+    dyn.state.reset()
+    dyn.state.restore(snap)
+    assert torch.equal(logits(dyn, tokens), expected)
+
+
+def test_compressed_export_reports_the_true_error(adapter_dirs, family, tmp_path):
+    from dynalora.lora.peft_io import read_peft_adapter
+
+    dyn = attach_bank(family, adapter_dirs)
+    dyn.state.set_blend(0, [1.0, 1.0, 1.0])
+    full = dyn.state.effective_factors(0)
+    report = dyn.export_peft(0, tmp_path / "r2", rank=2)
+    assert report.rank == 2 and not report.exact
+    compressed = read_peft_adapter(tmp_path / "r2").factors
+    error_sq = total_sq = 0.0
+    for module, (lora_a, lora_b) in full.items():
+        dense = lora_b.double() @ lora_a.double()
+        approx = compressed[module][1].double() @ compressed[module][0].double()
+        optimal = torch.linalg.svdvals(dense)[2:].pow(2).sum()  # Eckart–Young: best rank-2 error
+        assert abs((dense - approx).pow(2).sum() - optimal) <= 1e-5 * dense.pow(2).sum()
+        error_sq += (dense - approx).pow(2).sum().item()
+        total_sq += dense.pow(2).sum().item()
+    assert abs(report.relative_error - (error_sq / total_sq) ** 0.5) < 1e-4
+    assert dyn.export_peft(0, tmp_path / "r64", rank=64).relative_error < 1e-6
+
+
+def test_detach_restores_the_plain_model(adapter_dirs, family, tokens):
+    dyn = attach_bank(family, adapter_dirs)
+    dyn.state.set_blend(0, [1.0, 1.0, 1.0])
+    plain = dyn.detach()
+    assert torch.equal(logits(plain, tokens), logits(tiny_model(family), tokens))
