@@ -106,10 +106,14 @@ def load_base_model(
     """Load a causal LM and its tokenizer, in eval mode.
 
     Example: ``base = load_base_model()`` gives SmolLM2-135M-Instruct; ``load_base_model("gpt2")``
-    whatever ``from_pretrained`` finds for ``gpt2`` (offline: the local HF cache only).
+    whatever ``from_pretrained`` finds for ``gpt2`` (offline: the local HF cache only);
+    ``load_base_model("tiny:llama")`` a random tiny test model without tokenizer.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if name_or_path is not None and name_or_path.startswith("tiny:"):
+        family = name_or_path.removeprefix("tiny:")
+        return BaseModel(model=tiny_model(family).to(device=device, dtype=dtype), tokenizer=None, name=name_or_path)
     if name_or_path in DEFAULT_MODEL_ALIASES:
         folder = default_model_cache_dir()
         if not (folder / "config.json").is_file():

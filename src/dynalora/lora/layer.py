@@ -35,17 +35,18 @@ class DynamicLoraLinear(nn.Module):
         squeeze = x.dim() == 2
         if squeeze:  # (T, in): one row
             x, y = x.unsqueeze(0), y.unsqueeze(0)
-        batch = x.shape[0]
-        if batch > state.max_batch:
-            raise RuntimeError(f"batch of {batch} rows, but the LoRA state holds {state.max_batch}; "
-                               "attach with a larger StateConfig.max_batch")
+        start = state.row_offset
+        stop = start + x.shape[0]
+        if stop > state.max_batch:
+            raise RuntimeError(f"batch of {x.shape[0]} rows (from state row {start}), but the LoRA state holds "
+                               f"{state.max_batch}; attach with a larger StateConfig.max_batch")
         x = x.to(slot.row_a_t.dtype)
         if bank_on:
-            mixed = (x @ slot.bank_a_t) * state.rank_weights[:batch, None, :]  # (B, T, K*r)
+            mixed = (x @ slot.bank_a_t) * state.rank_weights[start:stop, None, :]  # (B, T, K*r)
             y = y + (mixed @ slot.bank_b_t).to(y.dtype)  # (B, T, out)
         if slot.rows_active:
-            low = torch.bmm(x, slot.row_a_t[:batch])  # (B, T, r_g + r_m)
-            y = y + torch.bmm(low, slot.row_b_t[:batch]).to(y.dtype)  # (B, T, out)
+            low = torch.bmm(x, slot.row_a_t[start:stop])  # (B, T, r_g + r_m)
+            y = y + torch.bmm(low, slot.row_b_t[start:stop]).to(y.dtype)  # (B, T, out)
         return y.squeeze(0) if squeeze else y
 
     def extra_repr(self) -> str:

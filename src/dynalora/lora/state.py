@@ -16,6 +16,7 @@ Generated and memory factors of a module share one buffer pair (rank slots ``[0,
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +97,7 @@ class LoraState:
         self.blend_weights = torch.zeros(rows, count, dtype=dtype, device=device)  # (max_batch, K)
         self.rank_weights = torch.zeros(rows, count * self.bank_rank, dtype=dtype, device=device)  # (max_batch, K*r)
         self.bank_active = False
+        self.row_offset = 0  # a forward's batch row i reads state row row_offset + i (see use_rows)
         stacked = bank.stacked(dtype=dtype, device=device)
         self.slots: dict[str, ModuleSlot] = {}
         for module in target_modules:
@@ -160,6 +162,17 @@ class LoraState:
             if lora_a.shape[0]:
                 out[module] = (lora_a.clone(), lora_b.clone())
         return out
+
+    @contextmanager
+    def use_rows(self, start: int):
+        """Within the block, a forward's batch row ``i`` uses state row ``start + i``: e.g. to run one
+        row of a batch alone (recomputing its KV cache) under its own LoRA."""
+        self._check_row(start)
+        previous, self.row_offset = self.row_offset, start
+        try:
+            yield self
+        finally:
+            self.row_offset = previous
 
     # -- writing --------------------------------------------------------------------------------
     def _check_row(self, row: int) -> None:

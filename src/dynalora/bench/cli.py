@@ -1,0 +1,26 @@
+"""``dynalora bench ...``"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def cmd_switch(args) -> int:
+    from dynalora.bench.switch import SwitchBenchConfig, run_switch_bench
+
+    config = SwitchBenchConfig(model=args.model, repeats=args.repeats, decode_tokens=args.tokens,
+                               skip_svd=args.skip_svd)
+    run_switch_bench(config, out=args.out)
+    return 0
+
+
+def add_bench_commands(commands) -> None:
+    bench = commands.add_parser("bench", help="speed benchmarks (write JSON, print a table)")
+    sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    p = sub.add_parser("switch", help="LoRA switch cost and decode speed vs PEFT and plain transformers")
+    p.add_argument("--out", type=Path, default=Path("results/bench_switch.json"), help="JSON result file")
+    p.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--repeats", type=int, default=5, help="runs per measurement (median reported)")
+    p.add_argument("--tokens", type=int, default=32, help="decode tokens per timed run")
+    p.add_argument("--skip-svd", action="store_true", help="skip PEFT's svd merge (slow: minutes)")
+    p.set_defaults(handler=cmd_switch)

@@ -1,0 +1,43 @@
+"""The ``dynalora`` command: a thin layer over the library. Each subcommand parses, calls, prints."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dynalora.cli_adapters import add_adapter_commands, add_info_command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dynalora", description="Let a causal LM rewrite its own LoRA while it runs.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_adapter_commands(commands)
+    add_info_command(commands)
+    from dynalora.bench.cli import add_bench_commands
+
+    add_bench_commands(commands)
+    try:
+        from dynalora.data.cli import add_data_commands
+    except ImportError:  # the data package is optional while it is being built
+        pass
+    else:
+        add_data_commands(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as error:
+        # Library errors carry messages that name the file, field or shape at fault.
+        print(f"dynalora {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""The generation loop: a batch of rows, each with its own LoRA, triggers and stop condition.
+
+``Engine.stream`` yields :class:`TokenEvent` / :class:`LoraEvent` / :class:`FinishEvent` as they happen;
+``Engine.generate`` collects them. When a row's trigger fires, the hypernetwork reads that row's
+features (captured by a hook in the forward pass that just ran), the update is checked by the guard
+and written in place, the KV cache is handled per ``kv_policy``, and generation goes on: the next
+forward of that row runs under the new LoRA. A trigger token the model samples is fed back to it (as
+in its training text) but never shown to the user.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from transformers import DynamicCache
+
+from dynalora.hyper.protocol import Hypernetwork, LoraUpdate, TriggerFeatures
+from dynalora.lora.inject import DynamicLoraModel
+from dynalora.runtime.events import Event, FinishEvent, GenerationResult, LoraEvent, TokenEvent
+from dynalora.runtime.features import HiddenCapture
+from dynalora.runtime.guard import GuardConfig, check_update
+from dynalora.runtime.sampling import SamplingConfig, choose_next
+from dynalora.runtime.triggers import RowTriggers, StepObservation, TriggerConfig
+
+KV_POLICIES = ("keep", "recompute_last", "recompute_all")
+LogitsProcessor = Callable[[int, torch.Tensor], torch.Tensor]  # (step, logits (B, V)) -> logits
+
+
+@dataclass
+class EngineConfig:
+    kv_policy: str = "keep"
+    """After a LoRA change: ``keep`` the cached keys/values (cheapest; past positions keep the old
+    LoRA's view), ``recompute_last`` the last ``recompute_tokens`` positions, or ``recompute_all``
+    (exactly a fresh forward under the new LoRA; costs a prefill of the row)."""
+    recompute_tokens: int = 32
+    feature_layer: int | None = None
+    """Decoder layer whose hidden states feed the hypernetwork (default: the middle one)."""
+    pool_window: int = 32
+    """Recent positions averaged into the pooled feature."""
+    guard: GuardConfig = field(default_factory=GuardConfig)
+
+    def __post_init__(self):
+        if self.kv_policy not in KV_POLICIES:
+            raise ValueError(f"EngineConfig.kv_policy={self.kv_policy!r}: choose one of {KV_POLICIES}")
+        if self.recompute_tokens < 1 or self.pool_window < 1:
+            raise ValueError("EngineConfig.recompute_tokens and pool_window must be ≥ 1")
+
+
+class _Batch:
+    """Token ids, mask and positions of every row so far, left-padded: all (B, L)."""
+
+    def __init__(self, rows: list[list[int]], pad_id: int):
+        width = max(len(r) for r in rows)
+        self.ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        self.mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, row in enumerate(rows):
+            self.ids[b, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            self.mask[b, width - len(row):] = 1
+        self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+
+    def append(self, tokens: torch.Tensor) -> None:  # tokens (B,)
+        self.ids = torch.cat([self.ids, tokens[:, None]], dim=1)
+        self.mask = torch.cat([self.mask, torch.ones_like(tokens)[:, None]], dim=1)
+        self.positions = torch.cat([self.positions, self.positions[:, -1:] + 1], dim=1)
+
+    def row_tokens(self, b: int) -> list[int]:
+        return self.ids[b][self.mask[b].bool()].tolist()
+
+
+class Engine:
+    """Example::
+
+        engine = Engine(dyn, tokenizer, NearestPrototype(...), TriggerConfig([SpecialToken(ids)]))
+        for event in engine.stream(["Write a sonnet"], max_new_tokens=64):
+            print(event)
+    """
+
+    def __init__(self, dyn: DynamicLoraModel, tokenizer=None, hypernetwork: Hypernetwork | None = None,
+                 triggers: TriggerConfig | None = None, config: EngineConfig | None = None):
+        self.dyn = dyn
+        self.model = dyn.model
+        self.tokenizer = tokenizer
+        self.hypernetwork = hypernetwork
+        self.triggers = triggers or TriggerConfig()
+        self.config = config or EngineConfig()
+        self.capture = HiddenCapture(self.model, self.config.feature_layer, self.config.pool_window)
+        self.trigger_token_ids: dict[str, int] = dict(getattr(self.model.config, "dynalora_trigger_tokens", {}) or {})
+        self.eos_ids = self._eos_ids()
+        self.interrupted = False
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        for source in (getattr(self.model, "generation_config", None), self.model.config, self.tokenizer):
+            value = getattr(source, "eos_token_id", None) if source is not None else None
+            if value is not None:
+                ids.update(value if isinstance(value, (list, tuple)) else [value])
+        return ids
+
+    def _pad_id(self) -> int:
+        for source in (self.tokenizer, getattr(self.model, "generation_config", None), self.model.config):
+            value = getattr(source, "pad_token_id", None) if source is not None else None
+            if value is not None:
+                return value
+        return next(iter(self.eos_ids), 0)
+
+    def encode_prompt(self, prompt: str | list[int], chat: bool = False, system: str | None = None) -> list[int]:
+        if not isinstance(prompt, str):
+            return list(prompt)
+        if self.tokenizer is None:
+            raise ValueError("text prompts need a tokenizer; pass token ids to a model without one")
+        if chat:
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                           return_dict=True)["input_ids"])
+        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+    def decode(self, token_ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return " ".join(map(str, token_ids))
+        return self.tokenizer.decode(token_ids, skip_special_tokens=False)
+
+    @torch.no_grad()
+    def encode_text(self, text: str | list[int]) -> torch.Tensor:
+        """(H,) pooled feature-layer hidden state of a text (no LoRA change): builds prototypes."""
+        ids = torch.tensor([self.encode_prompt(text)])
+        self.capture.reset()
+        saved_window, self.capture.window = self.capture.window, ids.shape[1]
+        try:
+            with self.dyn.state.use_rows(0):
+                self.model(input_ids=ids, use_cache=False)
+            return self.capture.pooled(0).clone()
+        finally:
+            self.capture.window = saved_window
+            self.capture.reset()
+
+    def _forward(self, batch: _Batch, new_tokens: int, cache: DynamicCache) -> torch.Tensor:
+        """Feed the last ``new_tokens`` positions of every row; returns next-token logits (B, V)."""
+        self.capture.expect(batch.mask[:, -new_tokens:])
+        out = self.model(input_ids=batch.ids[:, -new_tokens:], attention_mask=batch.mask,
+                         position_ids=batch.positions[:, -new_tokens:], cache=cache, use_cache=True,
+                         logits_to_keep=1)
+        return out.logits[:, -1].float()
+
+    def _forward_prompt(self, batch: _Batch, cache: DynamicCache, want_all: bool) -> torch.Tensor:
+        self.capture.expect(batch.mask)
+        out = self.model(input_ids=batch.ids, attention_mask=batch.mask, position_ids=batch.positions, cache=cache,
+                         use_cache=True, logits_to_keep=0 if want_all else 1)
+        return out.logits.float()  # (B, T or 1, V)
+
+    @torch.no_grad()
+    def _recompute_row(self, batch: _Batch, cache: DynamicCache, row: int, count: int | None) -> tuple[int, torch.Tensor]:
+        """Recompute the last ``count`` cached positions of ``row`` (all if None) under its current LoRA.
+
+        Returns the number of positions and the fresh next-token logits ``(V,)`` of the last cached one."""
+        length = cache.get_seq_length()
+        count = length if count is None else min(count, length)
+        keep = length - count
+        temp = DynamicCache(config=self.model.config)
+        if keep:
+            for index, layer in enumerate(cache.layers):
+                temp.update(layer.keys[row:row + 1, :, :keep].clone(), layer.values[row:row + 1, :, :keep].clone(), index)
+        self.capture.enabled = False
+        try:
+            with self.dyn.state.use_rows(row):
+                out = self.model(input_ids=batch.ids[row:row + 1, keep:length], attention_mask=batch.mask[row:row + 1, :length],
+                           position_ids=batch.positions[row:row + 1, keep:length], cache=temp, use_cache=True,
+                           logits_to_keep=1)
+        finally:
+            self.capture.enabled = True
+        for layer, fresh in zip(cache.layers, temp.layers):
+            layer.keys[row, :, keep:length] = fresh.keys[0, :, keep:length]
+            layer.values[row, :, keep:length] = fresh.values[0, :, keep:length]
+        return count, out.logits[0, -1].float()
+
+    def _apply(self, row: int, position: int, reason: str, batch: _Batch, cache: DynamicCache) -> LoraEvent:
+        """Run the hypernetwork for one row and apply its answer (or refuse it). After a recompute,
+        ``self.fresh_logits[row]`` holds the row's next-token logits under the new LoRA."""
+        state = self.dyn.state
+        started = time.perf_counter()
+        old_blend = state.blend_weights[row].tolist()
+        if self.hypernetwork is None:
+            return LoraEvent("identity", row, position, reason, time.perf_counter() - started, old_blend, old_blend,
+                             "no hypernetwork attached")
+        features = TriggerFeatures(row=row, position=position, reason=reason,
+                                   trigger_hidden=self.capture.last(row), pooled_hidden=self.capture.pooled(row),
+                                   token_ids=batch.row_tokens(row))
+        try:
+            update = self.hypernetwork(features, state) or LoraUpdate()
+            blend = update.resolved_blend(state.blend_weights[row])
+            refusal = check_update(self.config.guard, state, row, blend, update.generated, update.memory)
+        except Exception as error:  # a failing hypernetwork must not stop generation
+            update, blend, refusal = LoraUpdate(), None, f"hypernetwork raised {type(error).__name__}: {error}"
+        if refusal:
+            return LoraEvent("rejected", row, position, reason, time.perf_counter() - started, old_blend, old_blend,
+                             refusal)
+        if update.is_identity:
+            return LoraEvent("identity", row, position, reason, time.perf_counter() - started, old_blend, old_blend)
+        state.update(row, blend=blend, generated=update.generated, memory=update.memory)
+        detail = []
+        if self.config.kv_policy != "keep":
+            count = None if self.config.kv_policy == "recompute_all" else self.config.recompute_tokens
+            recomputed, self.fresh_logits[row] = self._recompute_row(batch, cache, row, count)
+            detail.append(f"recomputed {recomputed} cached positions")
+        parts = [name for name, value in (("blend", blend), ("generated", update.generated),
+                                          ("memory", update.memory)) if value is not None]
+        detail.insert(0, "updated " + ", ".join(parts))
+        return LoraEvent("shift", row, position, reason, time.perf_counter() - started, old_blend,
+                         state.blend_weights[row].tolist(), "; ".join(detail))
+
+    # -- the loop ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def stream(self, prompts: list[str | list[int]], max_new_tokens: int = 128,
+               sampling: SamplingConfig | None = None, stop_strings: tuple[str, ...] = (), chat: bool = False,
+               system: str | None = None, logits_processor: LogitsProcessor | None = None) -> Iterator[Event]:
+        """Generate for every prompt (one row each, row ``b`` uses LoRA state row ``b``)."""
+        sampling = sampling or SamplingConfig()
+        if isinstance(prompts, (str, bytes)):
+            raise TypeError("prompts is a list (one prompt per row); wrap a single prompt in a list")
+        rows = [self.encode_prompt(p, chat, system) for p in prompts]
+        if not rows or any(len(r) == 0 for r in rows):
+            raise ValueError("every prompt needs at least one token")
+        count = len(rows)
+        if count > self.dyn.state.max_batch:
+            raise ValueError(f"{count} prompts, but the LoRA state holds {self.dyn.state.max_batch} rows "
+                             "(StateConfig.max_batch)")
+        generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+        batch = _Batch(rows, self._pad_id())
+        row_triggers = [RowTriggers(self.triggers) for _ in range(count)]
+        trigger_ids = set(self.trigger_token_ids.values())
+        trigger_names = {v: k for k, v in self.trigger_token_ids.items()}
+        cache = DynamicCache(config=self.model.config)
+        self.capture.reset()
+        self.interrupted = False
+        self.fresh_logits: dict[int, torch.Tensor] = {}
+        want_prompt = any(t.wants_prompt for t in row_triggers)
+
+        logits_all = self._forward_prompt(batch, cache, want_all=want_prompt)  # (B, T|1, V)
+        logits = logits_all[:, -1]
+        if want_prompt:  # policies that look at the prompt: p(trigger), surprise
+            yield from self._observe_prompt(batch, logits_all, row_triggers, cache)
+            for b, fresh in self.fresh_logits.items():  # a recompute after a prompt trigger
+                logits[b] = fresh
+        seen = torch.zeros_like(logits, dtype=torch.bool)
+        if sampling.repetition_penalty != 1.0:
+            seen.scatter_(1, batch.ids, batch.mask.bool())
+
+        visible: list[list[int]] = [[] for _ in range(count)]
+        shown_text = [""] * count
+        finished = [False] * count
+        for step in range(max_new_tokens):
+            if logits_processor is not None:
+                logits = logits_processor(step, logits)
+            next_tokens = choose_next(logits, seen, sampling, generator)  # (B,)
+            log_probs = torch.log_softmax(logits, dim=-1)  # (B, V)
+            pad = self._pad_id()
+            for b in range(count):
+                if finished[b]:
+                    next_tokens[b] = pad
+            seen.scatter_(1, next_tokens[:, None], True)
+            batch.append(next_tokens)
+            length = cache.get_seq_length() + 1
+            for b in range(count):
+                if finished[b]:
+                    continue
+                token = int(next_tokens[b])
+                position = int(batch.mask[b].sum()) - 1
+                if token not in trigger_ids:
+                    visible[b].append(token)
+                    text = self.decode(visible[b])
+                    yield TokenEvent(row=b, position=position, token_id=token, text=text[len(shown_text[b]):])
+                    shown_text[b] = text
+                obs = StepObservation(position=position, token_id=token, token_nll=-float(log_probs[b, token]),
+                                      trigger_probs={t: float(log_probs[b, t].exp()) for t in trigger_ids},
+                                      context_length=length)
+                reason, held_back = row_triggers[b].observe(obs)
+                if token in trigger_ids and reason is None and held_back is None:
+                    held_back = f"token:{trigger_names[token]} (no policy fires on it)"
+                if held_back:
+                    yield LoraEvent("suppressed", b, position, held_back, 0.0, None, None)
+                if reason:
+                    yield self._apply(b, position, reason, batch, cache)
+                stop = self._stop_reason(token, shown_text[b], stop_strings)
+                if stop or step == max_new_tokens - 1 or self.interrupted:
+                    finished[b] = True
+                    yield FinishEvent(row=b, reason=stop or ("interrupted" if self.interrupted else "length"))
+            if all(finished):
+                break
+            logits = self._forward(batch, 1, cache)
+
+    def _observe_prompt(self, batch: _Batch, logits_all: torch.Tensor, row_triggers: list[RowTriggers],
+                        cache: DynamicCache) -> Iterator[Event]:
+        """Show prompt positions to policies that want them; fire at most the rate limit allows."""
+        trigger_ids = list(self.trigger_token_ids.values())
+        log_probs = torch.log_softmax(logits_all[:, :-1], dim=-1)  # (B, T-1, V): predicts positions 1..T-1
+        targets = batch.ids[:, 1:]
+        nll = -log_probs.gather(2, targets[..., None]).squeeze(-1)  # (B, T-1)
+        trigger_p = log_probs[..., trigger_ids].exp() if trigger_ids else None  # (B, T-1, n)
+        length = cache.get_seq_length()
+        for b, triggers in enumerate(row_triggers):
+            if not triggers.wants_prompt:
+                continue
+            real = batch.mask[b, 1:].bool() & batch.mask[b, :-1].bool()
+            for t in torch.nonzero(real).flatten().tolist():
+                obs = StepObservation(position=int(batch.positions[b, t + 1]), token_id=int(targets[b, t]),
+                                      token_nll=float(nll[b, t]), in_prompt=True, context_length=length,
+                                      trigger_probs={tid: float(trigger_p[b, t, i]) for i, tid in enumerate(trigger_ids)}
+                                      if trigger_p is not None else {})
+                reason, _ = triggers.observe(obs)
+                if reason:  # features: the hidden states at the end of the prompt
+                    yield self._apply(b, obs.position, f"prompt: {reason}", batch, cache)
+                    break
+
+    def _stop_reason(self, token: int, text: str, stop_strings) -> str | None:
+        if token in self.eos_ids:
+            return "eos"
+        if any(stop and text.endswith(stop) for stop in stop_strings):
+            return "stop"
+        return None
+
+    def generate(self, prompts: list[str | list[int]], **kwargs) -> GenerationResult:
+        """Run :meth:`stream` to the end and collect texts, visible token ids and events."""
+        result = GenerationResult.empty(len(prompts))
+        for event in self.stream(prompts, **kwargs):
+            result.add(event)
+        return result
+
+    def close(self) -> None:
+        self.capture.remove()

@@ -1,0 +1,71 @@
+"""Hidden states of one layer, captured by a forward hook during the normal forward (no extra pass)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of a HF causal LM (Llama/Qwen/Mistral ``model.layers``, GPT-2 ``transformer.h``)."""
+    for path in ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers", "layers"):
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(module, nn.ModuleList):
+            return module
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}; pass EngineConfig.feature_layer "
+                     "and a model with model.layers or transformer.h")
+
+
+class HiddenCapture:
+    """Keeps, per row, the last ``window`` hidden states of layer ``layer_index`` (B, W, H).
+
+    Positions masked out (left padding) are not pooled. ``enabled = False`` pauses capture (used while
+    recomputing the KV cache, whose hidden states would duplicate positions)."""
+
+    def __init__(self, model: nn.Module, layer_index: int | None = None, window: int = 32):
+        layers = decoder_layers(model)
+        self.layer_index = len(layers) // 2 if layer_index is None else layer_index
+        if not -len(layers) <= self.layer_index < len(layers):
+            raise ValueError(f"feature_layer={layer_index} is out of range for {len(layers)} decoder layers")
+        self.window = window
+        self.enabled = True
+        self.recent: torch.Tensor | None = None  # (B, W, H)
+        self.valid: torch.Tensor | None = None  # (B, W) bool
+        self._pending_mask: torch.Tensor | None = None
+        self._handle = layers[self.layer_index].register_forward_hook(self._hook)
+
+    def expect(self, mask: torch.Tensor) -> None:
+        """The attention mask ``(B, T_new)`` of the positions the next forward feeds."""
+        self._pending_mask = mask.bool()
+
+    def _hook(self, module, inputs, output):
+        if not self.enabled:
+            return
+        hidden = (output[0] if isinstance(output, tuple) else output).detach()  # (B, T_new, H)
+        mask = self._pending_mask
+        if mask is None or mask.shape != hidden.shape[:2]:
+            mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        if self.recent is None or self.recent.shape[0] != hidden.shape[0]:
+            self.recent, self.valid = hidden[:, -self.window:], mask[:, -self.window:]
+        else:
+            self.recent = torch.cat([self.recent, hidden], dim=1)[:, -self.window:]  # (B, W, H)
+            self.valid = torch.cat([self.valid, mask], dim=1)[:, -self.window:]  # (B, W)
+        self._pending_mask = None
+
+    def reset(self) -> None:
+        self.recent = self.valid = None
+
+    def last(self, row: int) -> torch.Tensor:
+        """(H,) hidden state at the row's last captured position."""
+        return self.recent[row, -1]
+
+    def pooled(self, row: int) -> torch.Tensor:
+        """(H,) mean over the row's valid positions in the window."""
+        valid = self.valid[row]
+        return self.recent[row][valid].mean(dim=0) if valid.any() else self.recent[row, -1]
+
+    def remove(self) -> None:
+        self._handle.remove()

@@ -1,0 +1,90 @@
+"""Trigger tokens (``<|shift|>``, ``<|think|>``, ...) added to a tokenizer and a model.
+
+New embedding rows start at the mean of the existing ones (a token the model has no opinion about
+yet, and whose logit starts near the average), and are saved and loaded apart from the base weights
+so a checkpoint of trained trigger tokens is a few KB.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+SHIFT_TOKEN = "<|shift|>"
+THINK_TOKEN = "<|think|>"
+DEFAULT_TRIGGER_TOKENS = (SHIFT_TOKEN, THINK_TOKEN)
+
+
+def add_trigger_tokens(model, tokenizer, tokens=DEFAULT_TRIGGER_TOKENS) -> dict[str, int]:
+    """Add ``tokens`` as special tokens (existing ones are reused); returns ``{token: id}``.
+
+    Works with a tokenizer (resized vocabulary) or ``tokenizer=None`` (tiny test models: the new ids
+    are appended after the model's vocabulary)."""
+    embeddings = model.get_input_embeddings()
+    old_size = embeddings.weight.shape[0]
+    if tokenizer is not None:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(tokens)},
+                                     replace_additional_special_tokens=False)
+        ids = {token: tokenizer.convert_tokens_to_ids(token) for token in tokens}
+        new_size = max(len(tokenizer), old_size)
+    else:
+        existing = getattr(model.config, "dynalora_trigger_tokens", {})
+        ids = {token: existing.get(token, old_size + i) for i, token in enumerate(t for t in tokens)}
+        new_size = max(old_size, max(ids.values()) + 1)
+    if new_size > old_size:
+        with torch.no_grad():
+            mean_row = embeddings.weight[:old_size].mean(dim=0)
+            model.resize_token_embeddings(new_size, mean_resizing=False)
+            embeddings = model.get_input_embeddings()
+            embeddings.weight[old_size:] = mean_row
+            output = model.get_output_embeddings()
+            if output is not None and output.weight.data_ptr() != embeddings.weight.data_ptr():
+                output.weight[old_size:] = output.weight[:old_size].mean(dim=0)
+    model.config.dynalora_trigger_tokens = dict(ids)
+    return ids
+
+
+def trigger_token_rows(model, token_ids: dict[str, int]) -> dict[str, torch.Tensor]:
+    """The embedding (and untied output) rows of the trigger tokens, for saving."""
+    embeddings = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    tensors = {}
+    for token, token_id in token_ids.items():
+        tensors[f"input.{token}"] = embeddings[token_id].detach().clone()
+        if output is not None and output.weight.data_ptr() != embeddings.data_ptr():
+            tensors[f"output.{token}"] = output.weight[token_id].detach().clone()
+    return tensors
+
+
+def save_trigger_tokens(path: str | Path, model, token_ids: dict[str, int]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(trigger_token_rows(model, token_ids), str(path), metadata={"tokens": json.dumps(list(token_ids))})
+    return path
+
+
+def load_trigger_tokens(path: str | Path, model, tokenizer) -> dict[str, int]:
+    """Add the tokens saved in ``path`` and copy their trained rows in; returns ``{token: id}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no trigger token file")
+    with safe_open(str(path), framework="pt") as handle:
+        tokens = json.loads((handle.metadata() or {}).get("tokens", "[]"))
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    ids = add_trigger_tokens(model, tokenizer, tokens)
+    embeddings = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    with torch.no_grad():
+        for token, token_id in ids.items():
+            row = tensors[f"input.{token}"]
+            if row.shape != embeddings[token_id].shape:
+                raise ValueError(f"{path}: row for {token} has shape {tuple(row.shape)}, the model's embeddings "
+                                 f"have {tuple(embeddings[token_id].shape)}")
+            embeddings[token_id] = row.to(embeddings.dtype)
+            if f"output.{token}" in tensors and output is not None:
+                output.weight[token_id] = tensors[f"output.{token}"].to(output.weight.dtype)
+    return ids

@@ -1,0 +1,231 @@
+"""The engine on a tiny Llama: exactness vs HF generate, trigger consumption, KV policies, batching, safety."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from dynalora.hyper import FixedSchedule, LoraUpdate, NearestPrototype
+from dynalora.lora import DynamicLoraModel, InjectConfig, LoraBank, StateConfig, module_shapes_of
+from dynalora.models import tiny_model
+from dynalora.runtime import (SHIFT_TOKEN, Engine, EngineConfig, EveryN, SamplingConfig, SpecialToken,
+                              TriggerConfig, add_trigger_tokens)
+
+
+def random_bank(model, count=3, rank=4, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    bank = LoraBank(module_shapes_of(model))
+    for k in range(count):
+        factors = {}
+        for module in bank.module_shapes:
+            if module.endswith(("q_proj", "v_proj", "o_proj")):
+                in_features, out_features = bank.module_shapes[module]
+                factors[module] = (torch.randn(rank, in_features, generator=generator) * 0.3,
+                                   torch.randn(out_features, rank, generator=generator) * 0.3)
+        bank.add(f"adapter{k}", factors)
+    return bank
+
+
+def make_engine(hypernetwork=None, policies=None, max_batch=4, **engine_kwargs):
+    model = tiny_model("llama")
+    ids = add_trigger_tokens(model, None)
+    dyn = DynamicLoraModel.attach(model, random_bank(model), InjectConfig(state=StateConfig(max_batch=max_batch)))
+    triggers = TriggerConfig(policies if policies is not None else [SpecialToken(ids)], min_gap=1)
+    return Engine(dyn, None, hypernetwork, triggers, EngineConfig(**engine_kwargs)), ids
+
+
+class CountingHypernetwork:
+    def __init__(self, blend):
+        self.blend, self.calls = torch.tensor(blend), []
+
+    def __call__(self, features, state):
+        self.calls.append(features)
+        return LoraUpdate(blend=self.blend)
+
+
+def force_token(token_id, at_steps: dict[int, list[int]]):
+    """A logits processor that makes ``token_id`` the argmax for the rows listed per step."""
+    def process(step, logits):
+        for row in at_steps.get(step, []):
+            logits[row, token_id] = logits[row].max() + 10
+        return logits
+    return process
+
+
+PROMPT = [5, 17, 99, 3, 42, 7]
+
+
+def test_no_trigger_greedy_equals_hf_generate():
+    engine, _ = make_engine()
+    engine.dyn.state.set_blend(0, [0.5, -0.2, 0.4])
+    ours = engine.generate([PROMPT], max_new_tokens=20).token_ids[0]
+    reference = engine.model.generate(torch.tensor([PROMPT]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                                      pad_token_id=0)[0, len(PROMPT):].tolist()
+    assert ours == reference
+
+
+def test_batched_left_padded_rows_equal_hf_generate_per_row():
+    engine, _ = make_engine()
+    prompts = [PROMPT, [9, 8, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9]]
+    result = engine.generate(prompts, max_new_tokens=12)
+    for row, prompt in enumerate(prompts):
+        with engine.dyn.state.use_rows(row):
+            reference = engine.model.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12,
+                                              do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+        assert result.token_ids[row] == reference, f"row {row}"
+
+
+def test_sampled_trigger_is_consumed_and_next_logits_use_the_new_lora():
+    hyper = CountingHypernetwork([1.0, 0.0, 0.0])
+    engine, ids = make_engine(hyper)
+    shift = ids[SHIFT_TOKEN]
+    seen_logits = {}
+
+    def process(step, logits):
+        seen_logits[step] = logits.clone()
+        return force_token(shift, {3: [0]})(step, logits)
+
+    result = engine.generate([PROMPT], max_new_tokens=6, logits_processor=process)
+    assert shift not in result.token_ids[0] and len(result.token_ids[0]) == 5
+    assert len(hyper.calls) == 1 and hyper.calls[0].reason == f"token:{SHIFT_TOKEN}"
+    assert [e.kind for e in result.lora_events()] == ["shift"]
+    # reference: the first 3 tokens under the zero state (kept in the cache), the trigger under the new LoRA
+    model, state = engine.model, engine.dyn.state
+    prefix = PROMPT + result.token_ids[0][:3]
+    state.reset()
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([prefix]), cache=cache, use_cache=True)
+        state.set_blend(0, [1.0, 0.0, 0.0])
+        expected = model(input_ids=torch.tensor([[shift]]), cache=cache, use_cache=True).logits[0, -1]
+    assert torch.allclose(seen_logits[4][0], expected, atol=1e-5)
+
+
+def test_recompute_all_equals_a_fresh_forward_under_the_new_lora():
+    engine, ids = make_engine(CountingHypernetwork([0.0, 1.0, 0.5]), kv_policy="recompute_all")
+    shift = ids[SHIFT_TOKEN]
+    seen = {}
+
+    def process(step, logits):
+        seen[step] = logits.clone()
+        return force_token(shift, {2: [0]})(step, logits)
+
+    result = engine.generate([PROMPT], max_new_tokens=5, logits_processor=process)
+    assert "recomputed" in result.lora_events("shift")[0].detail
+    full = PROMPT + result.token_ids[0][:2] + [shift]
+    with torch.no_grad():
+        fresh = engine.model(input_ids=torch.tensor([full])).logits[0, -1]
+    assert torch.allclose(seen[3][0], fresh, atol=1e-5)
+    # with `keep` the same step differs: past positions kept the old LoRA's keys and values
+    keep_engine, _ = make_engine(CountingHypernetwork([0.0, 1.0, 0.5]))
+    keep_seen = {}
+
+    def keep_process(step, logits):
+        keep_seen[step] = logits.clone()
+        return force_token(shift, {2: [0]})(step, logits)
+
+    keep_engine.generate([PROMPT], max_new_tokens=5, logits_processor=keep_process)
+    assert not torch.allclose(keep_seen[3][0], fresh, atol=1e-4)
+
+
+def test_recompute_last_matches_manual_partial_recompute():
+    engine, ids = make_engine(CountingHypernetwork([0.0, 0.0, 1.0]), kv_policy="recompute_last", recompute_tokens=3)
+    shift = ids[SHIFT_TOKEN]
+    seen = {}
+
+    def process(step, logits):
+        seen[step] = logits.clone()
+        return force_token(shift, {2: [0]})(step, logits)
+
+    result = engine.generate([PROMPT], max_new_tokens=4, logits_processor=process)
+    tokens = PROMPT + result.token_ids[0][:2]
+    model, state = engine.model, engine.dyn.state
+    state.reset()
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([tokens[:-3]]), cache=cache, use_cache=True)
+        state.set_blend(0, [0.0, 0.0, 1.0])
+        model(input_ids=torch.tensor([tokens[-3:]]), cache=cache, use_cache=True)
+        expected = model(input_ids=torch.tensor([[shift]]), cache=cache, use_cache=True).logits[0, -1]
+    assert torch.allclose(seen[3][0], expected, atol=1e-5)
+
+
+def test_rows_trigger_independently_and_match_rows_run_alone():
+    def build():
+        torch.manual_seed(3)
+        return make_engine(NearestPrototype(torch.randn(3, 64), sharpness=5.0))
+
+    engine, ids = build()
+    shift = ids[SHIFT_TOKEN]
+    prompts = [PROMPT, [11, 12, 13], [200, 201, 202, 203, 204]]
+    schedule = {1: [0], 3: [2], 4: [0]}  # row 1 never triggers
+    batched = engine.generate(prompts, max_new_tokens=8, logits_processor=force_token(shift, schedule))
+    fired = {row: [e.position for e in batched.lora_events("shift") if e.row == row] for row in range(3)}
+    assert len(fired[0]) == 2 and len(fired[2]) == 1 and fired[1] == []
+    assert not engine.dyn.state.blend_weights[1].any() and engine.dyn.state.blend_weights[0].any()
+    for row, prompt in enumerate(prompts):
+        alone_engine, _ = build()
+        steps = {step: [0] for step, rows in schedule.items() if row in rows}
+        alone = alone_engine.generate([prompt], max_new_tokens=8, logits_processor=force_token(shift, steps))
+        assert alone.token_ids[0] == batched.token_ids[row], f"row {row}"
+        assert torch.allclose(alone_engine.dyn.state.blend_weights[0], engine.dyn.state.blend_weights[row], atol=1e-5)
+
+
+def test_rate_limits_keep_a_trigger_spamming_model_moving():
+    hyper = CountingHypernetwork([0.2, 0.2, 0.2])
+    engine, ids = make_engine(hyper)
+    engine.triggers = TriggerConfig([SpecialToken(ids)], min_gap=3, max_per_sequence=2)
+    always = force_token(ids[SHIFT_TOKEN], {step: [0] for step in range(30)})
+    result = engine.generate([PROMPT], max_new_tokens=30, logits_processor=always)
+    assert len(hyper.calls) == 2
+    assert len(result.lora_events("suppressed")) == 28
+    assert result.finish_reasons == ["length"] and result.token_ids[0] == []  # every token was a trigger
+
+
+def test_a_nan_update_is_rejected_and_generation_continues():
+    engine, _ = make_engine(lambda features, state: LoraUpdate(blend=torch.tensor([float("nan"), 0.0, 0.0])),
+                            policies=[EveryN(3)])
+    engine.dyn.state.set_blend(0, [0.1, 0.2, 0.3])
+    before = engine.dyn.state.snapshot()
+    result = engine.generate([PROMPT], max_new_tokens=10)
+    rejected = result.lora_events("rejected")
+    assert len(rejected) == 3 and "non-finite" in rejected[0].detail
+    assert len(result.token_ids[0]) == 10
+    for key, tensor in engine.dyn.state.tensors().items():
+        assert torch.equal(tensor, before["tensors"][key])
+
+
+def test_guard_refuses_oversized_steps_and_raising_hypernetworks():
+    engine, _ = make_engine(FixedSchedule([[10.0, 0.0, 0.0]]), policies=[EveryN(2)])
+    result = engine.generate([PROMPT], max_new_tokens=4)
+    assert {e.kind for e in result.lora_events()} == {"rejected"}
+    assert "max_blend_mass" in result.lora_events()[0].detail
+
+    def broken(features, state):
+        raise RuntimeError("boom")
+
+    engine.hypernetwork = broken
+    result = engine.generate([PROMPT], max_new_tokens=4)
+    assert "hypernetwork raised RuntimeError: boom" in result.lora_events()[0].detail
+    assert len(result.token_ids[0]) == 4
+
+
+def test_sampling_is_reproducible_with_a_seed_and_respects_top_k():
+    engine, _ = make_engine()
+    config = SamplingConfig(temperature=1.0, top_k=5, seed=11)
+    first = engine.generate([PROMPT], max_new_tokens=10, sampling=config).token_ids[0]
+    assert first == engine.generate([PROMPT], max_new_tokens=10, sampling=config).token_ids[0]
+    with pytest.raises(ValueError, match="top_p must be in"):
+        SamplingConfig(top_p=0)
+
+
+def test_features_come_from_the_normal_forward_without_an_extra_pass():
+    hyper = CountingHypernetwork([0.0, 0.0, 0.0])
+    engine, _ = make_engine(hyper, policies=[EveryN(4)])
+    calls = []
+    handle = engine.model.register_forward_hook(lambda *args: calls.append(1))
+    engine.generate([PROMPT], max_new_tokens=8)
+    handle.remove()
+    assert len(calls) == 8  # one prefill + 7 decode steps; triggers added none
+    assert len(hyper.calls) == 2 and hyper.calls[0].pooled_hidden.shape == (64,)
