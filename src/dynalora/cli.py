@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from dynalora.cli_adapters import add_adapter_commands, add_info_command
+from dynalora.cli_generate import add_generate_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -13,6 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_adapter_commands(commands)
     add_info_command(commands)
+    add_generate_commands(commands)
     from dynalora.bench.cli import add_bench_commands
 
     add_bench_commands(commands)
@@ -28,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # weight-loading bars on every command are noise
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:

@@ -167,3 +167,28 @@ def tiny_model(family: str = "llama", seed: int = 0, vocab_size: int = 256) -> n
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model.eval()
+
+
+class ByteTokenizer:
+    """A tokenizer with no files: UTF-8 bytes are ids 0..255 (for tiny test models, vocab 256).
+
+    Enough of the HF tokenizer interface for the engine and chat sessions: ``__call__``, ``decode``,
+    ``apply_chat_template``, ``eos_token_id`` (none) and ``pad_token_id`` (0). Ids ≥ 256 (trigger
+    tokens) decode to nothing."""
+
+    eos_token_id = None
+    pad_token_id = 0
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": list(text.encode("utf-8"))}
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True, return_dict=False, **_):
+        text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
+        text += "<assistant>" if add_generation_prompt else ""
+        if not tokenize:
+            return text
+        ids = self(text)["input_ids"]
+        return {"input_ids": ids} if return_dict else ids

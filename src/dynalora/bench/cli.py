@@ -14,6 +14,14 @@ def cmd_switch(args) -> int:
     return 0
 
 
+def cmd_engine(args) -> int:
+    from dynalora.bench.engine import EngineBenchConfig, run_engine_bench
+
+    run_engine_bench(EngineBenchConfig(model=args.model, repeats=args.repeats, new_tokens=args.tokens,
+                                       context=args.context), out=args.out)
+    return 0
+
+
 def add_bench_commands(commands) -> None:
     bench = commands.add_parser("bench", help="speed benchmarks (write JSON, print a table)")
     sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
@@ -24,3 +32,11 @@ def add_bench_commands(commands) -> None:
     p.add_argument("--tokens", type=int, default=32, help="decode tokens per timed run")
     p.add_argument("--skip-svd", action="store_true", help="skip PEFT's svd merge (slow: minutes)")
     p.set_defaults(handler=cmd_switch)
+
+    p = sub.add_parser("engine", help="engine decode speed vs model.generate, cost of a trigger and of KV policies")
+    p.add_argument("--out", type=Path, default=Path("results/bench_engine.json"), help="JSON result file")
+    p.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per decode measurement (median reported)")
+    p.add_argument("--tokens", type=int, default=128, help="new tokens per decode run")
+    p.add_argument("--context", type=int, default=512, help="context length for trigger / KV-policy costs")
+    p.set_defaults(handler=cmd_engine)

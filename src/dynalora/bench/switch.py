@@ -7,16 +7,14 @@ the median, min and max of every measurement and the ratios "how many times bett
 
 from __future__ import annotations
 
-import json
-import platform
-import statistics
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+from dynalora.bench.common import machine, stats, targets_report, timed, write_result
 
 TARGETS = {  # ratio name -> minimum wanted (from the issue)
     "blend_vs_peft_svd": 1000.0, "blend_vs_peft_hotswap": 20.0, "blend_vs_peft_set_scale": 20.0,
@@ -45,17 +43,6 @@ class SwitchBenchConfig:
     skip_svd: bool = False
     """Skip PEFT's svd merge, which takes minutes on CPU."""
     threads: int = 2
-
-
-def _stats(values: list[float], unit: str) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "unit": unit,
-            "runs": len(values)}
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def _make_adapters(base_factory, folder: Path, config: SwitchBenchConfig) -> list[Path]:
@@ -100,8 +87,8 @@ def run_switch_bench(config: SwitchBenchConfig, out: Path | None = None) -> dict
     switch_times = []
     for i in range(config.switch_repeats):
         weights = blends[i % len(blends)]
-        switch_times.append(_timed(lambda: dyn.state.set_blend(0, weights)))
-    methods["switch_dynalora_blend"] = _stats(switch_times, "s")
+        switch_times.append(timed(lambda: dyn.state.set_blend(0, weights)))
+    methods["switch_dynalora_blend"] = stats(switch_times, "s")
 
     # -- PEFT: one model holding all K adapters ------------------------------------------------------
     peft_model = PeftModel.from_pretrained(factory(), str(paths[0]), adapter_name=labels[0]).eval()
@@ -115,8 +102,8 @@ def run_switch_bench(config: SwitchBenchConfig, out: Path | None = None) -> dict
             for label, weight in zip(labels, weights):
                 layer.set_scale(label, weight)
 
-    methods["switch_peft_set_scale"] = _stats(
-        [_timed(lambda: set_scales(blends[i])) for i in range(config.repeats)], "s")
+    methods["switch_peft_set_scale"] = stats(
+        [timed(lambda: set_scales(blends[i])) for i in range(config.repeats)], "s")
 
     def merge(kind: str, i: int):
         name = f"mix_{kind}_{i}"
@@ -125,25 +112,25 @@ def run_switch_bench(config: SwitchBenchConfig, out: Path | None = None) -> dict
 
     cat_times = []
     for i in tqdm(range(config.repeats), desc="peft add_weighted_adapter(cat)", leave=False):
-        cat_times.append(_timed(lambda: merge("cat", i)))
+        cat_times.append(timed(lambda: merge("cat", i)))
         peft_model.set_adapter(labels[0])
         peft_model.delete_adapter(f"mix_cat_{i}")
-    methods["switch_peft_add_weighted_cat"] = _stats(cat_times, "s")
+    methods["switch_peft_add_weighted_cat"] = stats(cat_times, "s")
     if not config.skip_svd:
-        first = _timed(lambda: merge("svd", 0))  # a single run when it takes over 10 s
+        first = timed(lambda: merge("svd", 0))  # a single run when it takes over 10 s
         svd_times = [first]
         peft_model.set_adapter(labels[0])
         peft_model.delete_adapter("mix_svd_0")
         if first < 10:
             for i in range(1, config.repeats):
-                svd_times.append(_timed(lambda: merge("svd", i)))
+                svd_times.append(timed(lambda: merge("svd", i)))
                 peft_model.set_adapter(labels[0])
                 peft_model.delete_adapter(f"mix_svd_{i}")
-        methods["switch_peft_add_weighted_svd"] = _stats(svd_times, "s")
+        methods["switch_peft_add_weighted_svd"] = stats(svd_times, "s")
 
     peft_model.set_adapter(labels[0])
-    methods["switch_peft_hotswap_from_disk"] = _stats(
-        [_timed(lambda: hotswap_adapter(peft_model, str(paths[1 + i % (len(paths) - 1)]), adapter_name=labels[0],
+    methods["switch_peft_hotswap_from_disk"] = stats(
+        [timed(lambda: hotswap_adapter(peft_model, str(paths[1 + i % (len(paths) - 1)]), adapter_name=labels[0],
                                         torch_device="cpu")) for i in range(config.repeats)], "s")
 
     def load_new(i):
@@ -152,10 +139,10 @@ def run_switch_bench(config: SwitchBenchConfig, out: Path | None = None) -> dict
 
     load_times = []
     for i in range(config.repeats):
-        load_times.append(_timed(lambda: load_new(i)))
+        load_times.append(timed(lambda: load_new(i)))
         peft_model.set_adapter(labels[0])
         peft_model.delete_adapter(f"loaded_{i}")
-    methods["switch_peft_load_adapter"] = _stats(load_times, "s")
+    methods["switch_peft_load_adapter"] = stats(load_times, "s")
     hotswap_adapter(peft_model, str(paths[0]), adapter_name=labels[0], torch_device="cpu")  # undo the swaps
 
     # -- decode --------------------------------------------------------------------------------------
@@ -185,6 +172,7 @@ def run_switch_bench(config: SwitchBenchConfig, out: Path | None = None) -> dict
         "decode_b1_peft_multi8_set_scale": (lambda: set_scales(blends[0]), peft_model, prompt, {}),
         "decode_b1_dynalora_blend8": (lambda: setup_dyn(1), dyn, prompt, {}),
         "decode_b1_dynalora_zero": (lambda: setup_dyn(0), dyn, prompt, {}),
+        "decode_b8_base": (lambda: None, plain, batch_prompt, {}),
         "decode_b8_peft_mixed": (setup_peft_single, peft_model, batch_prompt,
                                  {"adapter_names": [labels[i % len(labels)] for i in range(config.batch)]}),
         "decode_b8_dynalora_blend_per_row": (lambda: setup_dyn(config.batch), dyn, batch_prompt, {}),
@@ -196,10 +184,10 @@ def run_switch_bench(config: SwitchBenchConfig, out: Path | None = None) -> dict
     for _ in tqdm(range(config.repeats), desc="decode round-robin", leave=False):
         for name, (setup, model, ids, kwargs) in decode_runs.items():
             setup()
-            seconds = _timed(lambda: decode(model, ids, **kwargs))
+            seconds = timed(lambda: decode(model, ids, **kwargs))
             samples[name].append(ids.shape[0] * config.decode_tokens / seconds)
     for name, values in samples.items():
-        methods[name] = _stats(values, "tokens/s")
+        methods[name] = stats(values, "tokens/s")
 
     def median(name):
         return methods[name]["median"]
@@ -219,31 +207,9 @@ def run_switch_bench(config: SwitchBenchConfig, out: Path | None = None) -> dict
         ratios["blend_vs_peft_svd"] = median("switch_peft_add_weighted_svd") / switch
     result = {
         "benchmark": "switch", "config": asdict(config), "model": base.name,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "machine": machine(),
         "methods": methods, "ratios": ratios,
-        "targets": {name: {"target": target, "measured": ratios.get(name), "met": ratios.get(name, 0) >= target}
-                    for name, target in TARGETS.items() if name in ratios},
+        "targets": targets_report(ratios, TARGETS),
     }
-    print(format_table(result))
-    if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
-        print(f"wrote {out}")
+    write_result(result, out)
     return result
-
-
-def format_table(result: dict) -> str:
-    lines = [f"{'measurement':<36} {'median':>12} {'min':>12} {'max':>12}  unit   runs"]
-    for name, m in result["methods"].items():
-        scale, unit = (1e3, "ms") if m["unit"] == "s" else (1.0, m["unit"])
-        lines.append(f"{name:<36} {m['median'] * scale:>12.4g} {m['min'] * scale:>12.4g} {m['max'] * scale:>12.4g}"
-                     f"  {unit:<6} {m['runs']}")
-    lines.append("")
-    lines.append(f"{'ratio (times better for dynalora)':<36} {'measured':>12} {'target':>12}  met")
-    for name, value in result["ratios"].items():
-        target = result["targets"].get(name)
-        lines.append(f"{name:<36} {value:>12.4g} {('≥' + format(target['target'], 'g')) if target else '':>12}  "
-                     f"{('yes' if target['met'] else 'NO') if target else ''}")
-    return "\n".join(lines)

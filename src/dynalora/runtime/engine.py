@@ -268,7 +268,7 @@ class Engine:
                     continue
                 token = int(next_tokens[b])
                 position = int(batch.mask[b].sum()) - 1
-                if token not in trigger_ids:
+                if token not in trigger_ids and token not in self.eos_ids:
                     visible[b].append(token)
                     text = self.decode(visible[b])
                     yield TokenEvent(row=b, position=position, token_id=token, text=text[len(shown_text[b]):])

@@ -27,8 +27,7 @@ def add_trigger_tokens(model, tokenizer, tokens=DEFAULT_TRIGGER_TOKENS) -> dict[
     embeddings = model.get_input_embeddings()
     old_size = embeddings.weight.shape[0]
     if tokenizer is not None:
-        tokenizer.add_special_tokens({"additional_special_tokens": list(tokens)},
-                                     replace_additional_special_tokens=False)
+        tokenizer.add_tokens(list(tokens), special_tokens=True)
         ids = {token: tokenizer.convert_tokens_to_ids(token) for token in tokens}
         new_size = max(len(tokenizer), old_size)
     else:

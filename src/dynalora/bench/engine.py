@@ -1,0 +1,137 @@
+"""``dynalora bench engine``: the engine's decode speed vs ``model.generate``, and what a trigger costs.
+
+Same run, same machine: decode tokens/s with no trigger (batch 1 and 8) for the engine and for HF
+``generate`` round-robin; the cost of one trigger (features + hypernetwork + guard + in-place update)
+and of each KV policy at ``context`` tokens of context, against one decode step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import DynamicCache
+
+from dynalora.bench.common import machine, stats, targets_report, timed, write_result
+
+TARGETS = {"engine_vs_hf_decode_b1": 0.9, "engine_vs_hf_decode_b8": 0.9, "trigger_cost_in_decode_steps": 1.0}
+
+
+@dataclass
+class EngineBenchConfig:
+    model: str | None = None
+    new_tokens: int = 128
+    repeats: int = 3
+    batch: int = 8
+    adapters: int = 8
+    rank: int = 8
+    context: int = 512
+    """Context length at which trigger and KV-policy costs are measured."""
+    trigger_repeats: int = 20
+    threads: int = 2
+
+
+def _random_bank(model, count: int, rank: int):
+    from dynalora.lora import LoraBank, module_shapes_of
+
+    generator = torch.Generator().manual_seed(0)
+    bank = LoraBank(module_shapes_of(model))
+    for k in range(count):
+        factors = {}
+        for module, (in_features, out_features) in bank.module_shapes.items():
+            if module.endswith(("q_proj", "k_proj", "v_proj", "o_proj")):
+                factors[module] = (torch.randn(rank, in_features, generator=generator) * 0.01,
+                                   torch.randn(out_features, rank, generator=generator) * 0.01)
+        bank.add(f"a{k}", factors)
+    return bank
+
+
+def run_engine_bench(config: EngineBenchConfig, out: Path | None = None) -> dict:
+    from dynalora.hyper import NearestPrototype
+    from dynalora.lora import DynamicLoraModel, InjectConfig, StateConfig
+    from dynalora.models import load_base_model
+    from dynalora.runtime import Engine, EngineConfig, TriggerConfig
+    from dynalora.runtime.engine import _Batch
+
+    torch.set_num_threads(config.threads)
+    base = load_base_model(config.model)
+    model = base.model
+    dyn = DynamicLoraModel.attach(model, _random_bank(model, config.adapters, config.rank),
+                                  InjectConfig(state=StateConfig(max_batch=config.batch)))
+    hidden = model.config.hidden_size
+    hyper = NearestPrototype(torch.randn(config.adapters, hidden, generator=torch.Generator().manual_seed(1)))
+    engine = Engine(dyn, base.tokenizer, hyper, TriggerConfig([]))
+    vocab = min(model.config.vocab_size, 10000)
+    generator = torch.Generator().manual_seed(2)
+    prompts = torch.randint(vocab // 4, vocab, (config.batch, 16), generator=generator)
+    n = config.new_tokens
+
+    def hf(batch):
+        ids = prompts[:batch]
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=0)
+
+    def ours(batch):
+        engine.eos_ids = set()  # same work as min_new_tokens: never stop early
+        engine.generate([p.tolist() for p in prompts[:batch]], max_new_tokens=n)
+
+    runs = {"decode_b1_hf_generate": lambda: hf(1), "decode_b1_engine": lambda: ours(1),
+            f"decode_b{config.batch}_hf_generate": lambda: hf(config.batch),
+            f"decode_b{config.batch}_engine": lambda: ours(config.batch)}
+    for fn in runs.values():  # warm-up with a short run
+        saved, n = n, 4
+        fn()
+        n = saved
+    samples = {name: [] for name in runs}
+    for _ in tqdm(range(config.repeats), desc="decode round-robin", leave=False):
+        for name, fn in runs.items():
+            rows = config.batch if name.startswith(f"decode_b{config.batch}") else 1
+            samples[name].append(rows * n / timed(fn))
+    methods = {name: stats(values, "tokens/s") for name, values in samples.items()}
+
+    # -- one trigger at `context` tokens: features + hypernetwork + guard + update (+ KV policy) ----------
+    context_ids = torch.randint(vocab // 4, vocab, (1, config.context), generator=generator)
+    batch = _Batch([context_ids[0].tolist()], pad_id=0)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        engine._forward_prompt(batch, cache, want_all=False)
+        step_times = []
+        for _ in range(config.trigger_repeats):  # one decode step at this context, for the ratio
+            cropped = DynamicCache(config=model.config)
+            for index, layer in enumerate(cache.layers):
+                cropped.update(layer.keys.clone(), layer.values.clone(), index)
+            batch.append(torch.tensor([7]))
+            step_times.append(timed(lambda: engine._forward(batch, 1, cropped)))
+            batch.ids, batch.mask, batch.positions = batch.ids[:, :-1], batch.mask[:, :-1], batch.positions[:, :-1]
+    methods[f"decode_step_at_{config.context}"] = stats(step_times, "s")
+    for policy in ("keep", "recompute_last", "recompute_all"):
+        engine.config = EngineConfig(kv_policy=policy, recompute_tokens=32)
+        times = []
+        for i in range(config.trigger_repeats if policy != "recompute_all" else max(3, config.trigger_repeats // 4)):
+            dyn.state.reset()
+            event = None
+
+            def fire():
+                nonlocal event
+                event = engine._apply(0, config.context, "bench", batch, cache)
+            times.append(timed(fire))
+            assert event.kind == "shift", event
+        methods[f"trigger_{policy}_at_{config.context}"] = stats(times, "s")
+    engine.close()
+    step = methods[f"decode_step_at_{config.context}"]["median"]
+    ratios = {
+        "engine_vs_hf_decode_b1": methods["decode_b1_engine"]["median"] / methods["decode_b1_hf_generate"]["median"],
+        "engine_vs_hf_decode_b8": methods[f"decode_b{config.batch}_engine"]["median"]
+        / methods[f"decode_b{config.batch}_hf_generate"]["median"],
+        "trigger_cost_in_decode_steps": methods[f"trigger_keep_at_{config.context}"]["median"] / step,
+        "recompute_last_cost_in_decode_steps": methods[f"trigger_recompute_last_at_{config.context}"]["median"] / step,
+        "recompute_all_cost_in_decode_steps": methods[f"trigger_recompute_all_at_{config.context}"]["median"] / step,
+    }
+    result = {"benchmark": "engine", "config": asdict(config), "model": base.name, "machine": machine(),
+              "methods": methods, "ratios": ratios,
+              "targets": targets_report(ratios, TARGETS, lower_is_better=("trigger_cost_in_decode_steps",))}
+    write_result(result, out)
+    return result

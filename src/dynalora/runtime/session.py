@@ -1,0 +1,73 @@
+"""A chat session: the transcript plus row 0's LoRA state, saved and loaded together."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+from dynalora.runtime.engine import Engine
+from dynalora.runtime.events import Event, TokenEvent
+
+TRANSCRIPT_FILE = "transcript.json"
+STATE_FILE = "lora_state.safetensors"
+
+
+class ChatSession:
+    """Multi-turn chat on one engine row. Each turn re-encodes the transcript with the chat template.
+
+    Example::
+
+        session = ChatSession(engine, system="You are terse.")
+        for event in session.ask("Hello"):
+            ...
+        session.save("sessions/today")
+    """
+
+    def __init__(self, engine: Engine, system: str | None = None):
+        self.engine = engine
+        self.system = system
+        self.messages: list[dict[str, str]] = []
+
+    def prompt_ids(self) -> list[int]:
+        messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+        encoded = self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                            return_dict=True)
+        return list(encoded["input_ids"])
+
+    def ask(self, text: str, **generate_kwargs) -> Iterator[Event]:
+        """Stream the answer to ``text``; the (possibly partial, if interrupted) answer joins the transcript."""
+        self.messages.append({"role": "user", "content": text})
+        answer = []
+        try:
+            for event in self.engine.stream([self.prompt_ids()], **generate_kwargs):
+                if isinstance(event, TokenEvent):
+                    answer.append(event.text)
+                yield event
+        finally:
+            self.messages.append({"role": "assistant", "content": "".join(answer)})
+
+    def reset(self) -> None:
+        self.messages.clear()
+        self.engine.dyn.state.reset()
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.engine.dyn.state.save(folder / STATE_FILE)
+        (folder / TRANSCRIPT_FILE).write_text(json.dumps({"system": self.system, "messages": self.messages}, indent=2))
+        return folder
+
+    def load(self, folder: str | Path) -> None:
+        """Load a saved session; on a bad file nothing changes (the state load validates first)."""
+        folder = Path(folder)
+        transcript_path = folder / TRANSCRIPT_FILE
+        if not transcript_path.is_file():
+            raise FileNotFoundError(f"{transcript_path}: missing (not a saved session folder)")
+        try:
+            transcript = json.loads(transcript_path.read_text())
+            messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in transcript["messages"]]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{transcript_path}: not a session transcript ({error!r})") from error
+        self.engine.dyn.state.load(folder / STATE_FILE)
+        self.system, self.messages = transcript.get("system"), messages
