@@ -172,3 +172,23 @@ def test_detach_restores_the_plain_model(adapter_dirs, family, tokens):
     dyn.state.set_blend(0, [1.0, 1.0, 1.0])
     plain = dyn.detach()
     assert torch.equal(logits(plain, tokens), logits(tiny_model(family), tokens))
+
+
+def test_functional_mode_equals_the_buffers_and_passes_gradients(adapter_dirs, family, tokens):
+    dyn = attach_bank(family, adapter_dirs, max_batch=2)
+    factors = random_factors(dyn, 3, 2)
+    blend = torch.tensor([[0.3, -0.5, 0.8], [0.0, 1.0, 0.2]])
+    for row in range(2):
+        dyn.state.update(row, blend=blend[row], generated=factors if row == 1 else {})
+    batch = tokens.repeat(2, 1)
+    expected = logits(dyn, batch)
+    dyn.state.reset()
+    blend_param = blend.clone().requires_grad_(True)
+    row_factors = {m: (torch.stack([torch.zeros_like(a.T), a.T]), torch.stack([torch.zeros_like(b.T), b.T]))
+                   for m, (a, b) in factors.items()}
+    with dyn.state.functional(dyn.state.expand_blend(blend_param), row_factors):
+        out = dyn(input_ids=batch).logits
+    assert max_diff(out, expected) <= TOL
+    out.sum().backward()
+    assert blend_param.grad is not None and blend_param.grad.abs().sum() > 0
+    assert torch.equal(logits(dyn, batch), logits(tiny_model(family), batch))  # buffers untouched: zero state

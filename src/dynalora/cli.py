@@ -15,6 +15,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_adapter_commands(commands)
     add_info_command(commands)
     add_generate_commands(commands)
+    from dynalora.train.cli import add_train_commands
+
+    add_train_commands(commands)
     from dynalora.bench.cli import add_bench_commands
 
     add_bench_commands(commands)

@@ -29,6 +29,8 @@ class DynamicLoraLinear(nn.Module):
         y = self.base_layer(x)  # (B, T, out)
         state: LoraState = self.dynalora_state
         slot: ModuleSlot = self.dynalora_slot
+        if state.overrides is not None:
+            return self._functional_forward(x, y, state.overrides, slot)
         bank_on = state.bank_active and slot.bank_a_t is not None
         if not (bank_on or slot.rows_active):
             return y
@@ -48,6 +50,18 @@ class DynamicLoraLinear(nn.Module):
             low = torch.bmm(x, slot.row_a_t[start:stop])  # (B, T, r_g + r_m)
             y = y + torch.bmm(low, slot.row_b_t[start:stop]).to(y.dtype)  # (B, T, out)
         return y.squeeze(0) if squeeze else y
+
+    def _functional_forward(self, x, y, overrides: dict, slot: ModuleSlot) -> torch.Tensor:
+        """Same sum, from differentiable tensors given by ``LoraState.functional`` (training)."""
+        rank_weights = overrides["rank_weights"]
+        if rank_weights is not None and slot.bank_a_t is not None:
+            mixed = (x @ slot.bank_a_t) * rank_weights[:, None, :]  # (B, T, K*r)
+            y = y + mixed @ slot.bank_b_t  # (B, T, out)
+        factors = overrides["rows"].get(self.module_name)
+        if factors is not None:
+            a_t, b_t = factors  # (B, in, R), (B, R, out)
+            y = y + torch.bmm(torch.bmm(x, a_t), b_t)  # (B, T, out)
+        return y
 
     def extra_repr(self) -> str:
         return f"module_name={self.module_name!r}"

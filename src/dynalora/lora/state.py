@@ -98,6 +98,7 @@ class LoraState:
         self.rank_weights = torch.zeros(rows, count * self.bank_rank, dtype=dtype, device=device)  # (max_batch, K*r)
         self.bank_active = False
         self.row_offset = 0  # a forward's batch row i reads state row row_offset + i (see use_rows)
+        self.overrides: dict | None = None  # differentiable tensors for training (see functional)
         stacked = bank.stacked(dtype=dtype, device=device)
         self.slots: dict[str, ModuleSlot] = {}
         for module in target_modules:
@@ -173,6 +174,23 @@ class LoraState:
             yield self
         finally:
             self.row_offset = previous
+
+    @contextmanager
+    def functional(self, rank_weights: torch.Tensor | None = None,
+                   row_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
+        """Within the block, layers read these tensors instead of the buffers (gradients flow into them).
+
+        ``rank_weights (B, K*r)`` (see :func:`expand_blend`); ``row_factors[module] = (A_t (B, in, R),
+        B_t (B, R, out))`` for any rank R. Used to train hypernetworks end to end through the frozen model."""
+        previous, self.overrides = self.overrides, {"rank_weights": rank_weights, "rows": row_factors or {}}
+        try:
+            yield self
+        finally:
+            self.overrides = previous
+
+    def expand_blend(self, blend: torch.Tensor) -> torch.Tensor:
+        """Blend weights ``(B, K)`` → rank weights ``(B, K*r)`` (differentiable)."""
+        return blend.repeat_interleave(self.bank_rank, dim=-1)
 
     # -- writing --------------------------------------------------------------------------------
     def _check_row(self, row: int) -> None:

@@ -1,0 +1,149 @@
+"""The shift hypernetwork: a state vector → a blend over the bank, a gate, and generated LoRA factors.
+
+* **encoder**: the pooled feature-layer hidden state ``(H,)`` → a state vector ``z (width,)``;
+* **blend head**: ``K + 1`` logits → softmax; the extra slot is "base" (no adapter), so the network can
+  always fall back to the base model for text no adapter fits;
+* **gate** ``g ∈ (0, 1)``: the applied blend is ``(1 - g)·current + g·proposed`` — ``g → 0`` is the
+  identity ("the current LoRA already fits");
+* **factor heads** (as Text-to-LoRA's heads): for every target module, ``[z, layer embedding, module-kind
+  embedding]`` → ``A (r, in)``, ``B (out, r)``, one output layer per module kind (q, v, ...); the last
+  layer starts at zero so a fresh network generates nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from dynalora.hyper.protocol import LoraUpdate, TriggerFeatures
+from dynalora.lora.state import LoraState
+
+CONFIG_FILE = "shift_net.json"
+WEIGHTS_FILE = "shift_net.safetensors"
+
+
+@dataclass
+class ShiftNetConfig:
+    feature_size: int
+    """H: size of the pooled hidden state."""
+    bank_labels: list[str]
+    """Adapters the blend head weighs, in bank order."""
+    module_shapes: dict[str, list[int]] = field(default_factory=dict)
+    """Modules that get generated factors: name → [in, out] (empty: blend only)."""
+    width: int = 256
+    generated_rank: int = 2
+    embedding_size: int = 32
+    feature_layer: int | None = None
+    """Decoder layer the features come from (recorded so inference reads the same one)."""
+    pool_window: int = 16
+
+
+def _layer_and_kind(name: str) -> tuple[int, str]:
+    parts = name.split(".")
+    layer = next((int(p) for p in parts if p.isdigit()), 0)
+    return layer, parts[-1]
+
+
+class ShiftNet(nn.Module):
+    def __init__(self, config: ShiftNetConfig):
+        super().__init__()
+        self.config = config
+        width, emb = config.width, config.embedding_size
+        self.encoder = nn.Sequential(nn.LayerNorm(config.feature_size), nn.Linear(config.feature_size, width),
+                                     nn.GELU(), nn.Linear(width, width), nn.GELU())
+        self.blend_head = nn.Linear(width, len(config.bank_labels) + 1)
+        self.gate_head = nn.Linear(width, 1)
+        self.modules_list = list(config.module_shapes)
+        located = [_layer_and_kind(name) for name in self.modules_list]
+        self.kinds = sorted({kind for _, kind in located})
+        self.register_buffer("module_layer", torch.tensor([layer for layer, _ in located], dtype=torch.long),
+                             persistent=False)
+        self.register_buffer("module_kind", torch.tensor([self.kinds.index(k) for _, k in located], dtype=torch.long),
+                             persistent=False)
+        layers = max((layer for layer, _ in located), default=0) + 1
+        self.layer_embedding = nn.Embedding(layers, emb)
+        self.kind_embedding = nn.Embedding(max(len(self.kinds), 1), emb)
+        self.factor_trunk = nn.Sequential(nn.Linear(width + 2 * emb, width), nn.GELU())
+        shapes = {kind: config.module_shapes[self.modules_list[[k for _, k in located].index(kind)]]
+                  for kind in self.kinds}
+        rank = config.generated_rank
+        self.factor_out = nn.ModuleDict({kind: nn.Linear(width, rank * (i + o)) for kind, (i, o) in shapes.items()})
+        for layer in self.factor_out.values():
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        with torch.no_grad():
+            self.gate_head.bias.fill_(2.0)  # start by following the proposal
+
+    def forward(self, features: torch.Tensor, with_factors: bool = True) -> dict:
+        """``features (N, H)`` → ``blend (N, K)``, ``base_weight (N,)``, ``gate (N,)`` and
+        ``factors[module] = (A (N, r, in), B (N, out, r))``."""
+        z = self.encoder(features)  # (N, W)
+        probs = torch.softmax(self.blend_head(z), dim=-1)  # (N, K+1)
+        out = {"blend": probs[:, :-1], "base_weight": probs[:, -1], "gate": torch.sigmoid(self.gate_head(z))[:, 0],
+               "factors": {}}
+        if with_factors and self.modules_list:
+            count, modules = z.shape[0], len(self.modules_list)
+            context = torch.cat([
+                z[:, None, :].expand(count, modules, -1),  # (N, M, W)
+                self.layer_embedding(self.module_layer)[None].expand(count, -1, -1),  # (N, M, E)
+                self.kind_embedding(self.module_kind)[None].expand(count, -1, -1),  # (N, M, E)
+            ], dim=-1)
+            hidden = self.factor_trunk(context)  # (N, M, W)
+            rank = self.config.generated_rank
+            for index, name in enumerate(self.modules_list):
+                kind = self.kinds[int(self.module_kind[index])]
+                in_features, out_features = self.config.module_shapes[name]
+                flat = self.factor_out[kind](hidden[:, index])  # (N, r*(in+out))
+                lora_a = flat[:, :rank * in_features].reshape(count, rank, in_features)  # (N, r, in)
+                lora_b = flat[:, rank * in_features:].reshape(count, out_features, rank)  # (N, out, r)
+                out["factors"][name] = (lora_a, lora_b)
+        return out
+
+    # -- files -------------------------------------------------------------------------------------
+    def save(self, folder: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
+        save_file({k: v.detach().to(dtype).contiguous() for k, v in self.state_dict().items()},
+                  str(folder / WEIGHTS_FILE))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "ShiftNet":
+        folder = Path(folder)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"{folder / name}: missing (not a shift network folder)")
+        net = cls(ShiftNetConfig(**json.loads((folder / CONFIG_FILE).read_text())))
+        weights = {k: v.float() for k, v in load_file(str(folder / WEIGHTS_FILE)).items()}
+        net.load_state_dict(weights)
+        return net.eval()
+
+
+class ShiftHypernetwork:
+    """Adapts a :class:`ShiftNet` to the engine's hypernetwork protocol (one row at a time)."""
+
+    def __init__(self, net: ShiftNet, use_factors: bool = True):
+        self.net = net.eval()
+        self.use_factors = use_factors and bool(net.modules_list)
+
+    def check_bank(self, state: LoraState) -> None:
+        if state.labels != self.net.config.bank_labels:
+            raise ValueError(f"the shift network was trained for bank {self.net.config.bank_labels}, "
+                             f"but the engine's bank is {state.labels}")
+
+    @torch.no_grad()
+    def __call__(self, features: TriggerFeatures, state: LoraState) -> LoraUpdate:
+        out = self.net(features.pooled_hidden.float()[None], with_factors=self.use_factors)
+        gate = out["gate"][0]
+        current = state.blend_weights[features.row].float()
+        blend = (1 - gate) * current + gate * out["blend"][0]
+        generated = None
+        if self.use_factors:
+            generated = {name: (lora_a[0] * gate, lora_b[0]) for name, (lora_a, lora_b) in out["factors"].items()}
+        return LoraUpdate(blend=blend, generated=generated)

@@ -1,0 +1,1 @@
+"""Training recipes: thin loops over the library's building blocks, each driven by a config dataclass."""

@@ -1,0 +1,110 @@
+"""Token batches for training and evaluating LoRAs: domain text windows and task prompt→answer pairs."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+IGNORE = -100  # label id that the loss skips
+
+
+@dataclass
+class TokenBatch:
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T), IGNORE where no loss
+
+
+def source_kind(source: str) -> tuple[str, str]:
+    """``"domain:news"`` → ``("domain", "news")``; ``"bigbench:arithmetic"`` → ``("bigbench", ...)``."""
+    kind, sep, name = source.partition(":")
+    if not sep or kind not in ("domain", "bigbench") or not name:
+        raise ValueError(f"source {source!r}: use 'domain:NAME' or 'bigbench:TASK'")
+    return kind, name
+
+
+def domain_token_stream(tokenizer, domain: str, split: str, max_documents: int | None = None,
+                        seed: int = 0) -> list[int]:
+    """All documents of one split of a domain, tokenised and joined with EOS (documents shuffled)."""
+    from dynalora.data import load_domain, split_documents
+
+    documents = split_documents(load_domain(domain, progress=False), split)
+    if not documents:
+        raise ValueError(f"domain {domain!r} has no documents in split {split!r}")
+    random.Random(seed).shuffle(documents)
+    documents = documents[:max_documents] if max_documents else documents
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for document in documents:
+        stream.extend(tokenizer(document.text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            stream.append(eos)
+    return stream
+
+
+def window_batches(stream: list[int], seq_len: int, batch_size: int, count: int, seed: int) -> list[TokenBatch]:
+    """``count`` batches of random windows of ``seq_len`` tokens from ``stream`` (all tokens scored)."""
+    if len(stream) <= seq_len:
+        raise ValueError(f"the token stream ({len(stream)} tokens) is shorter than seq_len={seq_len}")
+    rng = random.Random(seed)
+    data = torch.tensor(stream)
+    batches = []
+    for _ in range(count):
+        starts = [rng.randrange(0, len(stream) - seq_len) for _ in range(batch_size)]
+        ids = torch.stack([data[s:s + seq_len] for s in starts])  # (B, T)
+        batches.append(TokenBatch(ids, torch.ones_like(ids), ids.clone()))
+    return batches
+
+
+def task_pairs(tokenizer, task_name: str, split: str, max_examples: int | None = None) -> list[tuple[list[int], list[int]]]:
+    """``(prompt ids, answer ids)`` per example of a BIG-Bench task split (answer = target or correct choice)."""
+    from dynalora.data import load_task, split_examples
+
+    task = load_task(task_name, progress=False)
+    pairs = []
+    for example in split_examples(task, split):
+        answer = example.target if example.target is not None else example.choices[example.correct]
+        prompt = task.format_prompt(example, with_choices=example.target is None)  # no decoys for generation
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            answer_ids = answer_ids + [tokenizer.eos_token_id]
+        pairs.append((prompt_ids, answer_ids))
+    if not pairs:
+        raise ValueError(f"task {task_name!r} has no examples in split {split!r}")
+    return pairs[:max_examples] if max_examples else pairs
+
+
+def pair_batches(pairs: list[tuple[list[int], list[int]]], seq_len: int, batch_size: int, count: int, seed: int,
+                 pad_id: int) -> list[TokenBatch]:
+    """Right-padded prompt+answer batches; only answer tokens carry labels. Prompts are cut from the left."""
+    rng = random.Random(seed)
+    batches = []
+    for _ in range(count):
+        chosen = [pairs[rng.randrange(len(pairs))] for _ in range(batch_size)]
+        rows = []
+        for prompt, answer in chosen:
+            answer = answer[:seq_len // 2]
+            prompt = prompt[-(seq_len - len(answer)):]
+            rows.append((prompt + answer, [IGNORE] * len(prompt) + answer))
+        width = max(len(ids) for ids, _ in rows)
+        ids = torch.full((batch_size, width), pad_id)
+        labels = torch.full((batch_size, width), IGNORE)
+        mask = torch.zeros((batch_size, width), dtype=torch.long)
+        for b, (row_ids, row_labels) in enumerate(rows):
+            ids[b, :len(row_ids)] = torch.tensor(row_ids)
+            labels[b, :len(row_labels)] = torch.tensor(row_labels)
+            mask[b, :len(row_ids)] = 1
+        batches.append(TokenBatch(ids, mask, labels))
+    return batches
+
+
+def batch_nll(model, batch: TokenBatch) -> tuple[torch.Tensor, int]:
+    """Summed next-token NLL over labelled positions, and their count. Differentiable."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]  # (B, T-1, V)
+    targets = batch.labels[:, 1:]  # (B, T-1)
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                             ignore_index=IGNORE, reduction="sum")
+    return loss, int((targets != IGNORE).sum())

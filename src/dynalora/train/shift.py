@@ -1,0 +1,176 @@
+"""``dynalora train shift``: train the shift hypernetwork end to end through the frozen base and bank.
+
+An example is a context window and the text that follows it, from one library domain's train split.
+The network reads the pooled feature-layer hidden state of the context (cached once, from the
+normal forward of the base model), proposes a blend + gate + generated factors, and is trained on
+the language-modelling loss of the continuation under the resulting LoRA (the differentiable
+``LoraState.functional`` path). The row's *current* blend is drawn at random — zero, the right
+adapter, or a wrong one — so the gate learns when to keep it (identity) and when to move.
+Auxiliary losses: cross-entropy of the blend head toward the source domain's adapter, a small
+penalty on the gate (move only when it pays) and on the generated factors' norm.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dynalora.train.data import domain_token_stream, source_kind
+
+
+@dataclass
+class ShiftTrainConfig:
+    library_dir: Path = Path("checkpoints/library")
+    out_dir: Path = Path("checkpoints/shift")
+    model: str | None = None
+    examples_per_domain: int = 160
+    context_tokens: int = 48
+    continuation_tokens: int = 64
+    pool_window: int = 16
+    feature_layer: int | None = None
+    width: int = 256
+    generated_rank: int = 2
+    factor_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    steps: int = 150
+    batch_size: int = 8
+    lr: float = 1e-3
+    aux_blend_weight: float = 0.1
+    gate_penalty: float = 0.01
+    factor_penalty: float = 1e-3
+    seed: int = 0
+    threads: int = 2
+
+
+def load_library_bank(library_dir: Path, model):
+    """The trained library as a bank, with each adapter's metadata (label, description, source)."""
+    from dynalora.lora import LoraBank, module_shapes_of
+    from dynalora.train.library import METADATA_FILE
+
+    index_path = Path(library_dir) / "library.json"
+    if not index_path.is_file():
+        raise FileNotFoundError(f"{index_path}: missing; train the library first (`dynalora train library`)")
+    adapters = json.loads(index_path.read_text())["adapters"]
+    bank = LoraBank(module_shapes_of(model))
+    for meta in adapters:
+        folder = Path(library_dir) / meta["label"]
+        if not (folder / METADATA_FILE).is_file():
+            raise FileNotFoundError(f"{folder}: adapter listed in library.json is missing")
+        bank.add_peft(folder, label=meta["label"], description=meta["description"])
+    return bank, adapters
+
+
+@torch.no_grad()
+def pooled_features(dyn, capture, contexts: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """``contexts (N, T)`` → pooled feature-layer hidden states ``(N, H)`` under the zero state."""
+    dyn.state.reset()
+    out = []
+    for start in range(0, len(contexts), batch_size):
+        chunk = contexts[start:start + batch_size]
+        capture.reset()
+        dyn(input_ids=chunk, use_cache=False)
+        out.append(torch.stack([capture.pooled(b) for b in range(len(chunk))]))
+    capture.reset()
+    return torch.cat(out)
+
+
+def build_examples(tokenizer, adapters: list[dict], config: ShiftTrainConfig, split: str, per_domain: int, seed: int):
+    """(contexts (N, Tc), continuations (N, Ty), adapter index (N,)) from every domain adapter's split."""
+    rng = random.Random(seed)
+    contexts, continuations, labels = [], [], []
+    span = config.context_tokens + config.continuation_tokens
+    for index, meta in enumerate(adapters):
+        kind, name = source_kind(meta["source"])
+        if kind != "domain":
+            continue
+        stream = domain_token_stream(tokenizer, name, split, seed=seed)
+        for _ in range(per_domain):
+            start = rng.randrange(0, len(stream) - span)
+            contexts.append(stream[start:start + config.context_tokens])
+            continuations.append(stream[start + config.context_tokens:start + span])
+            labels.append(index)
+    return torch.tensor(contexts), torch.tensor(continuations), torch.tensor(labels)
+
+
+def train_shift(config: ShiftTrainConfig) -> dict:
+    from dynalora.hyper.shift_net import ShiftNet, ShiftNetConfig
+    from dynalora.lora import DynamicLoraModel, InjectConfig, StateConfig
+    from dynalora.lora.targets import find_target_modules
+    from dynalora.models import load_base_model
+    from dynalora.runtime.features import HiddenCapture
+    from dynalora.train.library import plot_losses
+
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    base = load_base_model(config.model)
+    for p in base.model.parameters():
+        p.requires_grad_(False)
+    bank, adapters = load_library_bank(config.library_dir, base.model)
+    dyn = DynamicLoraModel.attach(base.model, bank, InjectConfig(
+        state=StateConfig(max_batch=max(config.batch_size, 16), generated_rank=config.generated_rank, memory_rank=0)))
+    capture = HiddenCapture(base.model, config.feature_layer, config.pool_window)
+    factor_modules = find_target_modules(base.model, config.factor_modules)
+    net = ShiftNet(ShiftNetConfig(
+        feature_size=base.model.config.hidden_size, bank_labels=bank.labels,
+        module_shapes={m: list(bank.module_shapes[m]) for m in factor_modules}, width=config.width,
+        generated_rank=config.generated_rank, feature_layer=capture.layer_index, pool_window=config.pool_window))
+
+    started = time.perf_counter()
+    contexts, continuations, labels = build_examples(base.tokenizer, adapters, config, "train",
+                                                     config.examples_per_domain, config.seed)
+    features = pooled_features(dyn, capture, contexts)  # (N, H)
+    feature_seconds = time.perf_counter() - started
+    count, bank_size = len(labels), len(bank)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=0.01)
+    rng = torch.Generator().manual_seed(config.seed)
+    history = []
+    net.train()
+    progress = tqdm(range(config.steps), desc="train shift")
+    for step in progress:
+        rows = torch.randint(0, count, (config.batch_size,), generator=rng)
+        target = labels[rows]
+        # the row's current blend: zero, the right adapter, or a wrong one
+        draw = torch.randint(0, 3, (config.batch_size,), generator=rng)
+        wrong = (target + torch.randint(1, bank_size, target.shape, generator=rng)) % bank_size
+        current = torch.zeros(config.batch_size, bank_size)
+        current[draw == 1, target[draw == 1]] = 1.0
+        current[draw == 2, wrong[draw == 2]] = 1.0
+        out = net(features[rows])
+        gate = out["gate"][:, None]  # (B, 1)
+        blend = (1 - gate) * current + gate * out["blend"]  # (B, K)
+        row_factors = {m: ((a * gate[:, :, None]).transpose(1, 2), b.transpose(1, 2))  # (B, in, r), (B, r, out)
+                       for m, (a, b) in out["factors"].items()}
+        ids = continuations[rows]
+        with dyn.state.functional(dyn.state.expand_blend(blend), row_factors):
+            logits = dyn(input_ids=ids, use_cache=False).logits[:, :-1]  # (B, T-1, V)
+        lm = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        aux = torch.nn.functional.nll_loss(torch.log(out["blend"] + 1e-6), target)
+        factor_norm = sum((a.pow(2).sum((1, 2)) * b.pow(2).sum((1, 2))).sqrt().mean() for a, b in out["factors"].values())
+        loss = lm + config.aux_blend_weight * aux + config.gate_penalty * out["gate"].mean() \
+            + config.factor_penalty * factor_norm
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        accuracy = float((out["blend"].argmax(-1) == target).float().mean())
+        history.append({"lm": float(lm), "aux": float(aux), "gate": float(out["gate"].mean()), "acc": accuracy})
+        progress.set_postfix(lm=f"{float(lm):.3f}", acc=f"{accuracy:.2f}")
+    seconds = time.perf_counter() - started
+    capture.remove()
+    dyn.detach()
+    net.eval()
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    net.save(config.out_dir)
+    plot_losses([h["lm"] for h in history], config.out_dir / "loss.png", "shift hypernetwork: continuation NLL")
+    metadata = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+                "train_seconds": round(seconds, 1), "feature_seconds": round(feature_seconds, 1),
+                "examples": count, "parameters": sum(p.numel() for p in net.parameters()),
+                "final": {k: sum(h[k] for h in history[-20:]) / min(20, len(history)) for k in history[-1]},
+                "history": history, "split": "train"}
+    (config.out_dir / "train_shift.json").write_text(json.dumps(metadata, indent=2))
+    return metadata
