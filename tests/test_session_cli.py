@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from dynalora.cli import main
 from dynalora.lora import DynamicLoraModel

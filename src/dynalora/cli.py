@@ -18,6 +18,12 @@ def build_parser() -> argparse.ArgumentParser:
     from dynalora.train.cli import add_train_commands
 
     add_train_commands(commands)
+    from dynalora.eval.cli import add_eval_commands
+
+    add_eval_commands(commands)
+    from dynalora.cli_demo import add_demo_commands
+
+    add_demo_commands(commands)
     from dynalora.bench.cli import add_bench_commands
 
     add_bench_commands(commands)

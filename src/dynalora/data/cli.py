@@ -87,6 +87,27 @@ def add_data_commands(subparsers) -> None:
                          help="with --tasks: only tasks whose mean input is at most this long (characters)")
     listing.set_defaults(handler=cmd_list)
 
+    streams = commands.add_parser("streams", help="write mixed-domain streams (JSONL) for `dynalora eval shift`")
+    streams.add_argument("--out", required=True, help="output JSONL file")
+    streams.add_argument("--split", default="test", help="document split to cut segments from (default: test)")
+    streams.add_argument("--streams", type=int, default=16)
+    streams.add_argument("--segments", type=int, default=3)
+    streams.add_argument("--segment-chars", type=int, default=700)
+    streams.add_argument("--unseen", action="store_true", help="mix in domains no library adapter was trained on")
+    streams.add_argument("--seed", type=int, default=0)
+    streams.set_defaults(handler=cmd_streams)
+
+
+def cmd_streams(args) -> int:
+    from dynalora.data.streams import StreamConfig, build_streams, unseen_stream_config, write_streams
+
+    config = unseen_stream_config(args.split, args.streams, args.seed) if args.unseen else \
+        StreamConfig(split=args.split, streams=args.streams, seed=args.seed)
+    config.segments, config.segment_chars = args.segments, args.segment_chars
+    path = write_streams(build_streams(config), args.out)
+    print(f"wrote {args.streams} streams of {args.segments} segments ({args.split} split) to {path}")
+    return 0
+
 
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry (``python -m dynalora.data.cli fetch``) for when the main CLI is unavailable."""

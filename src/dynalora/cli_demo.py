@@ -1,0 +1,44 @@
+"""``dynalora demo`` and ``dynalora plot``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def cmd_demo(args) -> int:
+    from dynalora.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(checkpoints=args.checkpoints, model=args.model, plot=args.plot))
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from dynalora.data.streams import read_streams
+    from dynalora.plot import plot_blend_timeline
+    from dynalora.shift_system import load_shift_system
+    from dynalora.train.triggers import tokenize_stream
+
+    streams = read_streams(args.data)
+    if not 0 <= args.index < len(streams):
+        raise ValueError(f"--index {args.index}: {args.data} holds streams 0..{len(streams) - 1}")
+    system = load_shift_system(*(args.checkpoints / n for n in ("library", "shift", "triggers")), args.model)
+    tokens, starts, domains = tokenize_stream(system.base.tokenizer, streams[args.index])
+    _, fired, _, blends = system.run_stream(tokens, record_blends=True)
+    print(f"{len(fired)} shifts over {len(tokens)} tokens; wrote {plot_blend_timeline(blends, system.bank.labels, starts, domains, fired, args.out)}")
+    return 0
+
+
+def add_demo_commands(commands) -> None:
+    p = commands.add_parser("demo", help="the shipped shift system on a stream that changes domain, then live")
+    p.add_argument("--checkpoints", type=Path, default=Path("checkpoints"))
+    p.add_argument("--model", default=None)
+    p.add_argument("--plot", type=Path, default=Path("results/demo_timeline.png"), help="PNG blend timeline")
+    p.set_defaults(handler=cmd_demo)
+
+    p = commands.add_parser("plot", help="PNG timeline of the blend weights over one stream's tokens")
+    p.add_argument("--data", type=Path, required=True, help="streams JSONL (`dynalora data streams`)")
+    p.add_argument("--index", type=int, default=0, help="which stream of the file")
+    p.add_argument("--out", type=Path, default=Path("results/blend_timeline.png"))
+    p.add_argument("--checkpoints", type=Path, default=Path("checkpoints"))
+    p.add_argument("--model", default=None)
+    p.set_defaults(handler=cmd_plot)

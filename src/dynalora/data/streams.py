@@ -1,0 +1,96 @@
+"""Mixed-domain streams: texts that move between domains, for trigger training and shift evaluation.
+
+A stream is ``{"segments": [{"domain": ..., "text": ...}, ...]}`` (the format ``dynalora eval shift``
+reads); consecutive segments come from different domains, each a contiguous piece of one document of
+the requested split, cut at line starts.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dynalora.data.documents import LIBRARY_DOMAINS, UNSEEN_DOMAINS, load_domain
+from dynalora.data.splits import split_documents
+
+
+@dataclass
+class StreamConfig:
+    split: str = "test"
+    streams: int = 16
+    segments: int = 3
+    segment_chars: int = 700
+    """Characters per segment (short documents are joined until they reach it)."""
+    domains: list[str] = field(default_factory=lambda: list(LIBRARY_DOMAINS))
+    seed: int = 0
+
+
+def _segment(documents, rng: random.Random, chars: int) -> str:
+    document = documents[rng.randrange(len(documents))]
+    text = document.text
+    if len(text) <= chars:  # short documents (dialogue): join neighbours until long enough
+        pieces, index = [text], documents.index(document)
+        while sum(len(p) for p in pieces) < chars:
+            index = (index + 1) % len(documents)
+            pieces.append(documents[index].text)
+        return "\n".join(pieces)[:chars]
+    start = rng.randrange(0, len(text) - chars)
+    line_start = text.rfind("\n", 0, start) + 1
+    return text[line_start:line_start + chars]
+
+
+def build_streams(config: StreamConfig) -> list[dict]:
+    rng = random.Random(config.seed)
+    pools = {}
+    for domain in config.domains:
+        documents = split_documents(load_domain(domain, progress=False), config.split)
+        if not documents:
+            raise ValueError(f"domain {domain!r} has no {config.split} documents")
+        pools[domain] = documents
+    if len(pools) < 2 and config.segments > 1:
+        raise ValueError("streams that change domain need at least two domains")
+    streams = []
+    for _ in range(config.streams):
+        segments, previous = [], None
+        for _ in range(config.segments):
+            domain = rng.choice([d for d in pools if d != previous])
+            segments.append({"domain": domain, "text": _segment(pools[domain], rng, config.segment_chars),
+                             "library": domain in LIBRARY_DOMAINS})
+            previous = domain
+        streams.append({"segments": segments, "split": config.split})
+    return streams
+
+
+def unseen_stream_config(split: str = "test", streams: int = 8, seed: int = 1) -> StreamConfig:
+    """Streams that mix library domains with domains no adapter was trained on."""
+    return StreamConfig(split=split, streams=streams, domains=list(LIBRARY_DOMAINS) + list(UNSEEN_DOMAINS), seed=seed)
+
+
+def write_streams(streams: list[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(s) + "\n" for s in streams))
+    return path
+
+
+def read_streams(path: str | Path) -> list[dict]:
+    """Read a streams JSONL file; each line must have a non-empty ``segments`` list of ``{"text": ...}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such streams file")
+    streams = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            stream = json.loads(line)
+            segments = stream["segments"]
+            if not segments or not all(isinstance(s["text"], str) and s["text"] for s in segments):
+                raise ValueError("empty segments or texts")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{path}:{number}: not a stream line ({error!r}); expected "
+                             '{"segments": [{"domain": "...", "text": "..."}, ...]}') from error
+        streams.append(stream)
+    return streams

@@ -1,0 +1,77 @@
+"""``dynalora demo``: the shipped library, shift network and trigger on a stream that changes domain.
+
+The text (cut from the test split of four library domains) is read token by token; the model's own
+``<|shift|>`` probability decides when to change its LoRA, the shift network decides what to, and the
+events and blends are printed as they happen. Then a short generation shows the same engine live.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+DIM, BOLD, RESET = "\033[2m", "\033[1m", "\033[0m"
+DEMO_DOMAINS = ["news", "drama-shakespeare", "code-python", "scripture"]
+
+
+@dataclass
+class DemoConfig:
+    checkpoints: Path = Path("checkpoints")
+    model: str | None = None
+    seed: int = 3
+    segment_chars: int = 600
+    plot: Path | None = Path("results/demo_timeline.png")
+
+
+def run_demo(config: DemoConfig) -> dict:
+    from dynalora.data.streams import StreamConfig, build_streams
+    from dynalora.plot import plot_blend_timeline
+    from dynalora.runtime import Engine, TokenProbability, TriggerConfig
+    from dynalora.runtime.special_tokens import SHIFT_TOKEN
+    from dynalora.shift_system import load_shift_system
+    from dynalora.train.triggers import tokenize_stream
+
+    system = load_shift_system(*(config.checkpoints / name for name in ("library", "shift", "triggers")), config.model)
+    base, bank, net, dyn, threshold = system.base, system.bank, system.net, system.dyn, system.threshold
+    print(f"{BOLD}dynalora demo{RESET}: {base.name}, {len(bank)} library adapters {bank.labels},\n"
+          f"shift network ({sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters), "
+          f"learned {SHIFT_TOKEN} (threshold p>{threshold})\n")
+
+    stream = build_streams(StreamConfig(split="test", streams=1, segments=4, segment_chars=config.segment_chars,
+                                        domains=DEMO_DOMAINS, seed=config.seed))[0]
+    tokens, starts, domains = tokenize_stream(base.tokenizer, stream)
+    nll, fired, seconds, blends = system.run_stream(tokens, record_blends=True)
+    print(f"A stream of {len(tokens)} tokens (test split) that changes domain {len(starts) - 1} times:")
+    events = sorted([(s, "segment", d) for s, d in zip(starts, domains)] + [(t, "shift", None) for t in fired])
+    for position, kind, domain in events:
+        if kind == "segment":
+            preview = base.tokenizer.decode(tokens[position:position + 18]).replace("\n", " ")
+            print(f"\n{BOLD}token {position:>4}: the text becomes {domain}{RESET}  “{preview}…”")
+        else:
+            blend = blends[position + 1] if position + 1 < len(blends) else blends[-1]
+            top = sorted(zip(bank.labels, blend), key=lambda x: -x[1])[:3]
+            ms = seconds[fired.index(position)] * 1e3
+            print(f"{DIM}  token {position:>4}: <|shift|> fired → " + ", ".join(f"{l} {w:.2f}" for l, w in top)
+                  + f"  ({ms:.1f} ms){RESET}")
+    result = {"tokens": len(tokens), "segments": domains, "segment_starts": starts, "shifts": fired}
+    if config.plot is not None:
+        plot_blend_timeline(blends, bank.labels, starts, domains, fired, config.plot)
+        print(f"\nblend timeline written to {config.plot}")
+
+    print(f"\n{BOLD}Live generation{RESET} (greedy, the shift network on the learned trigger):")
+    dyn.state.reset()
+    engine = Engine(dyn, base.tokenizer, system.hyper,
+                    TriggerConfig([TokenProbability(system.shift_id, threshold, SHIFT_TOKEN)], min_gap=32))
+    for prompt in ["Write a short Python function that reverses a string.", "Speak as Hamlet about the sea."]:
+        print(f"{BOLD}> {prompt}{RESET}")
+        for event in engine.stream([prompt], chat=True, max_new_tokens=48):
+            if event.kind == "token":
+                print(event.text, end="", flush=True)
+            elif event.kind in ("shift", "rejected"):
+                top = sorted(zip(bank.labels, event.new_blend), key=lambda x: -x[1])[:2]
+                print(f"{DIM}[{event.kind}: " + ", ".join(f"{l} {w:.2f}" for l, w in top) + f"]{RESET}", end="")
+        print("\n")
+        dyn.state.reset()
+    engine.close()
+    return result

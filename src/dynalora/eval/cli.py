@@ -1,0 +1,28 @@
+"""``dynalora eval ...``"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def cmd_shift(args) -> int:
+    from dynalora.eval.shift import ShiftEvalConfig, eval_shift
+
+    eval_shift(ShiftEvalConfig(data=args.data, library_dir=args.library, shift_dir=args.shift,
+                               triggers_dir=args.triggers, model=args.model, max_streams=args.max_streams),
+               out=args.out)
+    return 0
+
+
+def add_eval_commands(commands) -> None:
+    evaluate = commands.add_parser("eval", help="quality evaluations against baselines (JSON + table)")
+    sub = evaluate.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
+    p = sub.add_parser("shift", help="per-segment NLL through mixed-domain streams: dynalora vs merges, router, oracle")
+    p.add_argument("--data", type=Path, required=True, help="streams JSONL (make one with `dynalora data streams`)")
+    p.add_argument("--out", type=Path, default=Path("results/eval_shift.json"))
+    p.add_argument("--library", type=Path, default=Path("checkpoints/library"))
+    p.add_argument("--shift", type=Path, default=Path("checkpoints/shift"))
+    p.add_argument("--triggers", type=Path, default=Path("checkpoints/triggers"))
+    p.add_argument("--model", default=None)
+    p.add_argument("--max-streams", type=int, default=None)
+    p.set_defaults(handler=cmd_shift)

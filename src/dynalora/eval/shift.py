@@ -1,0 +1,272 @@
+"""``dynalora eval shift``: per-segment NLL through mixed-domain streams, dynalora against today's options.
+
+Teacher-forced. Each segment's first ``skip`` tokens are left out of its score (time to detect the
+change). Every method is scored over the original vocabulary (trigger tokens are never part of the text).
+
+* ``base`` — no LoRA; ``uniform_merge`` — the exact uniform blend of the library;
+* ``peft_linear_merge`` — PEFT ``add_weighted_adapter(..., "linear")`` with uniform weights;
+* ``router_select`` — told where each segment starts, picks one adapter from the segment's first
+  ``skip`` tokens (nearest prototype of pooled hidden states of each adapter's training text);
+* ``oracle`` — per segment, the single library adapter with the lowest NLL (upper bound for selection);
+* ``dynalora`` — no labels: the learned ``<|shift|>`` probability fires the trigger, the shift
+  hypernetwork writes the row's LoRA in place and the stream goes on under it (KV cache kept).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import DynamicCache
+
+from dynalora.data.streams import read_streams
+from dynalora.train.triggers import simulate_policy, tokenize_stream, trigger_metrics
+
+
+@dataclass
+class ShiftEvalConfig:
+    data: Path
+    library_dir: Path = Path("checkpoints/library")
+    shift_dir: Path = Path("checkpoints/shift")
+    triggers_dir: Path = Path("checkpoints/triggers")
+    model: str | None = None
+    skip: int = 32
+    max_streams: int | None = None
+    min_gap: int = 32
+    prototype_texts: int = 24
+    threads: int = 2
+
+
+class _Scorer:
+    """Teacher-forced per-token NLL of a stream under a LoRA schedule (KV cache kept across switches)."""
+
+    def __init__(self, dyn, vocab_size: int):
+        self.dyn, self.vocab_size = dyn, vocab_size
+
+    @torch.no_grad()
+    def nll(self, tokens: list[int], schedule) -> torch.Tensor:
+        """``schedule = [(start, update_fn or None), ...]``; returns NLL of tokens 1..L-1 ``(L-1,)``."""
+        cache = DynamicCache(config=self.dyn.model.config)
+        out = []
+        bounds = [s for s, _ in schedule] + [len(tokens)]
+        for (start, apply), stop in zip(schedule, bounds[1:]):
+            if stop <= start:
+                continue
+            if apply is not None:
+                apply()
+            logits = self.dyn(input_ids=torch.tensor([tokens[start:stop]]), cache=cache, use_cache=True).logits[0]
+            out.append(torch.log_softmax(logits[:, :self.vocab_size].float(), dim=-1))
+        log_probs = torch.cat(out)[:-1]  # (L-1, V): position t predicts token t+1
+        return -log_probs.gather(1, torch.tensor(tokens[1:])[:, None])[:, 0]
+
+
+def segment_scores(nll: torch.Tensor, starts: list[int], length: int, skip: int) -> list[tuple[float, int]]:
+    """(summed NLL, count) per segment over its tokens from ``skip`` on (token t scored by nll[t-1])."""
+    bounds = starts + [length]
+    scores = []
+    for start, stop in zip(bounds, bounds[1:]):
+        first = max(start + skip, 1)
+        part = nll[first - 1:stop - 1]
+        scores.append((float(part.sum()), int(part.numel())))
+    return scores
+
+
+def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
+    from peft import PeftModel
+
+    from dynalora.hyper import NearestPrototype
+    from dynalora.hyper.protocol import TriggerFeatures
+    from dynalora.models import load_base_model
+    from dynalora.shift_system import load_shift_system
+    from dynalora.train.data import domain_token_stream, source_kind, task_pairs
+
+    torch.set_num_threads(config.threads)
+    streams = read_streams(config.data)[:config.max_streams]
+    peft_model = None
+
+    system_labels = json.loads((config.library_dir / "library.json").read_text())["adapters"]
+    labels = [meta["label"] for meta in system_labels]
+    # PEFT's linear merge, as users merge today (a second copy of the base model)
+    peft_note = None
+    try:
+        peft_model = PeftModel.from_pretrained(load_base_model(config.model).model, str(config.library_dir / labels[0]),
+                                               adapter_name=labels[0])
+        for label in labels[1:]:
+            peft_model.load_adapter(str(config.library_dir / label), adapter_name=label)
+        peft_model.add_weighted_adapter(labels, [1.0 / len(labels)] * len(labels), "uniform", combination_type="linear")
+        peft_model.set_adapter("uniform")
+        peft_model.eval()
+    except Exception as error:  # report, don't hide
+        peft_note = f"not run: {type(error).__name__}: {error}"
+        peft_model = None
+
+    system = load_shift_system(config.library_dir, config.shift_dir, config.triggers_dir, config.model)
+    dyn, capture, _net, _hyper = system.dyn, system.capture, system.net, system.hyper
+    threshold = system.threshold
+    base, _bank, adapters, vocab_size = system.base, system.bank, system.adapters, system.vocab_size
+    scorer = _Scorer(dyn, vocab_size)
+
+    # router prototypes: pooled hidden states of each adapter's own training text (train split)
+    started = time.perf_counter()
+    prototypes = []
+    for meta in adapters:
+        kind, name = source_kind(meta["source"])
+        if kind == "domain":
+            stream = domain_token_stream(base.tokenizer, name, "train", max_documents=config.prototype_texts)
+            texts = [stream[i * 64:(i + 1) * 64] for i in range(config.prototype_texts)]
+        else:
+            texts = [p + a for p, a in task_pairs(base.tokenizer, name, "train", config.prototype_texts)]
+        feats = []
+        with torch.no_grad():
+            for ids in texts:
+                capture.reset()
+                dyn(input_ids=torch.tensor([ids[:config.skip]]), use_cache=False)
+                feats.append(capture.pooled(0))
+        prototypes.append(torch.stack(feats).mean(0))
+    router = NearestPrototype(torch.stack(prototypes), one_hot=True)
+    router_seconds = time.perf_counter() - started
+
+    def set_blend(blend):
+        return lambda: (dyn.state.reset(0), dyn.state.set_blend(0, blend))
+
+    uniform = [1.0 / len(labels)] * len(labels)
+    totals = {name: [0.0, 0] for name in ("base", "uniform_merge", "peft_linear_merge", "router_select", "oracle",
+                                          "dynalora")}
+    unseen_totals = {name: [0.0, 0] for name in totals}
+    fired_all, starts_all, lengths, shift_seconds, router_choices = [], [], [], [], []
+    per_domain: dict[str, dict[str, list[float]]] = {}
+    for stream in tqdm(streams, desc="eval shift"):
+        tokens, starts, domains = tokenize_stream(base.tokenizer, stream)
+        library_flags = [s.get("library", True) for s in stream["segments"]]
+        length = len(tokens)
+        scores = {}
+        scores["base"] = segment_scores(scorer.nll(tokens, [(0, set_blend([0.0] * len(labels)))]), starts, length,
+                                        config.skip)
+        scores["uniform_merge"] = segment_scores(scorer.nll(tokens, [(0, set_blend(uniform))]), starts, length,
+                                                 config.skip)
+        if peft_model is not None:
+            with torch.no_grad():
+                logits = peft_model(input_ids=torch.tensor([tokens])).logits[0, :-1, :vocab_size].float()
+            nll = -torch.log_softmax(logits, -1).gather(1, torch.tensor(tokens[1:])[:, None])[:, 0]
+            scores["peft_linear_merge"] = segment_scores(nll, starts, length, config.skip)
+        # router: told the boundaries, picks one adapter from each segment's first `skip` tokens
+        schedule = [(0, set_blend([0.0] * len(labels)))]
+        for start in starts:
+            capture.reset()
+            dyn.state.reset(0)
+            with torch.no_grad():
+                dyn(input_ids=torch.tensor([tokens[start:start + config.skip]]), use_cache=False)
+            choice = router(TriggerFeatures(0, start, "router", capture.last(0), capture.pooled(0)), dyn.state).blend
+            router_choices.append(labels[int(choice.argmax())])
+            schedule.append((min(start + config.skip, length), set_blend(choice.tolist())))
+        scores["router_select"] = segment_scores(scorer.nll(tokens, schedule), starts, length, config.skip)
+        per_adapter = []
+        for k in range(len(labels)):
+            one_hot = [1.0 if j == k else 0.0 for j in range(len(labels))]
+            per_adapter.append(segment_scores(scorer.nll(tokens, [(0, set_blend(one_hot))]), starts, length, config.skip))
+        scores["oracle"] = [min((per_adapter[k][s] for k in range(len(labels))), key=lambda x: x[0] / max(x[1], 1))
+                            for s in range(len(starts))]
+        nll, fired, seconds = system.run_stream(tokens, config.min_gap)
+        scores["dynalora"] = segment_scores(nll, starts, length, config.skip)
+        fired_all.append(fired)
+        starts_all.append(starts)
+        lengths.append(length)
+        shift_seconds.extend(seconds)
+        for name, segs in scores.items():
+            for (total, count), domain, library in zip(segs, domains, library_flags):
+                bucket = totals if library else unseen_totals
+                bucket[name][0] += total
+                bucket[name][1] += count
+                per_domain.setdefault(domain, {}).setdefault(name, [0.0, 0])
+                per_domain[domain][name][0] += total
+                per_domain[domain][name][1] += count
+    dyn.detach()
+
+    def summary(bucket):
+        return {name: {"nll": t / c, "ppl": math.exp(t / c), "tokens": c} for name, (t, c) in bucket.items() if c}
+
+    methods = summary(totals)
+    if peft_note:
+        methods["peft_linear_merge"] = {"note": peft_note}
+    methods["xlora"] = {"note": "not run: PEFT X-LoRA needs its classifier trained with gradients through the "
+                                "model on labelled data and has no KV cache (two forward passes per step); "
+                                "left for a later session"}
+    triggers = trigger_metrics(fired_all, starts_all, lengths, config.skip)
+    triggers["threshold"] = threshold
+    triggers["median_shift_ms"] = 1e3 * sorted(shift_seconds)[len(shift_seconds) // 2] if shift_seconds else None
+    result = {"methods": methods, "unseen_domains": summary(unseen_totals),
+              "per_domain": {d: summary(v) for d, v in per_domain.items()}, "triggers": triggers,
+              "segments": sum(len(s) for s in starts_all), "tokens": sum(lengths), "streams": len(streams),
+              "data": str(config.data), "skip": config.skip, "router_setup_seconds": round(router_seconds, 1),
+              "router_choices": {label: router_choices.count(label) for label in labels}}
+    if "dynalora" in methods and "oracle" in methods:
+        d = methods["dynalora"]["nll"]
+        result["ratios"] = {"dynalora_vs_oracle": d / methods["oracle"]["nll"],
+                            **{f"dynalora_gain_vs_{m}": 1 - d / methods[m]["nll"] for m in
+                               ("uniform_merge", "peft_linear_merge", "base", "router_select")
+                               if "nll" in methods.get(m, {})}}
+    print(format_shift_table(result))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2))
+        print(f"wrote {out}")
+    return result
+
+
+@torch.no_grad()
+def run_dynalora(dyn, capture, hyper, tokens, threshold, min_gap, shift_id, vocab_size, pool_window,
+                 record_blends: bool = False):
+    """Teacher-forced pass where the learned trigger fires the hypernetwork mid-stream (keep policy).
+
+    Returns per-token NLL ``(L-1,)``, the trigger positions and the seconds each update took; with
+    ``record_blends`` also the blend in force at every position (``L`` lists of K weights)."""
+    from dynalora.hyper.protocol import TriggerFeatures
+
+    dyn.state.reset(0)
+    cache = DynamicCache(config=dyn.model.config)
+    position, last_fired, fired, seconds, log_probs, blends = 0, -10**9, [], [], [], []
+    while position < len(tokens):
+        capture.reset()
+        logits = dyn(input_ids=torch.tensor([tokens[position:]]), cache=cache, use_cache=True).logits[0].float()
+        p_shift = torch.softmax(logits, dim=-1)[:, shift_id]  # (T,)
+        candidates = [t for t in simulate_policy(p_shift, threshold, 1) if position + t - last_fired >= min_gap]
+        if not candidates:
+            log_probs.append(torch.log_softmax(logits[:, :vocab_size], -1))
+            blends.extend([dyn.state.blend_weights[0].tolist()] * logits.shape[0])
+            break
+        t = candidates[0]
+        blends.extend([dyn.state.blend_weights[0].tolist()] * (t + 1))
+        log_probs.append(torch.log_softmax(logits[:t + 1, :vocab_size], -1))
+        cache.crop(-(len(tokens) - position - t - 1))  # keep positions up to the trigger
+        hidden = capture.recent[0, :t + 1]  # feature-layer states of this chunk up to the trigger
+        started = time.perf_counter()
+        window = hidden[-pool_window:]
+        features = TriggerFeatures(0, position + t, "p(<|shift|>)", window[-1], window.mean(0))
+        update = hyper(features, dyn.state)
+        dyn.state.update(0, blend=update.blend, generated=update.generated)
+        seconds.append(time.perf_counter() - started)
+        fired.append(position + t)
+        last_fired = position + t
+        position += t + 1
+    log_probs = torch.cat(log_probs)[:-1]
+    nll = -log_probs.gather(1, torch.tensor(tokens[1:])[:, None])[:, 0]
+    return (nll, fired, seconds, blends) if record_blends else (nll, fired, seconds)
+
+
+def format_shift_table(result: dict) -> str:
+    lines = [f"{'method':<20} {'NLL':>8} {'PPL':>9}   unseen NLL"]
+    for name, m in result["methods"].items():
+        unseen = result["unseen_domains"].get(name, {}).get("nll")
+        if "nll" in m:
+            lines.append(f"{name:<20} {m['nll']:>8.4f} {m['ppl']:>9.3f}   {unseen if unseen is None else f'{unseen:.4f}'}")
+        else:
+            lines.append(f"{name:<20} {m['note']}")
+    t = result["triggers"]
+    lines.append(f"triggers: recall {t['boundary_recall']:.2f} within {result['skip']} tokens, precision "
+                 f"{t['precision']:.2f}, mean delay {t['mean_delay']}, false/1k tokens {t['false_per_1k_tokens']:.2f}")
+    return "\n".join(lines)

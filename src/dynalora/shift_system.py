@@ -1,0 +1,58 @@
+"""The shipped shift system in one object: base model, library bank, shift network, learned trigger."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class ShiftSystem:
+    base: object
+    bank: object
+    adapters: list[dict]
+    dyn: object
+    net: object
+    hyper: object
+    capture: object
+    threshold: float
+    shift_id: int
+    vocab_size: int
+    """The base vocabulary (trigger tokens excluded)."""
+
+    @torch.no_grad()
+    def run_stream(self, tokens: list[int], min_gap: int = 32, record_blends: bool = False):
+        """Teacher-forced pass with the learned trigger (see :func:`dynalora.eval.shift.run_dynalora`)."""
+        from dynalora.eval.shift import run_dynalora
+
+        return run_dynalora(self.dyn, self.capture, self.hyper, tokens, self.threshold, min_gap, self.shift_id,
+                            self.vocab_size, self.net.config.pool_window, record_blends=record_blends)
+
+
+def load_shift_system(library_dir: Path, shift_dir: Path, triggers_dir: Path, model: str | None = None,
+                      max_batch: int = 1) -> ShiftSystem:
+    from dynalora.hyper.shift_net import ShiftHypernetwork, ShiftNet
+    from dynalora.lora import DynamicLoraModel, InjectConfig, StateConfig
+    from dynalora.models import load_base_model
+    from dynalora.runtime.features import HiddenCapture
+    from dynalora.runtime.special_tokens import SHIFT_TOKEN, load_trigger_tokens
+    from dynalora.train.shift import load_library_bank
+
+    for folder, command in ((library_dir, "train library"), (shift_dir, "train shift"), (triggers_dir, "train triggers")):
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"{folder}: missing; make it with `dynalora {command}`")
+    base = load_base_model(model)
+    vocab_size = base.model.get_output_embeddings().weight.shape[0]
+    bank, adapters = load_library_bank(library_dir, base.model)
+    net = ShiftNet.load(shift_dir)
+    threshold = json.loads((Path(triggers_dir) / "triggers.json").read_text())["threshold"]
+    token_ids = load_trigger_tokens(Path(triggers_dir) / "trigger_tokens.safetensors", base.model, base.tokenizer)
+    dyn = DynamicLoraModel.attach(base.model, bank, InjectConfig(
+        state=StateConfig(max_batch=max_batch, generated_rank=net.config.generated_rank, memory_rank=0)))
+    hyper = ShiftHypernetwork(net)
+    hyper.check_bank(dyn.state)
+    capture = HiddenCapture(base.model, net.config.feature_layer, window=100_000)
+    return ShiftSystem(base, bank, adapters, dyn, net, hyper, capture, threshold, token_ids[SHIFT_TOKEN], vocab_size)

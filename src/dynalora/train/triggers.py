@@ -1,0 +1,225 @@
+"""``dynalora train triggers``: teach the model to emit ``<|shift|>`` when the text leaves its LoRA's domain.
+
+Smallest form: only the new token's embedding row ``e`` is trained. With tied embeddings its logit is
+``s_t = h_t · e`` (``h_t`` = the final normed hidden state), so ``p_t(<|shift|>) = σ(s_t − log Z_t)`` where
+``Z_t`` sums the original vocabulary's exponentiated logits. The LM loss restricted to this one row is
+therefore a weighted logistic regression on cached ``(h_t, log Z_t)``: one forward pass over the
+training streams, no backward through the model.
+
+Streams come from the library domains' train split. They are run under the LoRA the engine would hold:
+zero until ``delay`` tokens into the first segment, then each segment's own adapter from ``delay``
+tokens into it (so the text just after a boundary is seen under the previous domain's LoRA, as at run
+time). The target is ``<|shift|>`` after ``delay`` tokens of each new segment; the other positions of the
+first ``ignore_after`` tokens of a segment carry no loss (detecting the change early is fine).
+The firing threshold is chosen on validation streams for ≤ ``max_false_per_1k`` false triggers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import DynamicCache
+
+from dynalora.data.streams import StreamConfig, build_streams
+
+
+@dataclass
+class TriggerTrainConfig:
+    library_dir: Path = Path("checkpoints/library")
+    out_dir: Path = Path("checkpoints/triggers")
+    model: str | None = None
+    train_streams: int = 48
+    validation_streams: int = 16
+    segments: int = 4
+    segment_chars: int = 600
+    delay: int = 12
+    """Tokens into a new segment after which the trigger should be emitted."""
+    ignore_after: int = 32
+    window: int = 32
+    """A trigger within this many tokens after a boundary counts as detecting it."""
+    min_gap: int = 32
+    steps: int = 400
+    lr: float = 0.02
+    positive_weight: float = 30.0
+    max_false_per_1k: float = 1.0
+    seed: int = 0
+    threads: int = 2
+
+
+def tokenize_stream(tokenizer, stream: dict) -> tuple[list[int], list[int], list[str]]:
+    """Token ids of the whole stream, the start index of every segment, and each segment's domain."""
+    ids, starts, domains = [], [], []
+    for segment in stream["segments"]:
+        starts.append(len(ids))
+        ids.extend(tokenizer(segment["text"], add_special_tokens=False)["input_ids"])
+        domains.append(segment.get("domain", ""))
+    return ids, starts, domains
+
+
+@torch.no_grad()
+def stream_hidden_states(dyn, tokens: list[int], schedule: list[tuple[int, list[float] | None]],
+                         vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run a stream in chunks under a LoRA schedule ``[(start, blend or None), ...]`` with a KV cache
+    (keep policy); returns final hidden states ``(L, H)`` and ``log Z`` over the original vocab ``(L,)``."""
+    model = dyn.model
+    captured = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, i, o: captured.append(i[0][0].detach()))
+    cache = DynamicCache(config=model.config)
+    log_z = []
+    try:
+        bounds = [s for s, _ in schedule] + [len(tokens)]
+        for (start, blend), stop in zip(schedule, bounds[1:]):
+            if stop <= start:
+                continue
+            dyn.state.reset(0)
+            if blend is not None:
+                dyn.state.set_blend(0, blend)
+            logits = model(input_ids=torch.tensor([tokens[start:stop]]), cache=cache, use_cache=True).logits[0]
+            log_z.append(torch.logsumexp(logits[:, :vocab_size].float(), dim=-1))
+    finally:
+        handle.remove()
+        dyn.state.reset(0)
+    return torch.cat(captured), torch.cat(log_z)
+
+
+def oracle_schedule(starts: list[int], domains: list[str], labels: list[str], delay: int, length: int):
+    """Zero until ``delay`` tokens in, then each segment's own adapter from ``delay`` tokens into it."""
+    schedule = [(0, None)]
+    for start, domain in zip(starts, domains):
+        blend = [1.0 if label == domain else 0.0 for label in labels]
+        schedule.append((min(start + delay, length), blend if any(blend) else None))
+    return schedule
+
+
+def targets_for(starts: list[int], length: int, delay: int, ignore_after: int) -> torch.Tensor:
+    """Per position: 1 = emit the trigger here, 0 = don't, -1 = no loss."""
+    target = torch.zeros(length)
+    for start in starts:
+        target[start:min(start + ignore_after, length)] = -1
+        if start + delay - 1 < length:
+            target[start + delay - 1] = 1
+    return target
+
+
+def simulate_policy(probs: torch.Tensor, threshold: float, min_gap: int) -> list[int]:
+    """Positions where ``p > threshold`` fires, honouring ``min_gap``."""
+    fired, last = [], -10**9
+    for t in torch.nonzero(probs > threshold).flatten().tolist():
+        if t - last >= min_gap:
+            fired.append(t)
+            last = t
+    return fired
+
+
+def trigger_metrics(fired_per_stream: list[list[int]], starts_per_stream: list[list[int]],
+                    lengths: list[int], window: int) -> dict:
+    """Boundary recall/precision within ``window`` tokens, mean delay, false triggers per 1k tokens.
+    Boundaries are segment starts after the first (the stream start is the initial shift, not scored)."""
+    hits, boundaries, delays, false, total_fired = 0, 0, [], 0, 0
+    for fired, starts, length in zip(fired_per_stream, starts_per_stream, lengths):
+        total_fired += len(fired)
+        for start in starts[1:]:
+            boundaries += 1
+            inside = [t for t in fired if start <= t < start + window]
+            if inside:
+                hits += 1
+                delays.append(inside[0] - start)
+        allowed = [(s, s + window) for s in starts]
+        false += sum(1 for t in fired if not any(a <= t < b for a, b in allowed))
+    tokens = sum(lengths)
+    return {"boundary_recall": hits / max(boundaries, 1),
+            "precision": (total_fired - false) / max(total_fired, 1),
+            "mean_delay": sum(delays) / len(delays) if delays else None,
+            "false_per_1k_tokens": 1000 * false / max(tokens, 1), "boundaries": boundaries,
+            "fired": total_fired, "tokens": tokens}
+
+
+def collect(dyn, tokenizer, labels, streams, config: TriggerTrainConfig, vocab_size: int):
+    hidden, log_z, targets, starts_all, lengths = [], [], [], [], []
+    for stream in tqdm(streams, desc="trigger features", leave=False):
+        tokens, starts, domains = tokenize_stream(tokenizer, stream)
+        h, z = stream_hidden_states(dyn, tokens, oracle_schedule(starts, domains, labels, config.delay, len(tokens)),
+                                    vocab_size)
+        hidden.append(h)
+        log_z.append(z)
+        targets.append(targets_for(starts, len(tokens), config.delay, config.ignore_after))
+        starts_all.append(starts)
+        lengths.append(len(tokens))
+    return hidden, log_z, targets, starts_all, lengths
+
+
+def train_triggers(config: TriggerTrainConfig) -> dict:
+    from dynalora.data import LIBRARY_DOMAINS
+    from dynalora.lora import DynamicLoraModel
+    from dynalora.models import load_base_model
+    from dynalora.runtime.special_tokens import SHIFT_TOKEN, add_trigger_tokens, save_trigger_tokens
+    from dynalora.train.library import plot_losses
+    from dynalora.train.shift import load_library_bank
+
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    started = time.perf_counter()
+    base = load_base_model(config.model)
+    vocab_size = base.model.get_output_embeddings().weight.shape[0]
+    token_ids = add_trigger_tokens(base.model, base.tokenizer)
+    shift_id = token_ids[SHIFT_TOKEN]
+    bank, _ = load_library_bank(config.library_dir, base.model)
+    dyn = DynamicLoraModel.attach(base.model, bank)
+    domains = [d for d in LIBRARY_DOMAINS if d in bank.labels]
+    make = lambda split, count, seed: build_streams(StreamConfig(  # noqa: E731
+        split=split, streams=count, segments=config.segments, segment_chars=config.segment_chars, domains=domains,
+        seed=seed))
+    train = collect(dyn, base.tokenizer, bank.labels, make("train", config.train_streams, config.seed), config, vocab_size)
+    validation = collect(dyn, base.tokenizer, bank.labels, make("validation", config.validation_streams, config.seed + 1),
+                         config, vocab_size)
+    feature_seconds = time.perf_counter() - started
+
+    embedding = base.model.get_input_embeddings().weight
+    row = embedding[shift_id].detach().clone().requires_grad_(True)  # (H,)
+    h = torch.cat(train[0])  # (N, H)
+    log_z = torch.cat(train[1])  # (N,)
+    target = torch.cat(train[2])  # (N,)
+    keep = target >= 0
+    h, log_z, target = h[keep], log_z[keep], target[keep]
+    weights = torch.where(target == 1, config.positive_weight, 1.0)
+    optimizer = torch.optim.Adam([row], lr=config.lr)
+    losses = []
+    for _ in tqdm(range(config.steps), desc="train trigger row", leave=False):
+        margin = h @ row - log_z  # (N,) logit of p(shift)
+        loss = (weights * F.binary_cross_entropy_with_logits(margin, target, reduction="none")).sum() / weights.sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    with torch.no_grad():
+        embedding[shift_id] = row.detach()
+
+    def probs_of(data):
+        return [torch.sigmoid(hh @ row.detach() - zz) for hh, zz in zip(data[0], data[1])]
+
+    validation_probs = probs_of(validation)
+    candidates = []
+    for threshold in [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]:
+        fired = [simulate_policy(p, threshold, config.min_gap) for p in validation_probs]
+        candidates.append({"threshold": threshold, **trigger_metrics(fired, validation[3], validation[4], config.window)})
+    allowed = [c for c in candidates if c["false_per_1k_tokens"] <= config.max_false_per_1k] or \
+        [min(candidates, key=lambda c: c["false_per_1k_tokens"])]
+    best = max(allowed, key=lambda c: (c["boundary_recall"], c["threshold"]))
+    train_fired = [simulate_policy(p, best["threshold"], config.min_gap) for p in probs_of(train)]
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    save_trigger_tokens(config.out_dir / "trigger_tokens.safetensors", base.model, token_ids)
+    plot_losses(losses, config.out_dir / "loss.png", "<|shift|> row: weighted logistic loss")
+    metadata = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+                "threshold": best["threshold"], "validation": best, "threshold_scan": candidates,
+                "train": trigger_metrics(train_fired, train[3], train[4], config.window),
+                "trained_parameters": int(row.numel()), "seconds": round(time.perf_counter() - started, 1),
+                "feature_seconds": round(feature_seconds, 1), "final_loss": losses[-1]}
+    (config.out_dir / "triggers.json").write_text(json.dumps(metadata, indent=2))
+    dyn.detach()
+    return metadata
