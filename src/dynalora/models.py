@@ -107,13 +107,14 @@ def load_base_model(
 
     Example: ``base = load_base_model()`` gives SmolLM2-135M-Instruct; ``load_base_model("gpt2")``
     whatever ``from_pretrained`` finds for ``gpt2`` (offline: the local HF cache only);
-    ``load_base_model("tiny:llama")`` a random tiny test model without tokenizer.
+    ``load_base_model("tiny:llama")`` a random tiny test model with a :class:`ByteTokenizer`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name_or_path is not None and name_or_path.startswith("tiny:"):
         family = name_or_path.removeprefix("tiny:")
-        return BaseModel(model=tiny_model(family).to(device=device, dtype=dtype), tokenizer=None, name=name_or_path)
+        return BaseModel(model=tiny_model(family).to(device=device, dtype=dtype), tokenizer=ByteTokenizer(),
+                         name=name_or_path)
     if name_or_path in DEFAULT_MODEL_ALIASES:
         folder = default_model_cache_dir()
         if not (folder / "config.json").is_file():
@@ -178,6 +179,20 @@ class ByteTokenizer:
 
     eos_token_id = None
     pad_token_id = 0
+
+    def __init__(self):
+        self.special_tokens: list[str] = []
+
+    def __len__(self) -> int:
+        return 256 + len(self.special_tokens)
+
+    def add_tokens(self, tokens, special_tokens: bool = True) -> int:
+        new = [t for t in tokens if t not in self.special_tokens]
+        self.special_tokens.extend(new)
+        return len(new)
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return 256 + self.special_tokens.index(token)
 
     def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
         return {"input_ids": list(text.encode("utf-8"))}

@@ -33,8 +33,9 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
 
 
 def module_shapes_of(model: nn.Module) -> ModuleShapes:
-    """Every linear layer of the model except the output head, in model order."""
-    return {name: linear_shape(module) for name, module in model.named_modules()
+    """Every linear layer of the model except the output head, in model order (a layer wrapped by
+    dynalora is listed under its own name, not as ``<name>.base_layer``)."""
+    return {name.removesuffix(".base_layer"): linear_shape(module) for name, module in model.named_modules()
             if is_linear(module) and name.split(".")[-1] not in _NEVER_TARGETED}
 
 

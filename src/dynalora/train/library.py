@@ -134,6 +134,14 @@ def plot_losses(losses: list[float], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def save_half_precision(path: Path) -> None:
+    """Rewrite a safetensors file in fp16 (shipped checkpoints stay small; loaders upcast)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    save_file({k: v.half().contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+
+
 def train_adapter(spec: AdapterSpec, base, config: LibraryConfig) -> dict:
     """Train (or resume) one adapter; returns its metadata. ``base`` is a loaded :class:`BaseModel`."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
@@ -170,7 +178,7 @@ def train_adapter(spec: AdapterSpec, base, config: LibraryConfig) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss) / max(count, 1))
+        losses.append(float(loss.detach()) / max(count, 1))
         seconds += time.perf_counter() - began
         progress.set_postfix(loss=f"{losses[-1]:.3f}")
         if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
@@ -182,6 +190,7 @@ def train_adapter(spec: AdapterSpec, base, config: LibraryConfig) -> dict:
     staging = config.out_dir / f"{spec.label}.staging"
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(str(staging))
+    save_half_precision(staging / "adapter_model.safetensors")
     kind, name = source_kind(spec.source)
     metadata = {
         "label": spec.label, "description": spec.description, "source": spec.source,

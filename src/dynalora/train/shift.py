@@ -13,6 +13,7 @@ penalty on the gate (move only when it pays) and on the generated factors' norm.
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -150,7 +151,9 @@ def train_shift(config: ShiftTrainConfig) -> dict:
             logits = dyn(input_ids=ids, use_cache=False).logits[:, :-1]  # (B, T-1, V)
         lm = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
         aux = torch.nn.functional.nll_loss(torch.log(out["blend"] + 1e-6), target)
-        factor_norm = sum((a.pow(2).sum((1, 2)) * b.pow(2).sum((1, 2))).sqrt().mean() for a, b in out["factors"].values())
+        # ‖B‖‖A‖ per module (an upper bound of ‖BA‖); +eps: the factors start at exactly zero
+        factor_norm = sum((a.pow(2).sum((1, 2)) * b.pow(2).sum((1, 2)) + 1e-12).sqrt().mean()
+                          for a, b in out["factors"].values())
         loss = lm + config.aux_blend_weight * aux + config.gate_penalty * out["gate"].mean() \
             + config.factor_penalty * factor_norm
         loss.backward()
@@ -158,8 +161,11 @@ def train_shift(config: ShiftTrainConfig) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         accuracy = float((out["blend"].argmax(-1) == target).float().mean())
-        history.append({"lm": float(lm), "aux": float(aux), "gate": float(out["gate"].mean()), "acc": accuracy})
-        progress.set_postfix(lm=f"{float(lm):.3f}", acc=f"{accuracy:.2f}")
+        history.append({"lm": float(lm.detach()), "aux": float(aux.detach()), "gate": float(out["gate"].mean().detach()),
+                        "acc": accuracy})
+        if not all(map(math.isfinite, history[-1].values())):
+            raise FloatingPointError(f"train shift: non-finite loss at step {step}: {history[-1]}")
+        progress.set_postfix(lm=f"{history[-1]['lm']:.3f}", acc=f"{accuracy:.2f}")
     seconds = time.perf_counter() - started
     capture.remove()
     dyn.detach()

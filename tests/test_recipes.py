@@ -1,0 +1,124 @@
+"""The training recipes run for real on a tiny model with synthetic domains: a few steps, resume, outputs."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from dynalora.train import library as library_recipe
+from dynalora.train.library import AdapterSpec, LibraryConfig, train_library
+
+DOMAIN_TEXT = {"news": "the market rose today as traders bought shares. ",
+               "scripture": "and the lord said unto them, go forth. ",
+               "code-python": "def f(x):\n    return x + 1\n"}
+
+
+def fake_stream(tokenizer, domain, split, max_documents=None, seed=0):
+    rng = random.Random(hash((domain, split, seed)) % 1000)
+    text = "".join(DOMAIN_TEXT[domain][rng.randrange(3):] for _ in range(60))
+    return tokenizer(text)["input_ids"]
+
+
+@pytest.fixture
+def synthetic_domains(monkeypatch):
+    monkeypatch.setattr("dynalora.train.library.domain_token_stream", fake_stream)
+    monkeypatch.setattr("dynalora.train.shift.domain_token_stream", fake_stream)
+
+
+def library_config(tmp_path, steps=6):
+    return LibraryConfig(
+        adapters=[AdapterSpec(d, f"{d} text", f"domain:{d}") for d in DOMAIN_TEXT], out_dir=tmp_path / "library",
+        model="tiny:llama", steps=steps, batch_size=2, seq_len=32, lr=1e-2, warmup_steps=1, eval_batches=2,
+        checkpoint_every=2)
+
+
+def test_library_recipe_trains_resumes_and_writes_peft_folders(tmp_path, synthetic_domains, monkeypatch):
+    config = library_config(tmp_path)
+    calls = {"n": 0}
+    real_step = torch.optim.AdamW.step
+
+    def failing_step(self, *args, **kwargs):  # interrupt the first adapter after 3 steps
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", failing_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_library(config)
+    saved = torch.load(config.out_dir / "news.partial" / "trainer.pt", weights_only=True)
+    assert saved["step"] == 2 and len(saved["losses"]) == 2
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    results = train_library(config)  # resumes news at step 2, then trains the rest
+    assert [r["label"] for r in results] == list(DOMAIN_TEXT)
+    news = json.loads((config.out_dir / "news" / library_recipe.METADATA_FILE).read_text())
+    assert news["steps"] == 6 and len(json.loads((config.out_dir / "news" / "losses.json").read_text())) == 6
+    assert (config.out_dir / "news" / "loss.png").stat().st_size > 1000
+    assert not (config.out_dir / "news.partial").exists()
+    for result in results:  # synthetic domains are easy: the adapter must beat the base model
+        assert result["validation_nll_adapter"] < result["validation_nll_base"]
+    # adapters are PEFT folders the bank imports (fp16 on disk)
+    from dynalora.lora import LoraBank, module_shapes_of
+    from dynalora.models import tiny_model
+
+    bank = LoraBank(module_shapes_of(tiny_model("llama")))
+    bank.add_peft(config.out_dir / "news")
+    # a finished library is skipped on the next run
+    assert train_library(config)[0]["train_seconds"] == news["train_seconds"]
+
+
+def test_library_config_errors_name_the_field(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('stepz = 3\n[[adapters]]\nlabel = "a"\ndescription = "x"\nsource = "domain:news"\n')
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['stepz'\]"):
+        LibraryConfig.from_toml(path)
+    path.write_text('held_out_tasks = ["t"]\n[[adapters]]\nlabel = "a"\ndescription = "x"\nsource = "bigbench:t"\n')
+    with pytest.raises(ValueError, match="trains on held-out task 't'"):
+        LibraryConfig.from_toml(path)
+    path.write_text('[[adapters]]\nlabel = "a"\ndescription = "x"\nsource = "wiki:t"\n')
+    with pytest.raises(ValueError, match="use 'domain:NAME' or 'bigbench:TASK'"):
+        LibraryConfig.from_toml(path)
+
+
+def test_shift_recipe_learns_to_pick_the_domain_adapter(tmp_path, synthetic_domains):
+    from dynalora.hyper.shift_net import ShiftNet
+    from dynalora.train.shift import ShiftTrainConfig, train_shift
+
+    config = library_config(tmp_path, steps=8)
+    train_library(config)
+    result = train_shift(ShiftTrainConfig(library_dir=config.out_dir, out_dir=tmp_path / "shift", model="tiny:llama",
+                                          examples_per_domain=16, context_tokens=16, continuation_tokens=16,
+                                          pool_window=8, width=32, steps=40, batch_size=8, lr=1e-2))
+    assert result["final"]["acc"] > 0.8  # three synthetic domains are trivially separable
+    net = ShiftNet.load(tmp_path / "shift")
+    assert net.config.bank_labels == list(DOMAIN_TEXT)
+
+
+def test_trigger_recipe_learns_to_fire_at_domain_changes(tmp_path, synthetic_domains, monkeypatch):
+    from dynalora.runtime.special_tokens import SHIFT_TOKEN, load_trigger_tokens
+    from dynalora.models import load_base_model
+    from dynalora.train.triggers import TriggerTrainConfig, train_triggers
+
+    def fake_streams(config):
+        rng = random.Random(config.seed)
+        streams = []
+        for _ in range(config.streams):
+            order = rng.sample(list(DOMAIN_TEXT), 3)
+            streams.append({"segments": [{"domain": d, "text": DOMAIN_TEXT[d] * 4} for d in order]})
+        return streams
+
+    monkeypatch.setattr("dynalora.train.triggers.build_streams", fake_streams)
+    config = library_config(tmp_path, steps=4)
+    train_library(config)
+    result = train_triggers(TriggerTrainConfig(library_dir=config.out_dir, out_dir=tmp_path / "triggers",
+                                               model="tiny:llama", train_streams=12, validation_streams=6,
+                                               delay=8, steps=300, lr=0.05))
+    scan = {c["threshold"]: c for c in result["threshold_scan"]}
+    assert result["train"]["boundary_recall"] > 0.5  # far above what an untrained row does (it never fires)
+    assert set(scan) and 0 <= result["validation"]["false_per_1k_tokens"]
+    base = load_base_model("tiny:llama")
+    ids = load_trigger_tokens(tmp_path / "triggers" / "trigger_tokens.safetensors", base.model, base.tokenizer)
+    assert ids[SHIFT_TOKEN] == 256 and base.model.get_input_embeddings().weight.shape[0] == 258
