@@ -53,6 +53,16 @@ def force_token(token_id, at_steps: dict[int, list[int]]):
     return process
 
 
+def recording(seen: dict, token_id, at_steps):
+    """``force_token`` that also records the logits it was given at every step."""
+    force = force_token(token_id, at_steps)
+
+    def process(step, logits):
+        seen[step] = logits.clone()
+        return force(step, logits)
+    return process
+
+
 PROMPT = [5, 17, 99, 3, 42, 7]
 
 
@@ -81,12 +91,7 @@ def test_sampled_trigger_is_consumed_and_next_logits_use_the_new_lora():
     engine, ids = make_engine(hyper)
     shift = ids[SHIFT_TOKEN]
     seen_logits = {}
-
-    def process(step, logits):
-        seen_logits[step] = logits.clone()
-        return force_token(shift, {3: [0]})(step, logits)
-
-    result = engine.generate([PROMPT], max_new_tokens=6, logits_processor=process)
+    result = engine.generate([PROMPT], max_new_tokens=6, logits_processor=recording(seen_logits, shift, {3: [0]}))
     assert shift not in result.token_ids[0] and len(result.token_ids[0]) == 5
     assert len(hyper.calls) == 1 and hyper.calls[0].reason == f"token:{SHIFT_TOKEN}"
     assert [e.kind for e in result.lora_events()] == ["shift"]
@@ -106,12 +111,7 @@ def test_recompute_all_equals_a_fresh_forward_under_the_new_lora():
     engine, ids = make_engine(CountingHypernetwork([0.0, 1.0, 0.5]), kv_policy="recompute_all")
     shift = ids[SHIFT_TOKEN]
     seen = {}
-
-    def process(step, logits):
-        seen[step] = logits.clone()
-        return force_token(shift, {2: [0]})(step, logits)
-
-    result = engine.generate([PROMPT], max_new_tokens=5, logits_processor=process)
+    result = engine.generate([PROMPT], max_new_tokens=5, logits_processor=recording(seen, shift, {2: [0]}))
     assert "recomputed" in result.lora_events("shift")[0].detail
     full = PROMPT + result.token_ids[0][:2] + [shift]
     with torch.no_grad():
@@ -120,12 +120,7 @@ def test_recompute_all_equals_a_fresh_forward_under_the_new_lora():
     # with `keep` the same step differs: past positions kept the old LoRA's keys and values
     keep_engine, _ = make_engine(CountingHypernetwork([0.0, 1.0, 0.5]))
     keep_seen = {}
-
-    def keep_process(step, logits):
-        keep_seen[step] = logits.clone()
-        return force_token(shift, {2: [0]})(step, logits)
-
-    keep_engine.generate([PROMPT], max_new_tokens=5, logits_processor=keep_process)
+    keep_engine.generate([PROMPT], max_new_tokens=5, logits_processor=recording(keep_seen, shift, {2: [0]}))
     assert not torch.allclose(keep_seen[3][0], fresh, atol=1e-4)
 
 
@@ -133,12 +128,7 @@ def test_recompute_last_matches_manual_partial_recompute():
     engine, ids = make_engine(CountingHypernetwork([0.0, 0.0, 1.0]), kv_policy="recompute_last", recompute_tokens=3)
     shift = ids[SHIFT_TOKEN]
     seen = {}
-
-    def process(step, logits):
-        seen[step] = logits.clone()
-        return force_token(shift, {2: [0]})(step, logits)
-
-    result = engine.generate([PROMPT], max_new_tokens=4, logits_processor=process)
+    result = engine.generate([PROMPT], max_new_tokens=4, logits_processor=recording(seen, shift, {2: [0]}))
     tokens = PROMPT + result.token_ids[0][:2]
     model, state = engine.model, engine.dyn.state
     state.reset()

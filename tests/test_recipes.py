@@ -122,3 +122,37 @@ def test_trigger_recipe_learns_to_fire_at_domain_changes(tmp_path, synthetic_dom
     base = load_base_model("tiny:llama")
     ids = load_trigger_tokens(tmp_path / "triggers" / "trigger_tokens.safetensors", base.model, base.tokenizer)
     assert ids[SHIFT_TOKEN] == 256 and base.model.get_input_embeddings().weight.shape[0] == 258
+
+
+def test_shift_pipeline_end_to_end_on_a_tiny_model(tmp_path, synthetic_domains, monkeypatch):
+    """library → shift network → trigger row → eval shift (every method scored, JSON written)."""
+    from dynalora.data.streams import write_streams
+    from dynalora.eval.shift import ShiftEvalConfig, eval_shift
+    from dynalora.train.shift import ShiftTrainConfig, train_shift
+    from dynalora.train.triggers import TriggerTrainConfig, train_triggers
+
+    def fake_streams(config):
+        rng = random.Random(config.seed)
+        return [{"segments": [{"domain": d, "text": DOMAIN_TEXT[d] * 4} for d in rng.sample(list(DOMAIN_TEXT), 3)]}
+                for _ in range(config.streams)]
+
+    monkeypatch.setattr("dynalora.train.triggers.build_streams", fake_streams)
+    config = library_config(tmp_path, steps=4)
+    train_library(config)
+    train_shift(ShiftTrainConfig(library_dir=config.out_dir, out_dir=tmp_path / "shift", model="tiny:llama",
+                                 examples_per_domain=8, context_tokens=16, continuation_tokens=16, pool_window=8,
+                                 width=32, steps=5, batch_size=4))
+    train_triggers(TriggerTrainConfig(library_dir=config.out_dir, out_dir=tmp_path / "triggers", model="tiny:llama",
+                                      train_streams=6, validation_streams=3, delay=8, steps=50))
+    streams = fake_streams(type("C", (), {"seed": 5, "streams": 2})())
+    streams[1]["segments"][2]["library"] = False  # one segment counted as an unseen domain
+    data = write_streams(streams, tmp_path / "streams.jsonl")
+    result = eval_shift(ShiftEvalConfig(data=[data], library_dir=config.out_dir, shift_dir=tmp_path / "shift",
+                                        triggers_dir=tmp_path / "triggers", model="tiny:llama", skip=8,
+                                        prototype_texts=2), out=tmp_path / "eval.json")
+    methods = result["methods"]
+    for name in ("base", "uniform_merge", "peft_linear_merge", "router_select", "oracle", "dynalora"):
+        assert methods[name]["tokens"] == methods["base"]["tokens"] > 0, name
+    assert "not run" in methods["xlora"]["note"]
+    assert abs(methods["peft_linear_merge"]["nll"] - methods["uniform_merge"]["nll"]) > 0  # not the same math
+    assert result["segments"] == 6 and "unseen_domains" in result and json.loads((tmp_path / "eval.json").read_text())

@@ -18,7 +18,8 @@ def add_eval_commands(commands) -> None:
     evaluate = commands.add_parser("eval", help="quality evaluations against baselines (JSON + table)")
     sub = evaluate.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
     p = sub.add_parser("shift", help="per-segment NLL through mixed-domain streams: dynalora vs merges, router, oracle")
-    p.add_argument("--data", type=Path, required=True, help="streams JSONL (make one with `dynalora data streams`)")
+    p.add_argument("--data", type=Path, nargs="+", required=True,
+                   help="streams JSONL file(s) (make them with `dynalora data streams`)")
     p.add_argument("--out", type=Path, default=Path("results/eval_shift.json"))
     p.add_argument("--library", type=Path, default=Path("checkpoints/library"))
     p.add_argument("--shift", type=Path, default=Path("checkpoints/shift"))

@@ -30,7 +30,8 @@ from dynalora.train.triggers import simulate_policy, tokenize_stream, trigger_me
 
 @dataclass
 class ShiftEvalConfig:
-    data: Path
+    data: Path | list[Path]
+    """One or more streams JSONL files."""
     library_dir: Path = Path("checkpoints/library")
     shift_dir: Path = Path("checkpoints/shift")
     triggers_dir: Path = Path("checkpoints/triggers")
@@ -86,7 +87,8 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
     from dynalora.train.data import domain_token_stream, source_kind, task_pairs
 
     torch.set_num_threads(config.threads)
-    streams = read_streams(config.data)[:config.max_streams]
+    paths = config.data if isinstance(config.data, list) else [config.data]
+    streams = [s for path in paths for s in read_streams(path)][:config.max_streams]
     peft_model = None
 
     system_labels = json.loads((config.library_dir / "library.json").read_text())["adapters"]
@@ -202,7 +204,7 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
     result = {"methods": methods, "unseen_domains": summary(unseen_totals),
               "per_domain": {d: summary(v) for d, v in per_domain.items()}, "triggers": triggers,
               "segments": sum(len(s) for s in starts_all), "tokens": sum(lengths), "streams": len(streams),
-              "data": str(config.data), "skip": config.skip, "router_setup_seconds": round(router_seconds, 1),
+              "data": [str(p) for p in paths], "skip": config.skip, "router_setup_seconds": round(router_seconds, 1),
               "router_choices": {label: router_choices.count(label) for label in labels}}
     if "dynalora" in methods and "oracle" in methods:
         d = methods["dynalora"]["nll"]

@@ -205,7 +205,7 @@ def train_triggers(config: TriggerTrainConfig) -> dict:
 
     validation_probs = probs_of(validation)
     candidates = []
-    for threshold in [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]:
+    for threshold in [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99]:
         fired = [simulate_policy(p, threshold, config.min_gap) for p in validation_probs]
         candidates.append({"threshold": threshold, **trigger_metrics(fired, validation[3], validation[4], config.window)})
     allowed = [c for c in candidates if c["false_per_1k_tokens"] <= config.max_false_per_1k] or \
