@@ -219,3 +219,14 @@ def test_features_come_from_the_normal_forward_without_an_extra_pass():
     handle.remove()
     assert len(calls) == 8  # one prefill + 7 decode steps; triggers added none
     assert len(hyper.calls) == 2 and hyper.calls[0].pooled_hidden.shape == (64,)
+
+
+def test_update_delay_applies_the_update_later_with_fresh_features():
+    hyper = CountingHypernetwork([0.5, 0.5, 0.0])
+    engine, ids = make_engine(hyper, update_delay=3)
+    result = engine.generate([PROMPT], max_new_tokens=10, logits_processor=force_token(ids[SHIFT_TOKEN], {2: [0]}))
+    shifts = result.lora_events("shift")
+    assert len(hyper.calls) == 1 and len(shifts) == 1
+    trigger_position = len(PROMPT) + 2
+    assert shifts[0].position == trigger_position + 3 and "(+3 tokens)" in shifts[0].reason
+    assert hyper.calls[0].position == trigger_position + 3

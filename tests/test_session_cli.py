@@ -74,3 +74,14 @@ def test_cli_adapters_import_list_export_info(tmp_path, capsys, monkeypatch):
     assert main(["adapters", "export", "--bank", str(bank), "--blend", "nope=1", "--out", str(out),
                  "--model", "tiny:llama"]) == 2
     assert "unknown adapter 'nope'" in capsys.readouterr().err
+
+
+def test_chat_cli_commands(tmp_path, capsys, monkeypatch):
+    lines = iter(["/state", "hello", "/save " + str(tmp_path / "s"), "/reset", "/load " + str(tmp_path / "s"),
+                  "/load " + str(tmp_path / "missing"), "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", "--model", "tiny:llama", "--max-tokens", "4", "--hyper", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "(the bank is empty)" in out and "[saved to" in out and "[state and transcript reset]" in out
+    assert "[loaded 2 messages]" in out and "error:" in out and "transcript.json: missing" in out
+    assert json.loads((tmp_path / "s" / "transcript.json").read_text())["messages"][0]["content"] == "hello"

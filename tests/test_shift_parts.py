@@ -32,7 +32,10 @@ def test_shift_net_shapes_and_a_fresh_net_generates_nothing():
     assert torch.allclose(out["blend"].sum(-1) + out["base_weight"], torch.ones(5))
     a, b = out["factors"]["model.layers.1.self_attn.v_proj"]
     assert a.shape == (5, 2, 64) and b.shape == (5, 32, 2)
-    assert all(not a.any() and not b.any() for a, b in out["factors"].values())  # zero-initialised output layer
+    assert all(a.any() and not b.any() for a, b in out["factors"].values())  # as LoRA: A random, B zero
+    for a, b in out["factors"].values():
+        torch.einsum("nor,nri->noi", b, a).sum().backward(retain_graph=True)
+    assert all(layer.bias.grad.abs().sum() > 0 for layer in net.factor_out.values())  # B can learn
 
 
 def test_shift_net_round_trips_through_files(tmp_path):

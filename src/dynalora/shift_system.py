@@ -22,6 +22,8 @@ class ShiftSystem:
     shift_id: int
     vocab_size: int
     """The base vocabulary (trigger tokens excluded)."""
+    update_delay: int = 12
+    """Tokens between a trigger and its update (features then cover the new text; see EngineConfig)."""
 
     @torch.no_grad()
     def run_stream(self, tokens: list[int], min_gap: int = 32, record_blends: bool = False):
@@ -29,7 +31,8 @@ class ShiftSystem:
         from dynalora.eval.shift import run_dynalora
 
         return run_dynalora(self.dyn, self.capture, self.hyper, tokens, self.threshold, min_gap, self.shift_id,
-                            self.vocab_size, self.net.config.pool_window, record_blends=record_blends)
+                            self.vocab_size, self.net.config.pool_window, record_blends=record_blends,
+                            defer=self.update_delay)
 
 
 def load_shift_system(library_dir: Path, shift_dir: Path, triggers_dir: Path, model: str | None = None,

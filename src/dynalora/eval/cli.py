@@ -9,7 +9,8 @@ def cmd_shift(args) -> int:
     from dynalora.eval.shift import ShiftEvalConfig, eval_shift
 
     eval_shift(ShiftEvalConfig(data=args.data, library_dir=args.library, shift_dir=args.shift,
-                               triggers_dir=args.triggers, model=args.model, max_streams=args.max_streams),
+                               triggers_dir=args.triggers, model=args.model, max_streams=args.max_streams,
+                               update_delay=args.update_delay),
                out=args.out)
     return 0
 
@@ -26,4 +27,5 @@ def add_eval_commands(commands) -> None:
     p.add_argument("--triggers", type=Path, default=Path("checkpoints/triggers"))
     p.add_argument("--model", default=None)
     p.add_argument("--max-streams", type=int, default=None)
+    p.add_argument("--update-delay", type=int, default=12, help="tokens between a trigger and its update")
     p.set_defaults(handler=cmd_shift)

@@ -40,6 +40,8 @@ class ShiftEvalConfig:
     max_streams: int | None = None
     min_gap: int = 32
     prototype_texts: int = 24
+    update_delay: int = 12
+    """Tokens between a trigger and its update (0: update at the trigger)."""
     threads: int = 2
 
 
@@ -110,6 +112,7 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
     system = load_shift_system(config.library_dir, config.shift_dir, config.triggers_dir, config.model)
     dyn, capture, _net, _hyper = system.dyn, system.capture, system.net, system.hyper
     threshold = system.threshold
+    system.update_delay = config.update_delay
     base, _bank, adapters, vocab_size = system.base, system.bank, system.adapters, system.vocab_size
     scorer = _Scorer(dyn, vocab_size)
 
@@ -200,6 +203,7 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
                                 "left for a later session"}
     triggers = trigger_metrics(fired_all, starts_all, lengths, config.skip)
     triggers["threshold"] = threshold
+    triggers["update_delay"] = config.update_delay
     triggers["median_shift_ms"] = 1e3 * sorted(shift_seconds)[len(shift_seconds) // 2] if shift_seconds else None
     result = {"methods": methods, "unseen_domains": summary(unseen_totals),
               "per_domain": {d: summary(v) for d, v in per_domain.items()}, "triggers": triggers,
@@ -222,12 +226,15 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
 
 @torch.no_grad()
 def run_dynalora(dyn, capture, hyper, tokens, threshold, min_gap, shift_id, vocab_size, pool_window,
-                 record_blends: bool = False):
+                 record_blends: bool = False, defer: int = 0):
     """Teacher-forced pass where the learned trigger fires the hypernetwork mid-stream (keep policy).
 
-    Returns per-token NLL ``(L-1,)``, the trigger positions and the seconds each update took; with
-    ``record_blends`` also the blend in force at every position (``L`` lists of K weights)."""
+    ``defer`` > 0 applies each update that many tokens after the trigger, with features pooled over
+    the window ending there (a trigger fires a few tokens into a new segment; pooling right away mixes
+    in the old segment's text). Returns per-token NLL ``(L-1,)``, the trigger positions and the seconds
+    each update took; with ``record_blends`` also the blend in force at every position."""
     from dynalora.hyper.protocol import TriggerFeatures
+    from dynalora.runtime.guard import GuardConfig, check_update
 
     dyn.state.reset(0)
     cache = DynamicCache(config=dyn.model.config)
@@ -241,19 +248,21 @@ def run_dynalora(dyn, capture, hyper, tokens, threshold, min_gap, shift_id, voca
             log_probs.append(torch.log_softmax(logits[:, :vocab_size], -1))
             blends.extend([dyn.state.blend_weights[0].tolist()] * logits.shape[0])
             break
-        t = candidates[0]
+        trigger = candidates[0]
+        t = min(trigger + defer, logits.shape[0] - 1)  # the update lands here
         blends.extend([dyn.state.blend_weights[0].tolist()] * (t + 1))
         log_probs.append(torch.log_softmax(logits[:t + 1, :vocab_size], -1))
-        cache.crop(-(len(tokens) - position - t - 1))  # keep positions up to the trigger
-        hidden = capture.recent[0, :t + 1]  # feature-layer states of this chunk up to the trigger
+        cache.crop(-(len(tokens) - position - t - 1))  # keep positions up to the update point
+        hidden = capture.recent[0, :t + 1]  # feature-layer states of this chunk up to the update point
         started = time.perf_counter()
         window = hidden[-pool_window:]
         features = TriggerFeatures(0, position + t, "p(<|shift|>)", window[-1], window.mean(0))
         update = hyper(features, dyn.state)
-        dyn.state.update(0, blend=update.blend, generated=update.generated)
+        if check_update(GuardConfig(), dyn.state, 0, update.blend, update.generated, update.memory) is None:
+            dyn.state.update(0, blend=update.blend, generated=update.generated)  # as the engine's guard allows
         seconds.append(time.perf_counter() - started)
-        fired.append(position + t)
-        last_fired = position + t
+        fired.append(position + trigger)
+        last_fired = position + trigger
         position += t + 1
     log_probs = torch.cat(log_probs)[:-1]
     nll = -log_probs.gather(1, torch.tensor(tokens[1:])[:, None])[:, 0]

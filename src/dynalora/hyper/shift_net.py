@@ -73,9 +73,13 @@ class ShiftNet(nn.Module):
                   for kind in self.kinds}
         rank = config.generated_rank
         self.factor_out = nn.ModuleDict({kind: nn.Linear(width, rank * (i + o)) for kind, (i, o) in shapes.items()})
-        for layer in self.factor_out.values():
+        for kind, layer in self.factor_out.items():
+            # As LoRA: A starts random (here through the bias), B at zero, so ΔW = BA starts at zero but
+            # B still gets a gradient (with both at zero the product's gradient vanishes for good).
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+            in_features = shapes[kind][0]
+            nn.init.normal_(layer.bias[:rank * in_features], std=in_features ** -0.5)
         with torch.no_grad():
             self.gate_head.bias.fill_(2.0)  # start by following the proposal
 

@@ -40,6 +40,9 @@ class EngineConfig:
     """Decoder layer whose hidden states feed the hypernetwork (default: the middle one)."""
     pool_window: int = 32
     """Recent positions averaged into the pooled feature."""
+    update_delay: int = 0
+    """Apply a fired update this many tokens later, with the features of that moment: a trigger fires a
+    few tokens into new text, when the pooled window still holds mostly the old text."""
     guard: GuardConfig = field(default_factory=GuardConfig)
 
     def __post_init__(self):
@@ -47,6 +50,8 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.kv_policy={self.kv_policy!r}: choose one of {KV_POLICIES}")
         if self.recompute_tokens < 1 or self.pool_window < 1:
             raise ValueError("EngineConfig.recompute_tokens and pool_window must be ≥ 1")
+        if self.update_delay < 0:
+            raise ValueError(f"EngineConfig.update_delay must be ≥ 0, got {self.update_delay}")
 
 
 class _Batch:
@@ -251,6 +256,7 @@ class Engine:
         visible: list[list[int]] = [[] for _ in range(count)]
         shown_text = [""] * count
         finished = [False] * count
+        pending: dict[int, list] = {}  # row -> [tokens left, reason] of a delayed update
         for step in range(max_new_tokens):
             if logits_processor is not None:
                 logits = logits_processor(step, logits)
@@ -281,8 +287,15 @@ class Engine:
                     held_back = f"token:{trigger_names[token]} (no policy fires on it)"
                 if held_back:
                     yield LoraEvent("suppressed", b, position, held_back, 0.0, None, None)
-                if reason:
+                if reason and self.config.update_delay:
+                    pending[b] = [self.config.update_delay, reason]
+                elif reason:
                     yield self._apply(b, position, reason, batch, cache)
+                elif b in pending:
+                    pending[b][0] -= 1
+                    if pending[b][0] <= 0:
+                        delayed = pending.pop(b)[1]
+                        yield self._apply(b, position, f"{delayed} (+{self.config.update_delay} tokens)", batch, cache)
                 stop = self._stop_reason(token, shown_text[b], stop_strings)
                 if stop or step == max_new_tokens - 1 or self.interrupted:
                     finished[b] = True
