@@ -9,8 +9,8 @@ from transformers import DynamicCache
 from dynalora.hyper import FixedSchedule, LoraUpdate, NearestPrototype
 from dynalora.lora import DynamicLoraModel, InjectConfig, LoraBank, StateConfig, module_shapes_of
 from dynalora.models import tiny_model
-from dynalora.runtime import (SHIFT_TOKEN, Engine, EngineConfig, EveryN, SamplingConfig, SpecialToken,
-                              TriggerConfig, add_trigger_tokens)
+from dynalora.runtime import (SHIFT_TOKEN, Engine, EngineConfig, EveryN, GuardConfig, SamplingConfig,
+                              SpecialToken, TriggerConfig, add_trigger_tokens)
 
 
 def random_bank(model, count=3, rank=4, seed=0):
@@ -190,7 +190,13 @@ def test_guard_refuses_oversized_steps_and_raising_hypernetworks():
     engine, _ = make_engine(FixedSchedule([[10.0, 0.0, 0.0]]), policies=[EveryN(2)])
     result = engine.generate([PROMPT], max_new_tokens=4)
     assert {e.kind for e in result.lora_events()} == {"rejected"}
-    assert "max_blend_mass" in result.lora_events()[0].detail
+    assert "max_blend_step" in result.lora_events()[0].detail
+    engine.config = EngineConfig(guard=GuardConfig(max_blend_step=100.0))
+    assert "max_blend_mass" in engine.generate([PROMPT], max_new_tokens=4).lora_events()[0].detail
+    model_dim = 64
+    huge = {engine.dyn.state.modules[0]: (torch.full((2, model_dim), 3.0), torch.full((model_dim, 2), 3.0))}
+    engine.hypernetwork = lambda features, state: LoraUpdate(generated=huge)
+    assert "max_module_delta" in engine.generate([PROMPT], max_new_tokens=4).lora_events()[0].detail
 
     def broken(features, state):
         raise RuntimeError("boom")
@@ -230,3 +236,21 @@ def test_update_delay_applies_the_update_later_with_fresh_features():
     trigger_position = len(PROMPT) + 2
     assert shifts[0].position == trigger_position + 3 and "(+3 tokens)" in shifts[0].reason
     assert hyper.calls[0].position == trigger_position + 3
+
+
+def test_lowrank_norm_is_exact():
+    from dynalora.runtime.guard import lowrank_norm
+
+    a, b = torch.randn(3, 20), torch.randn(30, 3)
+    assert abs(lowrank_norm(a, b) - float((b @ a).norm())) < 1e-4
+
+
+def test_masked_trigger_tokens_are_never_sampled_but_still_observed():
+    hyper = CountingHypernetwork([0.3, 0.3, 0.3])
+    engine, ids = make_engine(hyper, policies=[], sample_triggers=False)
+    from dynalora.runtime import TokenProbability
+
+    engine.triggers = TriggerConfig([TokenProbability(ids[SHIFT_TOKEN], 0.5)], min_gap=100)
+    result = engine.generate([PROMPT], max_new_tokens=6, logits_processor=force_token(ids[SHIFT_TOKEN], {2: [0]}))
+    assert len(result.token_ids[0]) == 6 and ids[SHIFT_TOKEN] not in result.token_ids[0]
+    assert len(hyper.calls) == 1  # p(<|shift|>) passed the threshold at step 2 although it was not sampled

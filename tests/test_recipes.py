@@ -115,9 +115,10 @@ def test_trigger_recipe_learns_to_fire_at_domain_changes(tmp_path, synthetic_dom
     train_library(config)
     result = train_triggers(TriggerTrainConfig(library_dir=config.out_dir, out_dir=tmp_path / "triggers",
                                                model="tiny:llama", train_streams=12, validation_streams=6,
-                                               delay=8, steps=300, lr=0.05))
+                                               delay=8, steps=300, lr=0.05, max_false_per_1k=1000.0))
     scan = {c["threshold"]: c for c in result["threshold_scan"]}
     assert result["train"]["boundary_recall"] > 0.5  # far above what an untrained row does (it never fires)
+    assert result["final_loss"] < 0.7 * result["initial_loss"]  # the row learned, not just a low threshold
     assert set(scan) and 0 <= result["validation"]["false_per_1k_tokens"]
     base = load_base_model("tiny:llama")
     ids = load_trigger_tokens(tmp_path / "triggers" / "trigger_tokens.safetensors", base.model, base.tokenizer)

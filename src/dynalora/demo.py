@@ -49,11 +49,12 @@ def run_demo(config: DemoConfig) -> dict:
             preview = base.tokenizer.decode(tokens[position:position + 18]).replace("\n", " ")
             print(f"\n{BOLD}token {position:>4}: the text becomes {domain}{RESET}  “{preview}…”")
         else:
-            blend = blends[position + 1] if position + 1 < len(blends) else blends[-1]
+            landed = min(position + system.update_delay + 1, len(blends) - 1)  # the update lands after the delay
+            blend = blends[landed]
             top = sorted(zip(bank.labels, blend), key=lambda x: -x[1])[:3]
             ms = seconds[fired.index(position)] * 1e3
-            print(f"{DIM}  token {position:>4}: <|shift|> fired → " + ", ".join(f"{l} {w:.2f}" for l, w in top)
-                  + f"  ({ms:.1f} ms){RESET}")
+            print(f"{DIM}  token {position:>4}: <|shift|> fired; from token {landed}: "
+                  + ", ".join(f"{label} {w:.2f}" for label, w in top) + f"  ({ms:.1f} ms){RESET}")
     result = {"tokens": len(tokens), "segments": domains, "segment_starts": starts, "shifts": fired}
     if config.plot is not None:
         plot_blend_timeline(blends, bank.labels, starts, domains, fired, config.plot)
@@ -63,7 +64,7 @@ def run_demo(config: DemoConfig) -> dict:
     dyn.state.reset()
     engine = Engine(dyn, base.tokenizer, system.hyper,
                     TriggerConfig([TokenProbability(system.shift_id, threshold, SHIFT_TOKEN)], min_gap=32),
-                    EngineConfig(update_delay=system.update_delay))
+                    EngineConfig(update_delay=system.update_delay, sample_triggers=False))
     for prompt in ["Write a short Python function that reverses a string.", "Speak as Hamlet about the sea."]:
         print(f"{BOLD}> {prompt}{RESET}")
         for event in engine.stream([prompt], chat=True, max_new_tokens=48):

@@ -10,7 +10,7 @@ def cmd_shift(args) -> int:
 
     eval_shift(ShiftEvalConfig(data=args.data, library_dir=args.library, shift_dir=args.shift,
                                triggers_dir=args.triggers, model=args.model, max_streams=args.max_streams,
-                               update_delay=args.update_delay),
+                               update_delay=args.update_delay, use_factors=args.with_factors),
                out=args.out)
     return 0
 
@@ -28,4 +28,5 @@ def add_eval_commands(commands) -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--max-streams", type=int, default=None)
     p.add_argument("--update-delay", type=int, default=12, help="tokens between a trigger and its update")
+    p.add_argument("--with-factors", action="store_true", help="also apply the shift network's generated factors")
     p.set_defaults(handler=cmd_shift)

@@ -42,6 +42,8 @@ class ShiftEvalConfig:
     prototype_texts: int = 24
     update_delay: int = 12
     """Tokens between a trigger and its update (0: update at the trigger)."""
+    use_factors: bool = False
+    """Apply the shift network's generated factors too (off: they raised validation NLL)."""
     threads: int = 2
 
 
@@ -109,7 +111,8 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
         peft_note = f"not run: {type(error).__name__}: {error}"
         peft_model = None
 
-    system = load_shift_system(config.library_dir, config.shift_dir, config.triggers_dir, config.model)
+    system = load_shift_system(config.library_dir, config.shift_dir, config.triggers_dir, config.model,
+                               use_factors=config.use_factors)
     dyn, capture, _net, _hyper = system.dyn, system.capture, system.net, system.hyper
     threshold = system.threshold
     system.update_delay = config.update_delay
@@ -204,6 +207,7 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
     triggers = trigger_metrics(fired_all, starts_all, lengths, config.skip)
     triggers["threshold"] = threshold
     triggers["update_delay"] = config.update_delay
+    triggers["generated_factors"] = config.use_factors
     triggers["median_shift_ms"] = 1e3 * sorted(shift_seconds)[len(shift_seconds) // 2] if shift_seconds else None
     result = {"methods": methods, "unseen_domains": summary(unseen_totals),
               "per_domain": {d: summary(v) for d, v in per_domain.items()}, "triggers": triggers,

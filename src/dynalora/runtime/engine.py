@@ -40,6 +40,9 @@ class EngineConfig:
     """Decoder layer whose hidden states feed the hypernetwork (default: the middle one)."""
     pool_window: int = 32
     """Recent positions averaged into the pooled feature."""
+    sample_triggers: bool = True
+    """Let trigger tokens be sampled (then consumed). False masks them out of sampling: for triggers
+    read from p(token) by a ``TokenProbability`` policy, which still sees the unmasked probability."""
     update_delay: int = 0
     """Apply a fired update this many tokens later, with the features of that moment: a trigger fires a
     few tokens into new text, when the pooled window still holds mostly the old text."""
@@ -260,8 +263,11 @@ class Engine:
         for step in range(max_new_tokens):
             if logits_processor is not None:
                 logits = logits_processor(step, logits)
+            log_probs = torch.log_softmax(logits, dim=-1)  # (B, V), trigger tokens included
+            if not self.config.sample_triggers and trigger_ids:
+                logits = logits.clone()
+                logits[:, list(trigger_ids)] = float("-inf")
             next_tokens = choose_next(logits, seen, sampling, generator)  # (B,)
-            log_probs = torch.log_softmax(logits, dim=-1)  # (B, V)
             pad = self._pad_id()
             for b in range(count):
                 if finished[b]:

@@ -219,7 +219,7 @@ def train_triggers(config: TriggerTrainConfig) -> dict:
                 "threshold": best["threshold"], "validation": best, "threshold_scan": candidates,
                 "train": trigger_metrics(train_fired, train[3], train[4], config.window),
                 "trained_parameters": int(row.numel()), "seconds": round(time.perf_counter() - started, 1),
-                "feature_seconds": round(feature_seconds, 1), "final_loss": losses[-1]}
+                "feature_seconds": round(feature_seconds, 1), "initial_loss": losses[0], "final_loss": losses[-1]}
     (config.out_dir / "triggers.json").write_text(json.dumps(metadata, indent=2))
     dyn.detach()
     return metadata
