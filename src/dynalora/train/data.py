@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -15,6 +16,11 @@ class TokenBatch:
     input_ids: torch.Tensor  # (B, T)
     attention_mask: torch.Tensor  # (B, T)
     labels: torch.Tensor  # (B, T), IGNORE where no loss
+
+
+def config_record(config) -> dict:
+    """A recipe config dataclass as JSON-ready values (paths as strings), for checkpoint metadata."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
 
 
 def source_kind(source: str) -> tuple[str, str]:

@@ -14,14 +14,14 @@ import math
 import shutil
 import time
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from dynalora.train.data import (TokenBatch, batch_nll, domain_token_stream, pair_batches, source_kind, task_pairs,
-                                 window_batches)
+from dynalora.train.data import (TokenBatch, batch_nll, config_record, domain_token_stream, pair_batches, source_kind,
+                                 task_pairs, window_batches)
 
 METADATA_FILE = "dynalora_adapter.json"
 
@@ -233,6 +233,6 @@ def train_library(config: LibraryConfig, base=None) -> list[dict]:
         print(f"{spec.label}: validation NLL {r['validation_nll_base']:.3f} → {r['validation_nll_adapter']:.3f} "
               f"in {r['train_seconds']:.0f}s")
     (config.out_dir / "library.json").write_text(json.dumps(
-        {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+        {"config": config_record(config),
          "adapters": results}, indent=2))
     return results

@@ -16,13 +16,13 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from dynalora.train.data import domain_token_stream, source_kind
+from dynalora.train.data import config_record, domain_token_stream, source_kind
 
 
 @dataclass
@@ -173,7 +173,7 @@ def train_shift(config: ShiftTrainConfig) -> dict:
     config.out_dir.mkdir(parents=True, exist_ok=True)
     net.save(config.out_dir)
     plot_losses([h["lm"] for h in history], config.out_dir / "loss.png", "shift hypernetwork: continuation NLL")
-    metadata = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+    metadata = {"config": config_record(config),
                 "train_seconds": round(seconds, 1), "feature_seconds": round(feature_seconds, 1),
                 "examples": count, "parameters": sum(p.numel() for p in net.parameters()),
                 "final": {k: sum(h[k] for h in history[-20:]) / min(20, len(history)) for k in history[-1]},

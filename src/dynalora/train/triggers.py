@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from dynalora.train.data import config_record
 from transformers import DynamicCache
 
 from dynalora.data.streams import StreamConfig, build_streams
@@ -215,7 +217,7 @@ def train_triggers(config: TriggerTrainConfig) -> dict:
     config.out_dir.mkdir(parents=True, exist_ok=True)
     save_trigger_tokens(config.out_dir / "trigger_tokens.safetensors", base.model, token_ids)
     plot_losses(losses, config.out_dir / "loss.png", "<|shift|> row: weighted logistic loss")
-    metadata = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+    metadata = {"config": config_record(config),
                 "threshold": best["threshold"], "validation": best, "threshold_scan": candidates,
                 "train": trigger_metrics(train_fired, train[3], train[4], config.window),
                 "trained_parameters": int(row.numel()), "seconds": round(time.perf_counter() - started, 1),
