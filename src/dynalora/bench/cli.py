@@ -22,6 +22,13 @@ def cmd_engine(args) -> int:
     return 0
 
 
+def cmd_layer(args) -> int:
+    from dynalora.bench.layer import LayerBenchConfig, run_layer_bench
+
+    run_layer_bench(LayerBenchConfig(), out=args.out)
+    return 0
+
+
 def add_bench_commands(commands) -> None:
     bench = commands.add_parser("bench", help="speed benchmarks (write JSON, print a table)")
     sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
@@ -40,3 +47,7 @@ def add_bench_commands(commands) -> None:
     p.add_argument("--tokens", type=int, default=128, help="new tokens per decode run")
     p.add_argument("--context", type=int, default=512, help="context length for trigger / KV-policy costs")
     p.set_defaults(handler=cmd_engine)
+
+    p = sub.add_parser("layer", help="one layer in isolation: base matmul vs the exact 8-way blend, batch 1 and 8")
+    p.add_argument("--out", type=Path, default=Path("results/bench_layer.json"), help="JSON result file")
+    p.set_defaults(handler=cmd_layer)

@@ -1,0 +1,60 @@
+"""``dynalora bench layer``: one injected layer in isolation — base matmul vs the exact K-way blend.
+
+Explains where decode time goes: at batch 1 the base layer is memory-bound and the rank-(K·r) blend is
+cheap; at larger batches the base matmul becomes efficient while the small LoRA matmuls do not.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from dynalora.bench.common import machine, stats, write_result
+
+
+@dataclass
+class LayerBenchConfig:
+    in_features: int = 576
+    out_features: int = 576
+    adapters: int = 8
+    rank: int = 8
+    batches: tuple[int, ...] = (1, 8)
+    calls: int = 2000
+    repeats: int = 5
+    threads: int = 2
+
+
+def _per_call(fn, calls: int) -> float:
+    for _ in range(50):
+        fn()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
+
+
+def run_layer_bench(config: LayerBenchConfig, out: Path | None = None) -> dict:
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(0)
+    width = config.adapters * config.rank
+    base = torch.nn.Linear(config.in_features, config.out_features, bias=False)
+    a_t = torch.randn(config.in_features, width)  # (in, K*r)
+    b_t = torch.randn(width, config.out_features)  # (K*r, out)
+    methods, ratios = {}, {}
+    for batch in config.batches:
+        x = torch.randn(batch, 1, config.in_features)  # (B, T=1, in): one decode step
+        rank_weights = torch.randn(batch, width)  # (B, K*r)
+        with torch.no_grad():
+            runs = {"base": lambda: base(x), "blend": lambda: ((x @ a_t) * rank_weights[:, None, :]) @ b_t}
+            for name, fn in runs.items():
+                methods[f"b{batch}_{name}"] = stats([_per_call(fn, config.calls) for _ in range(config.repeats)], "s")
+        ratios[f"b{batch}_blend_over_base"] = methods[f"b{batch}_blend"]["median"] / methods[f"b{batch}_base"]["median"]
+    ratios["blend_flops_over_base"] = 2 * width / config.out_features if config.out_features == config.in_features \
+        else width * (config.in_features + config.out_features) / (config.in_features * config.out_features)
+    result = {"benchmark": "layer", "config": asdict(config), "machine": machine(), "methods": methods,
+              "ratios": ratios, "targets": {}}
+    write_result(result, out)
+    return result
