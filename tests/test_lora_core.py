@@ -192,3 +192,17 @@ def test_functional_mode_equals_the_buffers_and_passes_gradients(adapter_dirs, f
     out.sum().backward()
     assert blend_param.grad is not None and blend_param.grad.abs().sum() > 0
     assert torch.equal(logits(dyn, batch), logits(tiny_model(family), batch))  # buffers untouched: zero state
+
+
+def test_factor_activity_is_tracked_per_row(adapter_dirs, family):
+    dyn = attach_bank(family, adapter_dirs, max_batch=3)
+    module = dyn.target_modules[0]
+    slot = dyn.state.slots[module]
+    factors = random_factors(dyn, 2, 0)
+    dyn.state.update(1, generated=factors)
+    dyn.state.update(2, memory=factors)
+    assert slot.active_rows == {1, 2}
+    dyn.state.update(1, generated={})  # clearing row 1 leaves row 2 active
+    assert slot.active_rows == {2} and slot.rows_active
+    dyn.state.reset(2)
+    assert not slot.rows_active

@@ -157,3 +157,8 @@ def test_shift_pipeline_end_to_end_on_a_tiny_model(tmp_path, synthetic_domains, 
     assert "not run" in methods["xlora"]["note"]
     assert abs(methods["peft_linear_merge"]["nll"] - methods["uniform_merge"]["nll"]) > 0  # not the same math
     assert result["segments"] == 6 and "unseen_domains" in result and json.loads((tmp_path / "eval.json").read_text())
+    only = eval_shift(ShiftEvalConfig(data=[data], library_dir=config.out_dir, shift_dir=tmp_path / "shift",
+                                      triggers_dir=tmp_path / "triggers", model="tiny:llama", skip=8,
+                                      methods=["dynalora"]))
+    assert list(only["methods"]) == ["dynalora"]
+    assert only["methods"]["dynalora"]["nll"] == methods["dynalora"]["nll"]  # same pass, same numbers

@@ -46,7 +46,7 @@ def load_shift_system(library_dir: Path, shift_dir: Path, triggers_dir: Path, mo
     from dynalora.models import load_base_model
     from dynalora.runtime.features import HiddenCapture
     from dynalora.runtime.special_tokens import SHIFT_TOKEN, load_trigger_tokens
-    from dynalora.train.shift import load_library_bank
+    from dynalora.train.library import load_library_bank
 
     for folder, command in ((library_dir, "train library"), (shift_dir, "train shift"), (triggers_dir, "train triggers")):
         if not Path(folder).is_dir():

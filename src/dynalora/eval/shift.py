@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,6 +26,9 @@ from transformers import DynamicCache
 
 from dynalora.data.streams import read_streams
 from dynalora.train.triggers import simulate_policy, tokenize_stream, trigger_metrics
+
+
+METHODS = ("base", "uniform_merge", "peft_linear_merge", "router_select", "oracle", "dynalora", "xlora")
 
 
 @dataclass
@@ -40,6 +43,8 @@ class ShiftEvalConfig:
     max_streams: int | None = None
     min_gap: int = 32
     prototype_texts: int = 24
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    """Methods to run (e.g. only ``["dynalora"]`` to compare its settings on validation streams)."""
     update_delay: int = 12
     """Tokens between a trigger and its update (0: update at the trigger)."""
     use_factors: bool = False
@@ -93,36 +98,37 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
     torch.set_num_threads(config.threads)
     paths = config.data if isinstance(config.data, list) else [config.data]
     streams = [s for path in paths for s in read_streams(path)][:config.max_streams]
-    peft_model = None
-
-    system_labels = json.loads((config.library_dir / "library.json").read_text())["adapters"]
-    labels = [meta["label"] for meta in system_labels]
-    # PEFT's linear merge, as users merge today (a second copy of the base model)
-    peft_note = None
-    try:
-        peft_model = PeftModel.from_pretrained(load_base_model(config.model).model, str(config.library_dir / labels[0]),
-                                               adapter_name=labels[0])
-        for label in labels[1:]:
-            peft_model.load_adapter(str(config.library_dir / label), adapter_name=label)
-        peft_model.add_weighted_adapter(labels, [1.0 / len(labels)] * len(labels), "uniform", combination_type="linear")
-        peft_model.set_adapter("uniform")
-        peft_model.eval()
-    except Exception as error:  # report, don't hide
-        peft_note = f"not run: {type(error).__name__}: {error}"
-        peft_model = None
-
+    unknown = sorted(set(config.methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
+    run = set(config.methods)
     system = load_shift_system(config.library_dir, config.shift_dir, config.triggers_dir, config.model,
                                use_factors=config.use_factors)
-    dyn, capture, _net, _hyper = system.dyn, system.capture, system.net, system.hyper
-    threshold = system.threshold
     system.update_delay = config.update_delay
-    base, _bank, adapters, vocab_size = system.base, system.bank, system.adapters, system.vocab_size
+    dyn, capture, base, adapters = system.dyn, system.capture, system.base, system.adapters
+    labels, vocab_size = system.bank.labels, system.vocab_size
     scorer = _Scorer(dyn, vocab_size)
+
+    # PEFT's linear merge, as users merge today (a second copy of the base model)
+    peft_model, peft_note = None, None
+    if "peft_linear_merge" in run:
+        try:
+            peft_model = PeftModel.from_pretrained(load_base_model(config.model).model,
+                                                   str(config.library_dir / labels[0]), adapter_name=labels[0])
+            for label in labels[1:]:
+                peft_model.load_adapter(str(config.library_dir / label), adapter_name=label)
+            peft_model.add_weighted_adapter(labels, [1.0 / len(labels)] * len(labels), "uniform",
+                                            combination_type="linear")
+            peft_model.set_adapter("uniform")
+            peft_model.eval()
+        except Exception as error:  # report, don't hide
+            peft_note = f"not run: {type(error).__name__}: {error}"
+            peft_model = None
 
     # router prototypes: pooled hidden states of each adapter's own training text (train split)
     started = time.perf_counter()
     prototypes = []
-    for meta in adapters:
+    for meta in adapters if "router_select" in run else []:
         kind, name = source_kind(meta["source"])
         if kind == "domain":
             stream = domain_token_stream(base.tokenizer, name, "train", max_documents=config.prototype_texts)
@@ -136,15 +142,14 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
                 dyn(input_ids=torch.tensor([ids[:config.skip]]), use_cache=False)
                 feats.append(capture.pooled(0))
         prototypes.append(torch.stack(feats).mean(0))
-    router = NearestPrototype(torch.stack(prototypes), one_hot=True)
+    router = NearestPrototype(torch.stack(prototypes), one_hot=True) if prototypes else None
     router_seconds = time.perf_counter() - started
 
     def set_blend(blend):
         return lambda: (dyn.state.reset(0), dyn.state.set_blend(0, blend))
 
     uniform = [1.0 / len(labels)] * len(labels)
-    totals = {name: [0.0, 0] for name in ("base", "uniform_merge", "peft_linear_merge", "router_select", "oracle",
-                                          "dynalora")}
+    totals = {name: [0.0, 0] for name in METHODS if name in run}
     unseen_totals = {name: [0.0, 0] for name in totals}
     fired_all, starts_all, lengths, shift_seconds, router_choices = [], [], [], [], []
     per_domain: dict[str, dict[str, list[float]]] = {}
@@ -153,38 +158,44 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
         library_flags = [s.get("library", True) for s in stream["segments"]]
         length = len(tokens)
         scores = {}
-        scores["base"] = segment_scores(scorer.nll(tokens, [(0, set_blend([0.0] * len(labels)))]), starts, length,
-                                        config.skip)
-        scores["uniform_merge"] = segment_scores(scorer.nll(tokens, [(0, set_blend(uniform))]), starts, length,
-                                                 config.skip)
+        if "base" in run:
+            scores["base"] = segment_scores(scorer.nll(tokens, [(0, set_blend([0.0] * len(labels)))]), starts,
+                                            length, config.skip)
+        if "uniform_merge" in run:
+            scores["uniform_merge"] = segment_scores(scorer.nll(tokens, [(0, set_blend(uniform))]), starts, length,
+                                                     config.skip)
         if peft_model is not None:
             with torch.no_grad():
                 logits = peft_model(input_ids=torch.tensor([tokens])).logits[0, :-1, :vocab_size].float()
             nll = -torch.log_softmax(logits, -1).gather(1, torch.tensor(tokens[1:])[:, None])[:, 0]
             scores["peft_linear_merge"] = segment_scores(nll, starts, length, config.skip)
-        # router: told the boundaries, picks one adapter from each segment's first `skip` tokens
-        schedule = [(0, set_blend([0.0] * len(labels)))]
-        for start in starts:
-            capture.reset()
-            dyn.state.reset(0)
-            with torch.no_grad():
-                dyn(input_ids=torch.tensor([tokens[start:start + config.skip]]), use_cache=False)
-            choice = router(TriggerFeatures(0, start, "router", capture.last(0), capture.pooled(0)), dyn.state).blend
-            router_choices.append(labels[int(choice.argmax())])
-            schedule.append((min(start + config.skip, length), set_blend(choice.tolist())))
-        scores["router_select"] = segment_scores(scorer.nll(tokens, schedule), starts, length, config.skip)
-        per_adapter = []
-        for k in range(len(labels)):
-            one_hot = [1.0 if j == k else 0.0 for j in range(len(labels))]
-            per_adapter.append(segment_scores(scorer.nll(tokens, [(0, set_blend(one_hot))]), starts, length, config.skip))
-        scores["oracle"] = [min((per_adapter[k][s] for k in range(len(labels))), key=lambda x: x[0] / max(x[1], 1))
-                            for s in range(len(starts))]
-        nll, fired, seconds = system.run_stream(tokens, config.min_gap)
-        scores["dynalora"] = segment_scores(nll, starts, length, config.skip)
-        fired_all.append(fired)
+        if router is not None:  # told the boundaries, picks one adapter from each segment's first `skip` tokens
+            schedule = [(0, set_blend([0.0] * len(labels)))]
+            for start in starts:
+                capture.reset()
+                dyn.state.reset(0)
+                with torch.no_grad():
+                    dyn(input_ids=torch.tensor([tokens[start:start + config.skip]]), use_cache=False)
+                choice = router(TriggerFeatures(0, start, "router", capture.last(0), capture.pooled(0)),
+                                dyn.state).blend
+                router_choices.append(labels[int(choice.argmax())])
+                schedule.append((min(start + config.skip, length), set_blend(choice.tolist())))
+            scores["router_select"] = segment_scores(scorer.nll(tokens, schedule), starts, length, config.skip)
+        if "oracle" in run:
+            per_adapter = []
+            for k in range(len(labels)):
+                one_hot = [1.0 if j == k else 0.0 for j in range(len(labels))]
+                per_adapter.append(segment_scores(scorer.nll(tokens, [(0, set_blend(one_hot))]), starts, length,
+                                                  config.skip))
+            scores["oracle"] = [min((per_adapter[k][s] for k in range(len(labels))), key=lambda x: x[0] / max(x[1], 1))
+                                for s in range(len(starts))]
         starts_all.append(starts)
         lengths.append(length)
-        shift_seconds.extend(seconds)
+        if "dynalora" in run:
+            nll, fired, seconds = system.run_stream(tokens, config.min_gap)
+            scores["dynalora"] = segment_scores(nll, starts, length, config.skip)
+            fired_all.append(fired)
+            shift_seconds.extend(seconds)
         for name, segs in scores.items():
             for (total, count), domain, library in zip(segs, domains, library_flags):
                 bucket = totals if library else unseen_totals
@@ -201,11 +212,12 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
     methods = summary(totals)
     if peft_note:
         methods["peft_linear_merge"] = {"note": peft_note}
-    methods["xlora"] = {"note": "not run: PEFT X-LoRA needs its classifier trained with gradients through the "
-                                "model on labelled data and has no KV cache (two forward passes per step); "
-                                "left for a later session"}
-    triggers = trigger_metrics(fired_all, starts_all, lengths, config.skip)
-    triggers["threshold"] = threshold
+    if "xlora" in run:
+        methods["xlora"] = {"note": "not run: PEFT X-LoRA needs its classifier trained with gradients through the "
+                                    "model on labelled data and has no KV cache (two forward passes per step); "
+                                    "left for a later session"}
+    triggers = trigger_metrics(fired_all, starts_all, lengths, config.skip) if "dynalora" in run else {}
+    triggers["threshold"] = system.threshold
     triggers["update_delay"] = config.update_delay
     triggers["generated_factors"] = config.use_factors
     triggers["median_shift_ms"] = 1e3 * sorted(shift_seconds)[len(shift_seconds) // 2] if shift_seconds else None
@@ -282,6 +294,8 @@ def format_shift_table(result: dict) -> str:
         else:
             lines.append(f"{name:<20} {m['note']}")
     t = result["triggers"]
-    lines.append(f"triggers: recall {t['boundary_recall']:.2f} within {result['skip']} tokens, precision "
-                 f"{t['precision']:.2f}, mean delay {t['mean_delay']}, false/1k tokens {t['false_per_1k_tokens']:.2f}")
+    if "boundary_recall" in t:
+        lines.append(f"triggers: recall {t['boundary_recall']:.2f} within {result['skip']} tokens, precision "
+                     f"{t['precision']:.2f}, mean delay {t['mean_delay']}, false/1k tokens "
+                     f"{t['false_per_1k_tokens']:.2f}")
     return "\n".join(lines)

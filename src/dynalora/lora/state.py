@@ -56,7 +56,7 @@ class StateConfig:
 class ModuleSlot:
     """The tensors one injected layer reads. ``bank_*`` are ``None`` when no adapter touches the module."""
 
-    __slots__ = ("name", "bank_a_t", "bank_b_t", "row_a_t", "row_b_t", "rows_active")
+    __slots__ = ("name", "bank_a_t", "bank_b_t", "row_a_t", "row_b_t", "active_rows")
 
     def __init__(self, name, bank_a_t, bank_b_t, row_a_t, row_b_t):
         self.name = name
@@ -64,7 +64,11 @@ class ModuleSlot:
         self.bank_b_t = bank_b_t  # (K*r, out)
         self.row_a_t = row_a_t  # (max_batch, in, r_g + r_m)
         self.row_b_t = row_b_t  # (max_batch, r_g + r_m, out)
-        self.rows_active = False  # any nonzero row factor: lets an all-zero state skip the bmm
+        self.active_rows: set[int] = set()  # rows with nonzero factors: an all-zero state skips the bmm
+
+    @property
+    def rows_active(self) -> bool:
+        return bool(self.active_rows)
 
 
 class LoraState:
@@ -254,7 +258,7 @@ class LoraState:
                     slot.row_a_t[row, :, start:start + rank].copy_(lora_a.T)
                     slot.row_b_t[row, start:start + rank].copy_(lora_b.T)
         if parts:
-            self._refresh_active()
+            self._refresh_active(row)
 
     def set_blend(self, row: int, weights) -> None:
         self.update(row, blend=weights)
@@ -278,11 +282,17 @@ class LoraState:
             slot.row_a_t[rows].zero_()
             slot.row_b_t[rows].zero_()
         self.bank_active = bool(self.blend_weights.any())
-        self._refresh_active()
+        self._refresh_active(row)
 
-    def _refresh_active(self) -> None:
+    def _refresh_active(self, row: int | None = None) -> None:
+        """Recheck which rows hold factors: one row after an update (cheap), or all of them."""
+        rows = range(self.max_batch) if row is None else [row]
         for slot in self.slots.values():
-            slot.rows_active = bool(slot.row_a_t.any()) and bool(slot.row_b_t.any())
+            for r in rows:
+                if slot.row_a_t[r].any() and slot.row_b_t[r].any():
+                    slot.active_rows.add(r)
+                else:
+                    slot.active_rows.discard(r)
 
     # -- snapshots and files ------------------------------------------------------------------------
     def tensors(self, row: int | None = None) -> dict[str, torch.Tensor]:

@@ -236,7 +236,8 @@ class Engine:
             raise ValueError(f"{count} prompts, but the LoRA state holds {self.dyn.state.max_batch} rows "
                              "(StateConfig.max_batch)")
         generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
-        batch = _Batch(rows, self._pad_id())
+        pad = self._pad_id()
+        batch = _Batch(rows, pad)
         row_triggers = [RowTriggers(self.triggers) for _ in range(count)]
         trigger_ids = set(self.trigger_token_ids.values())
         trigger_names = {v: k for k, v in self.trigger_token_ids.items()}
@@ -268,7 +269,6 @@ class Engine:
                 logits = logits.clone()
                 logits[:, list(trigger_ids)] = float("-inf")
             next_tokens = choose_next(logits, seen, sampling, generator)  # (B,)
-            pad = self._pad_id()
             for b in range(count):
                 if finished[b]:
                     next_tokens[b] = pad

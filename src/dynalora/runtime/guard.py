@@ -16,8 +16,7 @@ class GuardConfig:
     max_blend_mass: float = 4.0
     """Largest ‖blend‖₁ a row may reach: bounds the drift of a thousand small steps."""
     max_module_delta: float = 8.0
-    """Largest ‖B A‖_F of any one module's generated or memory factors (an adapter of the shipped
-    library has ‖ΔW‖_F ≈ 0.5–2 per module)."""
+    """Largest ‖B A‖_F of any one module's generated or memory factors."""
 
 
 def lowrank_norm(lora_a: torch.Tensor, lora_b: torch.Tensor) -> float:

@@ -236,3 +236,20 @@ def train_library(config: LibraryConfig, base=None) -> list[dict]:
         {"config": config_record(config),
          "adapters": results}, indent=2))
     return results
+
+
+def load_library_bank(library_dir: Path, model):
+    """The trained library as a bank, with each adapter's metadata (label, description, source)."""
+    from dynalora.lora import LoraBank, module_shapes_of
+
+    index_path = Path(library_dir) / "library.json"
+    if not index_path.is_file():
+        raise FileNotFoundError(f"{index_path}: missing; train the library first (`dynalora train library`)")
+    adapters = json.loads(index_path.read_text())["adapters"]
+    bank = LoraBank(module_shapes_of(model))
+    for meta in adapters:
+        folder = Path(library_dir) / meta["label"]
+        if not (folder / METADATA_FILE).is_file():
+            raise FileNotFoundError(f"{folder}: adapter listed in library.json is missing")
+        bank.add_peft(folder, label=meta["label"], description=meta["description"])
+    return bank, adapters

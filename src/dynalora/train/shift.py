@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from dynalora.train.data import config_record, domain_token_stream, source_kind
+from dynalora.train.library import load_library_bank
 
 
 @dataclass
@@ -46,24 +47,6 @@ class ShiftTrainConfig:
     factor_penalty: float = 1e-3
     seed: int = 0
     threads: int = 2
-
-
-def load_library_bank(library_dir: Path, model):
-    """The trained library as a bank, with each adapter's metadata (label, description, source)."""
-    from dynalora.lora import LoraBank, module_shapes_of
-    from dynalora.train.library import METADATA_FILE
-
-    index_path = Path(library_dir) / "library.json"
-    if not index_path.is_file():
-        raise FileNotFoundError(f"{index_path}: missing; train the library first (`dynalora train library`)")
-    adapters = json.loads(index_path.read_text())["adapters"]
-    bank = LoraBank(module_shapes_of(model))
-    for meta in adapters:
-        folder = Path(library_dir) / meta["label"]
-        if not (folder / METADATA_FILE).is_file():
-            raise FileNotFoundError(f"{folder}: adapter listed in library.json is missing")
-        bank.add_peft(folder, label=meta["label"], description=meta["description"])
-    return bank, adapters
 
 
 @torch.no_grad()

@@ -162,7 +162,7 @@ def train_triggers(config: TriggerTrainConfig) -> dict:
     from dynalora.models import load_base_model
     from dynalora.runtime.special_tokens import SHIFT_TOKEN, add_trigger_tokens, save_trigger_tokens
     from dynalora.train.library import plot_losses
-    from dynalora.train.shift import load_library_bank
+    from dynalora.train.library import load_library_bank
 
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
