@@ -24,8 +24,8 @@ class ShiftSystem:
     """The base vocabulary (trigger tokens excluded)."""
     update_delay: int = 12
     """Tokens between a trigger and its update (features then cover the new text; see EngineConfig)."""
-    # Chosen on validation streams (results/streams_library_validation.jsonl): update delay 12 and the
-    # blend alone (NLL 3.137) beat the blend + generated factors (3.187) and no delay (3.201).
+    # Chosen on validation streams (results/eval_shift_validation_*.json): the blend alone with update
+    # delay 12 (NLL 3.137) beat no delay (3.147) and the blend + generated factors (3.187, 3.201).
 
     @torch.no_grad()
     def run_stream(self, tokens: list[int], min_gap: int = 32, record_blends: bool = False):
