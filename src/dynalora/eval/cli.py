@@ -16,8 +16,31 @@ def cmd_shift(args) -> int:
     return 0
 
 
+def cmd_tasks(args) -> int:
+    from dynalora.eval.tasks import TaskEvalConfig, eval_tasks
+
+    eval_tasks(TaskEvalConfig(tasks=args.tasks, library_dir=args.library, shift_dir=args.shift,
+                              triggers_dir=args.triggers, model=args.model, support=args.support,
+                              max_queries=args.max_queries, seed=args.seed, methods=args.methods,
+                              allow_library_tasks=args.allow_library_tasks, use_factors=args.with_factors,
+                              threads=args.threads),
+               out=args.out)
+    return 0
+
+
+def cmd_absorb(args) -> int:
+    from dynalora.eval.absorb import AbsorbEvalConfig, eval_absorb
+
+    eval_absorb(AbsorbEvalConfig(data=args.data, compressor_dir=args.compressor, model=args.model, window=args.window,
+                                 methods=args.methods, max_docs=args.max_docs, gradient_steps=args.gradient_steps,
+                                 needle=args.needle, locality=args.locality, threads=args.threads),
+                out=args.out)
+    return 0
+
+
 def add_eval_commands(commands) -> None:
     from dynalora.eval.shift import METHODS
+    from dynalora.eval.tasks import METHODS as TASK_METHODS
 
     evaluate = commands.add_parser("eval", help="quality evaluations against baselines (JSON + table)")
     sub = evaluate.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
@@ -34,3 +57,43 @@ def add_eval_commands(commands) -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), help=f"methods to run (default: all {list(METHODS)})")
     p.add_argument("--with-factors", action="store_true", help="also apply the shift network's generated factors")
     p.set_defaults(handler=cmd_shift)
+
+    p = sub.add_parser("tasks", help="accuracy on held-out BIG-Bench tasks: dynalora from a description / 5 examples "
+                                     "vs base, best adapter, uniform merge, LoraHub-style search")
+    p.add_argument("--tasks", nargs="+", default=None,
+                   help="BIG-Bench task names (default: the library's held_out_tasks in library.json)")
+    p.add_argument("--support", type=int, default=5, help="support examples per task, from its train split")
+    p.add_argument("--max-queries", type=int, default=60, help="query examples per task, from its test split")
+    p.add_argument("--seed", type=int, default=0, help="seed of the example samples and of the LoraHub search")
+    p.add_argument("--methods", nargs="+", default=list(TASK_METHODS),
+                   help=f"methods to run (default: all {list(TASK_METHODS)})")
+    p.add_argument("--out", type=Path, default=Path("results/eval_tasks.json"))
+    p.add_argument("--library", type=Path, default=Path("checkpoints/library"))
+    p.add_argument("--shift", type=Path, default=Path("checkpoints/shift"))
+    p.add_argument("--triggers", type=Path, default=Path("checkpoints/triggers"))
+    p.add_argument("--model", default=None)
+    p.add_argument("--allow-library-tasks", action="store_true",
+                   help="allow tasks that are not held out from the library (it may have trained on them)")
+    p.add_argument("--with-factors", action="store_true", help="dynalora methods also apply generated factors")
+    p.add_argument("--threads", type=int, default=2,
+                   help="CPU threads for torch (1 can be much faster when another job shares the cores)")
+    p.set_defaults(handler=cmd_tasks)
+
+    from dynalora.eval.absorb import METHODS as ABSORB_METHODS
+
+    p = sub.add_parser("absorb", help="questions about a document evicted from the window: memory LoRA vs full "
+                                      "context, no context, gradient LoRA, summaries; --needle, --locality")
+    p.add_argument("--data", type=Path, default=None, help="documents JSONL (`dynalora data absorb --split test`)")
+    p.add_argument("--out", type=Path, default=Path("results/eval_absorb.json"))
+    p.add_argument("--compressor", type=Path, default=Path("checkpoints/absorb"))
+    p.add_argument("--model", default=None)
+    p.add_argument("--window", type=int, default=512, help="window budget in tokens")
+    p.add_argument("--methods", nargs="+", default=list(ABSORB_METHODS),
+                   help=f"methods to run (default: all {list(ABSORB_METHODS)})")
+    p.add_argument("--max-docs", type=int, default=None)
+    p.add_argument("--gradient-steps", type=int, nargs="+", default=[4, 16, 48],
+                   help="cumulative fine-tuning steps at which gradient_lora is scored")
+    p.add_argument("--needle", action="store_true", help="pass-key retrieval at 10 depths, 1/2/4/8x the window")
+    p.add_argument("--locality", type=int, default=0, help="unrelated questions for the locality check")
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(handler=cmd_absorb)
