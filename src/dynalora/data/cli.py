@@ -1,4 +1,4 @@
-"""``dynalora data fetch`` and ``dynalora data list``: warm the data cache, show what is there."""
+"""``dynalora data fetch|list|streams|absorb``: warm the data cache, show what is there, write data files."""
 
 from __future__ import annotations
 
@@ -67,8 +67,8 @@ def cmd_list(args) -> int:
 
 
 def add_data_commands(subparsers) -> None:
-    """Register ``data fetch`` and ``data list`` on the main CLI's subparsers."""
-    data = subparsers.add_parser("data", help="fetch and list text domains and BIG-Bench tasks")
+    """Register ``data fetch``, ``list``, ``streams`` and ``absorb`` on the main CLI's subparsers."""
+    data = subparsers.add_parser("data", help="fetch and list domains and BIG-Bench tasks; write streams, absorb data")
     commands = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
 
     fetch = commands.add_parser("fetch", help="download sources once, build and cache the domains, print split sizes")
@@ -97,15 +97,48 @@ def add_data_commands(subparsers) -> None:
     streams.add_argument("--seed", type=int, default=0)
     streams.set_defaults(handler=cmd_streams)
 
+    absorb = commands.add_parser("absorb", help="write documents with questions (JSONL) for the memory LoRA")
+    absorb.add_argument("--kind", choices=("facts", "needle", "reading", "all"), default="facts",
+                        help="invented facts, a pass key in filler, BIG-Bench reading passages, or all three")
+    absorb.add_argument("--split", choices=SPLITS, default="train",
+                        help="seed range (facts, needle) or passage split (reading); splits never share seeds")
+    absorb.add_argument("--count", type=int, default=100, help="documents per kind (default: 100)")
+    absorb.add_argument("--words", type=int, default=300,
+                        help="approximate words per facts or needle document (default: 300)")
+    absorb.add_argument("--seed-offset", type=int, default=0,
+                        help="first seed inside the split's range (reading: first passage of the split)")
+    absorb.add_argument("--out", required=True, help="output JSONL file")
+    absorb.set_defaults(handler=cmd_absorb)
+
 
 def cmd_streams(args) -> int:
-    from dynalora.data.streams import StreamConfig, build_streams, unseen_stream_config, write_streams
+    from dynalora.data.streams import (
+        StreamConfig,
+        build_streams,
+        unseen_stream_config,
+        write_streams,
+    )
 
     config = unseen_stream_config(args.split, args.streams, args.seed) if args.unseen else \
         StreamConfig(split=args.split, streams=args.streams, seed=args.seed)
     config.segments, config.segment_chars = args.segments, args.segment_chars
     path = write_streams(build_streams(config), args.out)
     print(f"wrote {args.streams} streams of {args.segments} segments ({args.split} split) to {path}")
+    return 0
+
+
+def cmd_absorb(args) -> int:
+    from dynalora.data import absorb
+
+    config = absorb.AbsorbDataConfig(kind=args.kind, split=args.split, count=args.count,
+                                     seed_offset=args.seed_offset, words=args.words)
+    documents = absorb.build_absorb_docs(config)
+    path = absorb.write_absorb_docs(documents, args.out)
+    summary = absorb.summarize_absorb_docs(documents)
+    print(format_table(["kind", "documents", "questions", "mean words"],
+                       [[kind, entry["documents"], entry["questions"], round(entry["mean_words"], 1)]
+                        for kind, entry in summary.items()]))
+    print(f"wrote {len(documents)} {args.split} documents to {path}")
     return 0
 
 
