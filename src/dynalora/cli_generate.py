@@ -21,6 +21,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trigger", action="append", default=None, help=f"trigger policy, repeatable: {TRIGGER_SPECS}")
     p.add_argument("--kv-policy", default="keep", help="keep | recompute_last | recompute_all")
     p.add_argument("--state", type=Path, default=None, help="start from this saved LoRA state")
+    p.add_argument("--window", type=int, default=None,
+                   help="window budget in tokens: past it the oldest chunk is absorbed into the memory LoRA")
+    p.add_argument("--compressor", type=Path, default=Path("checkpoints/absorb"), help="absorb compressor folder")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -35,7 +38,7 @@ def engine_from_args(args):
 
     engine = build_engine(EngineSpec(model=args.model, bank=args.bank, trigger_tokens=args.trigger_tokens,
                                      hypernetwork=args.hyper, triggers=args.trigger or ["token"],
-                                     kv_policy=args.kv_policy))
+                                     kv_policy=args.kv_policy, window=args.window, compressor=args.compressor))
     if args.state:
         engine.dyn.state.load(args.state)
     return engine

@@ -14,7 +14,6 @@ change). Every method is scored over the original vocabulary (trigger tokens are
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -25,8 +24,8 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from dynalora.data.streams import read_streams
+from dynalora.eval.report import report
 from dynalora.train.triggers import simulate_policy, tokenize_stream, trigger_metrics
-
 
 METHODS = ("base", "uniform_merge", "peft_linear_merge", "router_select", "oracle", "dynalora", "xlora")
 
@@ -232,12 +231,7 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
                             **{f"dynalora_gain_vs_{m}": 1 - d / methods[m]["nll"] for m in
                                ("uniform_merge", "peft_linear_merge", "base", "router_select")
                                if "nll" in methods.get(m, {})}}
-    print(format_shift_table(result))
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2))
-        print(f"wrote {out}")
-    return result
+    return report(result, format_shift_table(result), out)
 
 
 @torch.no_grad()

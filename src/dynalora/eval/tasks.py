@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from dynalora.eval.report import report
+
 METHODS = ("base", "best_adapter", "uniform_merge", "lorahub", "dynalora_description", "dynalora_examples")
 SUPPORT_SPLIT, QUERY_SPLIT = "train", "test"
 
@@ -464,12 +466,7 @@ def eval_tasks(config: TaskEvalConfig, out: Path | None = None) -> dict:
                    "use_factors": config.use_factors, "threads": config.threads},
         "wall_seconds": round(time.perf_counter() - started_run, 1),
     }
-    print(format_tasks_table(result))
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2))
-        print(f"wrote {out}")
-    return result
+    return report(result, format_tasks_table(result), out)
 
 
 def format_tasks_table(result: dict) -> str:

@@ -12,14 +12,13 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dynalora.hyper.files import load_network, save_network
 from dynalora.hyper.protocol import LoraUpdate, TriggerFeatures
 from dynalora.lora.state import LoraState
 
@@ -110,23 +109,11 @@ class ShiftNet(nn.Module):
 
     # -- files -------------------------------------------------------------------------------------
     def save(self, folder: str | Path, dtype: torch.dtype = torch.float16) -> Path:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
-        save_file({k: v.detach().to(dtype).contiguous() for k, v in self.state_dict().items()},
-                  str(folder / WEIGHTS_FILE))
-        return folder
+        return save_network(self, self.config, folder, CONFIG_FILE, WEIGHTS_FILE, dtype)
 
     @classmethod
     def load(cls, folder: str | Path) -> "ShiftNet":
-        folder = Path(folder)
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
-            if not (folder / name).is_file():
-                raise FileNotFoundError(f"{folder / name}: missing (not a shift network folder)")
-        net = cls(ShiftNetConfig(**json.loads((folder / CONFIG_FILE).read_text())))
-        weights = {k: v.float() for k, v in load_file(str(folder / WEIGHTS_FILE)).items()}
-        net.load_state_dict(weights)
-        return net.eval()
+        return load_network(cls, ShiftNetConfig, folder, CONFIG_FILE, WEIGHTS_FILE, "shift network folder")
 
 
 class ShiftHypernetwork:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,10 @@ class EngineSpec:
     max_per_sequence: int = 32
     kv_policy: str = "keep"
     max_batch: int = 8
+    window: int | None = None
+    """Window budget in tokens: past it the oldest chunk is absorbed into memory and evicted (None: off)."""
+    compressor: Path = Path("checkpoints/absorb")
+    """The absorb compressor folder (used with ``window``)."""
 
 
 def parse_trigger(spec: str, token_ids: dict[str, int]) -> TriggerPolicy:
@@ -65,10 +70,25 @@ def build_engine(spec: EngineSpec) -> Engine:
     if spec.bank is not None and not is_bank_folder(spec.bank):
         raise FileNotFoundError(f"{spec.bank}: not a bank folder (no bank.json)")
     bank = LoraBank.load(spec.bank, shapes) if spec.bank else LoraBank(shapes)
-    dyn = DynamicLoraModel.attach(base.model, bank, InjectConfig(state=StateConfig(max_batch=spec.max_batch)))
+    compressor = None
+    inject = InjectConfig(state=StateConfig(max_batch=spec.max_batch))
+    if spec.window is not None:
+        from dynalora.hyper.compressor import Compressor
+
+        compressor = Compressor.load(spec.compressor)
+        kinds = {name.rsplit(".", 1)[-1] for name in list(bank.modules) + compressor.modules_list}
+        inject = InjectConfig(target_modules=sorted(kinds | {"q_proj", "k_proj", "v_proj", "o_proj"}),
+                              state=StateConfig(max_batch=spec.max_batch, memory_rank=compressor.config.rank))
+    dyn = DynamicLoraModel.attach(base.model, bank, inject)
     triggers = TriggerConfig([parse_trigger(s, token_ids) for s in spec.triggers], min_gap=spec.min_gap,
                              max_per_sequence=spec.max_per_sequence)
-    engine = Engine(dyn, base.tokenizer, None, triggers, EngineConfig(kv_policy=spec.kv_policy))
+    absorber = None
+    if compressor is not None:
+        from dynalora.runtime.absorb import AbsorbConfig, Absorber
+
+        trained = json.loads((Path(spec.compressor) / "train_absorb.json").read_text())["config"]
+        absorber = Absorber(dyn, compressor, AbsorbConfig(window=spec.window, chunk_tokens=trained["chunk_tokens"]))
+    engine = Engine(dyn, base.tokenizer, None, triggers, EngineConfig(kv_policy=spec.kv_policy), absorber=absorber)
     if spec.hypernetwork == "prototype" and len(bank):
         from dynalora.hyper import NearestPrototype
 

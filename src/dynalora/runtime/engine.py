@@ -19,6 +19,7 @@ from transformers import DynamicCache
 
 from dynalora.hyper.protocol import Hypernetwork, LoraUpdate, TriggerFeatures
 from dynalora.lora.inject import DynamicLoraModel
+from dynalora.runtime.absorb import Absorber
 from dynalora.runtime.events import Event, FinishEvent, GenerationResult, LoraEvent, TokenEvent
 from dynalora.runtime.features import HiddenCapture
 from dynalora.runtime.guard import GuardConfig, check_update
@@ -87,8 +88,12 @@ class Engine:
     """
 
     def __init__(self, dyn: DynamicLoraModel, tokenizer=None, hypernetwork: Hypernetwork | None = None,
-                 triggers: TriggerConfig | None = None, config: EngineConfig | None = None):
+                 triggers: TriggerConfig | None = None, config: EngineConfig | None = None,
+                 absorber: Absorber | None = None):
         self.dyn = dyn
+        self.absorber = absorber
+        """With an :class:`Absorber`, a row past ``absorber.config.window`` tokens absorbs its oldest chunk
+        into its memory LoRA and drops it (see :meth:`_evict`)."""
         self.model = dyn.model
         self.tokenizer = tokenizer
         self.hypernetwork = hypernetwork
@@ -237,6 +242,12 @@ class Engine:
                              "(StateConfig.max_batch)")
         generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         pad = self._pad_id()
+        self.evicted_tokens: dict[int, int] = {}  # row -> tokens absorbed and dropped during this stream
+        if self.absorber is not None:  # a prompt longer than the window is absorbed before the prefill
+            for b in range(count):
+                rows[b], reports = self.absorber.evict(b, rows[b])
+                self.evicted_tokens[b] = self.evicted_tokens.get(b, 0) + sum(r.tokens for r in reports)
+                yield from (self._absorb_event(report, len(rows[b])) for report in reports)
         batch = _Batch(rows, pad)
         row_triggers = [RowTriggers(self.triggers) for _ in range(count)]
         trigger_ids = set(self.trigger_token_ids.values())
@@ -308,7 +319,36 @@ class Engine:
                     yield FinishEvent(row=b, reason=stop or ("interrupted" if self.interrupted else "length"))
             if all(finished):
                 break
-            logits = self._forward(batch, 1, cache)
+            evicted = self._evict(batch, finished) if self.absorber is not None else None
+            if evicted:
+                batch, events = evicted
+                yield from events
+                cache = DynamicCache(config=self.model.config)
+                self.capture.reset()
+                logits = self._forward_prompt(batch, cache, want_all=False)[:, -1]
+            else:
+                logits = self._forward(batch, 1, cache)
+
+    def _evict(self, batch: _Batch, finished: list[bool]) -> tuple[_Batch, list[LoraEvent]] | None:
+        """Absorb and drop the oldest chunk of every unfinished row past the window.
+
+        Positions are renumbered: the kept tokens (sink + recent) sit at 0..n-1 and the cache is rebuilt
+        by a fresh forward of them under each row's new LoRA — exactly the cache a fresh forward of the
+        kept tokens gives (tested), at the cost of one prefill of the window per ``chunk_tokens`` tokens."""
+        rows = [batch.row_tokens(b) for b in range(len(finished))]
+        events = []
+        for b, row in enumerate(rows):
+            if not finished[b] and len(row) > self.absorber.config.window:
+                rows[b], reports = self.absorber.evict(b, row)
+                self.evicted_tokens[b] = self.evicted_tokens.get(b, 0) + sum(r.tokens for r in reports)
+                events.extend(self._absorb_event(report, len(rows[b])) for report in reports)
+        return (_Batch(rows, self._pad_id()), events) if events else None
+
+    def _absorb_event(self, report, kept: int) -> LoraEvent:
+        blend = self.dyn.state.blend_weights[report.row].tolist()
+        return LoraEvent("absorb", report.row, kept, "window", report.seconds, blend, blend,
+                         f"absorbed {report.tokens} tokens into memory (rank {report.memory_rank}, rank-cut "
+                         f"error {report.rel_error:.3f}); {kept} tokens kept in the window")
 
     def _observe_prompt(self, batch: _Batch, logits_all: torch.Tensor, row_triggers: list[RowTriggers],
                         cache: DynamicCache) -> Iterator[Event]:

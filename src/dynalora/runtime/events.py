@@ -19,7 +19,8 @@ class TokenEvent:
 class LoraEvent:
     kind: str
     """``shift`` (applied), ``identity`` (hypernetwork said no change), ``rejected`` (guard refused it;
-    the previous state is kept), ``suppressed`` (a trigger held back by a rate limit)."""
+    the previous state is kept), ``suppressed`` (a trigger held back by a rate limit), ``absorb`` (the
+    oldest chunk folded into the memory LoRA and evicted; ``position`` is then the row's kept length)."""
     row: int
     position: int
     reason: str

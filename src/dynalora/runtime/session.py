@@ -16,6 +16,9 @@ STATE_FILE = "lora_state.safetensors"
 class ChatSession:
     """Multi-turn chat on one engine row. Each turn re-encodes the transcript with the chat template.
 
+    With an absorbing engine, the transcript tokens already folded into memory (counted after the sink)
+    are left out of later prompts, so nothing is absorbed twice.
+
     Example::
 
         session = ChatSession(engine, system="You are terse.")
@@ -28,12 +31,18 @@ class ChatSession:
         self.engine = engine
         self.system = system
         self.messages: list[dict[str, str]] = []
+        self.absorbed_tokens = 0
+        """Transcript tokens (after the sink) already absorbed into row 0's memory and evicted."""
 
     def prompt_ids(self) -> list[int]:
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
         encoded = self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                             return_dict=True)
-        return list(encoded["input_ids"])
+        ids = list(encoded["input_ids"])
+        if self.absorbed_tokens and self.engine.absorber is not None:
+            sink = self.engine.absorber.config.sink_tokens
+            ids = ids[:sink] + ids[sink + self.absorbed_tokens:]
+        return ids
 
     def ask(self, text: str, **generate_kwargs) -> Iterator[Event]:
         """Stream the answer to ``text``; the (possibly partial, if interrupted) answer joins the transcript."""
@@ -46,16 +55,19 @@ class ChatSession:
                 yield event
         finally:
             self.messages.append({"role": "assistant", "content": "".join(answer)})
+            self.absorbed_tokens += getattr(self.engine, "evicted_tokens", {}).get(0, 0)
 
     def reset(self) -> None:
         self.messages.clear()
+        self.absorbed_tokens = 0
         self.engine.dyn.state.reset()
 
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.engine.dyn.state.save(folder / STATE_FILE)
-        (folder / TRANSCRIPT_FILE).write_text(json.dumps({"system": self.system, "messages": self.messages}, indent=2))
+        (folder / TRANSCRIPT_FILE).write_text(json.dumps({"system": self.system, "messages": self.messages,
+                                                                 "absorbed_tokens": self.absorbed_tokens}, indent=2))
         return folder
 
     def load(self, folder: str | Path) -> None:
@@ -71,3 +83,4 @@ class ChatSession:
             raise ValueError(f"{transcript_path}: not a session transcript ({error!r})") from error
         self.engine.dyn.state.load(folder / STATE_FILE)
         self.system, self.messages = transcript.get("system"), messages
+        self.absorbed_tokens = int(transcript.get("absorbed_tokens", 0))

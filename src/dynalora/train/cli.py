@@ -44,6 +44,23 @@ def cmd_triggers(args) -> int:
     return 0
 
 
+def cmd_absorb(args) -> int:
+    from dynalora.train.absorb import AbsorbTrainConfig, train_absorb
+
+    result = train_absorb(AbsorbTrainConfig(
+        data=args.data, validation=args.validation, out_dir=args.out_dir, model=args.model, steps=args.steps,
+        batch_size=args.batch_size, rank=args.rank, target_modules=args.targets, chunk_tokens=args.chunk_tokens,
+        time_limit_minutes=args.time_limit, teacher_batch_size=args.teacher_batch_size, device=args.device,
+        threads=args.threads, lr=args.lr, b_scale=args.b_scale, distill_weight=args.distill_weight,
+        gold_weight=args.gold_weight, max_chunks=args.max_chunks))
+    final, validation = result["final"], result["validation"]
+    print(f"compressor: {result['parameters']} parameters, {result['steps_done']} steps in {result['train_seconds']:.0f}s "
+          f"on {result['device_name']}; last 20 steps: gold NLL {final['gold_nll']:.3f}, answer acc {final['answer_acc']:.2f}")
+    for name, scores in validation.items():
+        print(f"validation {name}: gold NLL {scores['gold_nll']:.3f}, answer acc {scores['answer_acc']:.2f}")
+    return 0
+
+
 def add_train_commands(commands) -> None:
     train = commands.add_parser("train", help="training recipes (resumable, with progress bars and loss plots)")
     sub = train.add_subparsers(dest="train_command", required=True, metavar="RECIPE")
@@ -66,3 +83,25 @@ def add_train_commands(commands) -> None:
     p.add_argument("--out-dir", type=Path, default=Path("checkpoints/triggers"))
     p.add_argument("--streams", type=int, default=48, help="training streams")
     p.set_defaults(handler=cmd_triggers)
+
+    p = sub.add_parser("absorb", help="train the absorb compressor by context distillation")
+    p.add_argument("--data", type=Path, nargs="+", required=True,
+                   help="training documents JSONL (`dynalora data absorb --split train`)")
+    p.add_argument("--validation", type=Path, default=None, help="validation documents JSONL")
+    p.add_argument("--out-dir", type=Path, default=Path("checkpoints/absorb"))
+    p.add_argument("--model", default=None)
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--rank", type=int, default=8, help="memory rank (of one chunk and of the merged memory)")
+    p.add_argument("--targets", nargs="+", default=["o_proj", "down_proj"], help="modules the memory LoRA writes")
+    p.add_argument("--chunk-tokens", type=int, default=128)
+    p.add_argument("--max-chunks", type=int, default=4, help="skip documents longer than this many chunks")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--b-scale", type=float, default=1.0, help="fixed scale on the generated B factors")
+    p.add_argument("--distill-weight", type=float, default=1.0, help="0: gold answers only, no teacher pass")
+    p.add_argument("--gold-weight", type=float, default=0.5)
+    p.add_argument("--time-limit", type=float, default=None, help="minutes; stop and save when reached")
+    p.add_argument("--teacher-batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(handler=cmd_absorb)

@@ -20,7 +20,10 @@ class TokenBatch:
 
 def config_record(config) -> dict:
     """A recipe config dataclass as JSON-ready values (paths as strings), for checkpoint metadata."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
+    def plain(value):
+        return str(value) if isinstance(value, Path) else [plain(v) for v in value] if isinstance(value, list) else value
+
+    return {k: plain(v) for k, v in asdict(config).items()}
 
 
 def source_kind(source: str) -> tuple[str, str]:

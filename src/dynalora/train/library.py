@@ -119,7 +119,11 @@ def _lr_at(step: int, config: LibraryConfig) -> float:
 
 
 def plot_losses(losses: list[float], path: Path, title: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # plots are an extra (`pip install dynalora[plot]`); training goes on without
+        print(f"matplotlib is not installed: {path} not drawn")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,0 +1,317 @@
+"""``dynalora eval absorb``: answer questions about a document that is no longer in the window.
+
+Every method answers each question with the chat template, greedy, at most ``max_new_tokens``; answers
+are scored by containment exact match and token F1 (:mod:`dynalora.eval.answers`):
+
+* ``full_context`` — the document and the question in context (upper bound);
+* ``no_context`` — the question alone (lower bound);
+* ``dynalora`` — the document absorbed chunk by chunk into the memory LoRA (fixed rank), then only the
+  question in the window;
+* ``gradient_lora`` — a LoRA of the same rank and modules fine-tuned on the document by next-token loss
+  (Temp-LoRA style), scored after each of ``gradient_steps`` (cumulative) steps;
+* ``summary`` — the model summarises each chunk; the summaries (within the window budget) replace the text.
+
+``seconds_per_1k_tokens``: adaptation (absorb, fine-tuning, summarising) plus answering, per 1,000 document
+tokens. ``--needle``: pass keys at 10 depths in filler of 1×/2×/4×/8× the window, streamed through a window
+of ``window`` tokens (the engine absorbs what leaves it) against the same window truncated, and full context.
+``--locality N``: accuracy on N self-contained unrelated questions with a document's memory applied vs without.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dynalora.eval.answers import score_answers
+from dynalora.eval.report import report
+
+METHODS = ("full_context", "no_context", "dynalora", "gradient_lora", "summary")
+SUMMARY_INSTRUCTION = "Summarise the text above in one or two sentences. Keep every name and number."
+
+
+@dataclass
+class AbsorbEvalConfig:
+    data: Path | None = None
+    """Documents JSONL (``dynalora data absorb --split test``); not needed with ``needle``."""
+    compressor_dir: Path = Path("checkpoints/absorb")
+    model: str | None = None
+    window: int = 512
+    """Window budget in tokens (summaries must fit in it; ``needle`` streams through it)."""
+    sink_tokens: int = 4
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    max_docs: int | None = None
+    max_new_tokens: int = 32
+    gradient_steps: list[int] = field(default_factory=lambda: [4, 16, 48])
+    """Cumulative fine-tuning steps at which ``gradient_lora`` is scored."""
+    gradient_lr: float = 3e-3
+    needle: bool = False
+    needle_multiples: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    locality: int = 0
+    """Number of unrelated questions for the locality check (0: skip)."""
+    threads: int = 2
+
+    def __post_init__(self):
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown:
+            raise ValueError(f"AbsorbEvalConfig.methods: unknown {unknown}; choose from {list(METHODS)}")
+        if not self.needle and self.data is None:
+            raise ValueError("AbsorbEvalConfig.data: give a documents JSONL (or needle=True)")
+
+
+class _Answerer:
+    """Greedy chat answers under whatever LoRA the state rows hold (one engine, rows = questions)."""
+
+    def __init__(self, dyn, tokenizer, max_new_tokens: int, absorber=None):
+        from dynalora.runtime import Engine
+
+        self.dyn, self.tokenizer, self.max_new_tokens = dyn, tokenizer, max_new_tokens
+        self.engine = Engine(dyn, tokenizer, absorber=absorber)
+
+    def answer(self, prompts: list[list[int]]) -> list[str]:
+        texts = []
+        rows = self.dyn.state.max_batch
+        for start in range(0, len(prompts), rows):
+            result = self.engine.generate(prompts[start:start + rows], max_new_tokens=self.max_new_tokens)
+            texts += [t.strip() for t in result.texts]
+        return texts
+
+
+def _copy_memory(state, factors: dict, rows: int) -> None:
+    for row in range(rows):
+        state.update(row, memory=factors)
+
+
+def _fine_tune(dyn, context_ids: list[int], rank: int, modules: list[str], steps: list[int], lr: float, seed: int):
+    """Yield ``(steps_done, seconds, factors)`` of a fresh rank-``rank`` LoRA trained on the document's
+    next-token loss (A random, B zero, as LoRA starts), at each count in ``steps``."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = dyn.bank.module_shapes
+    params = {}
+    for m in modules:
+        in_features, out_features = shapes[m]
+        params[m] = (torch.nn.Parameter(torch.randn(rank, in_features, generator=generator) * in_features ** -0.5),
+                     torch.nn.Parameter(torch.zeros(out_features, rank)))
+    optimizer = torch.optim.Adam([p for pair in params.values() for p in pair], lr=lr)
+    ids = torch.tensor([context_ids])
+    done, seconds = 0, 0.0
+    for target in steps:
+        began = time.perf_counter()
+        while done < target:
+            factors = {m: (a.T[None], b.T[None]) for m, (a, b) in params.items()}  # (1, in, r), (1, r, out)
+            with torch.enable_grad(), dyn.state.functional(None, factors):
+                logits = dyn(input_ids=ids, use_cache=False).logits[0, :-1]  # (T-1, V)
+                loss = torch.nn.functional.cross_entropy(logits.float(), ids[0, 1:])
+                loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done += 1
+        seconds += time.perf_counter() - began
+        yield done, seconds, {m: (a.detach().clone(), b.detach().clone()) for m, (a, b) in params.items()}
+
+
+def eval_absorb(config: AbsorbEvalConfig, out: Path | None = None) -> dict:
+    from dynalora.data.absorb import needle_suite, read_absorb_docs, unrelated_questions
+    from dynalora.hyper.compressor import Compressor
+    from dynalora.lora import DynamicLoraModel, InjectConfig, LoraBank, StateConfig, module_shapes_of
+    from dynalora.models import load_base_model
+    from dynalora.runtime.absorb import AbsorbConfig, Absorber
+    from dynalora.train.absorb import chat_prompt
+
+    torch.set_num_threads(config.threads)
+    compressor = Compressor.load(config.compressor_dir)
+    trained = json.loads((Path(config.compressor_dir) / "train_absorb.json").read_text())["config"]
+    chunk_tokens, rank = trained["chunk_tokens"], compressor.config.rank
+    base = load_base_model(config.model)
+    tokenizer, model = base.tokenizer, base.model
+    max_batch = 16
+    dyn = DynamicLoraModel.attach(model, LoraBank(module_shapes_of(model)), InjectConfig(
+        target_modules=sorted({m.rsplit(".", 1)[-1] for m in compressor.modules_list}),
+        state=StateConfig(max_batch=max_batch, generated_rank=0, memory_rank=rank)))
+    absorber = Absorber(dyn, compressor, AbsorbConfig(window=config.window, sink_tokens=config.sink_tokens,
+                                                      chunk_tokens=chunk_tokens))
+    answerer = _Answerer(dyn, tokenizer, config.max_new_tokens)
+    state = dyn.state
+    memory_bytes = sum((a.numel() + b.numel()) * 2 for a, b in  # fp16 on disk
+                       ((torch.empty(rank, s.row_a_t.shape[1]), torch.empty(s.row_b_t.shape[2], rank))
+                        for s in state.slots.values()))
+    kv_per_token = 2 * model.config.num_hidden_layers * getattr(model.config, "num_key_value_heads",
+                                                                  model.config.num_attention_heads) * \
+        (model.config.hidden_size // model.config.num_attention_heads) * 2  # fp16 K and V
+    result = {"window": config.window, "chunk_tokens": chunk_tokens, "memory_rank": rank,
+              "adapter_bytes": memory_bytes, "kv_bytes_per_token": kv_per_token,
+              "compressor": str(config.compressor_dir)}
+    if config.data is not None:
+        docs = read_absorb_docs(config.data)[:config.max_docs]
+        result.update(_eval_documents(config, docs, dyn, absorber, answerer, tokenizer, chunk_tokens, rank,
+                                      chat_prompt))
+        result["kv_bytes_evicted"] = round(result.pop("evicted_tokens_per_doc") * kv_per_token)
+        result["data"] = str(config.data)
+    if config.locality:
+        result["locality"] = _eval_locality(unrelated_questions(config.locality), docs if config.data else
+                                            needle_suite(config.window, (1,), 2, tokenizer), dyn, absorber, answerer,
+                                            tokenizer, chat_prompt)
+    if config.needle:
+        result["needle"] = _eval_needle(config, needle_suite(config.window, tuple(config.needle_multiples), 10,
+                                                             tokenizer), dyn, absorber, tokenizer, chat_prompt)
+    dyn.detach()
+    return report(result, format_absorb_table(result), out)
+
+
+def _eval_documents(config, docs, dyn, absorber, answerer, tokenizer, chunk_tokens, rank, chat_prompt) -> dict:
+    state, run = dyn.state, set(config.methods)
+    predictions: dict[str, list[str]] = {}
+    seconds: dict[str, float] = {}
+    answers, context_tokens, evicted = [], 0, 0
+    gradient_times: dict[int, float] = {}
+
+    def record(name, texts, spent):
+        predictions.setdefault(name, []).extend(texts)
+        seconds[name] = seconds.get(name, 0.0) + spent
+
+    for doc in tqdm(docs, desc="eval absorb"):
+        questions = [q["question"] for q in doc["questions"]]
+        answers += [q["answer"] for q in doc["questions"]]
+        ids = tokenizer(doc["context"], add_special_tokens=False)["input_ids"]
+        context_tokens += len(ids)
+        evicted += len(ids)
+        bare = [chat_prompt(tokenizer, q) for q in questions]
+        state.reset()
+        if "full_context" in run:
+            began = time.perf_counter()
+            record("full_context", answerer.answer([chat_prompt(tokenizer, q, doc["context"]) for q in questions]),
+                   time.perf_counter() - began)
+        if "no_context" in run:
+            began = time.perf_counter()
+            record("no_context", answerer.answer(bare), time.perf_counter() - began)
+        if "dynalora" in run:
+            began = time.perf_counter()
+            absorber.absorb_text(0, ids)
+            _copy_memory(state, state.row_factors(0, "memory"), state.max_batch)
+            record("dynalora", answerer.answer(bare), time.perf_counter() - began)
+            state.reset()
+        if "summary" in run:
+            began = time.perf_counter()
+            budget = max(16, (config.window - max(len(p) for p in bare) - 16) // max(1, -(-len(ids) // chunk_tokens)))
+            chunks = [tokenizer.decode(ids[i:i + chunk_tokens]) for i in range(0, len(ids), chunk_tokens)]
+            prompts = [chat_prompt(tokenizer, SUMMARY_INSTRUCTION, chunk) for chunk in chunks]
+            summaries = []
+            for start in range(0, len(prompts), state.max_batch):
+                result = answerer.engine.generate(prompts[start:start + state.max_batch], max_new_tokens=budget)
+                summaries += [t.strip() for t in result.texts]
+            notes = "\n".join(summaries)
+            record("summary", answerer.answer([chat_prompt(tokenizer, q, notes) for q in questions]),
+                   time.perf_counter() - began)
+        if "gradient_lora" in run:
+            for steps, spent, factors in _fine_tune(dyn, ids, rank, state.modules, config.gradient_steps,
+                                                    config.gradient_lr, seed=len(answers)):
+                began = time.perf_counter()
+                _copy_memory(state, factors, state.max_batch)
+                record(f"gradient_lora@{steps}", answerer.answer(bare), spent + time.perf_counter() - began)
+                gradient_times[steps] = gradient_times.get(steps, 0.0) + spent
+            state.reset()
+
+    methods = {name: {**score_answers(texts, answers[:len(texts)]),
+                      "seconds_per_1k_tokens": 1000 * seconds[name] / max(context_tokens, 1)}
+               for name, texts in predictions.items()}
+    for steps, spent in gradient_times.items():
+        methods[f"gradient_lora@{steps}"]["train_seconds_per_doc"] = spent / len(docs)
+        methods[f"gradient_lora@{steps}"]["steps"] = steps
+    result = {"methods": methods, "documents": len(docs), "questions": len(answers),
+              "context_tokens": context_tokens, "evicted_tokens_per_doc": evicted / max(len(docs), 1),
+              "examples": [{"question": q["question"], "answer": q["answer"],
+                            **{name: texts[i] for name, texts in predictions.items()}}
+                           for i, q in enumerate([q for d in docs for q in d["questions"]][:12])]}
+    if "full_context" in methods and "no_context" in methods:
+        top, bottom = methods["full_context"]["exact_match"], methods["no_context"]["exact_match"]
+        result["gap_closed"] = {name: (m["exact_match"] - bottom) / (top - bottom) if top != bottom else None
+                                for name, m in methods.items() if name not in ("full_context", "no_context")}
+    if "dynalora" in methods and gradient_times:
+        target = methods["dynalora"]["exact_match"]
+        absorb_time = seconds["dynalora"]
+        reached = [s for s in sorted(gradient_times) if methods[f"gradient_lora@{s}"]["exact_match"] >= target]
+        floor = methods.get("no_context", {}).get("exact_match")
+        note = None
+        if floor is not None and target <= floor:
+            reached, note = [], "dynalora is not above no_context: no accuracy to match, no speed comparison"
+        elif not reached:
+            note = f"gradient_lora never reached dynalora's exact match within {max(gradient_times)} steps"
+        result["speed"] = {
+            "dynalora_adapt_and_answer_seconds": absorb_time,
+            "gradient_steps_to_match_dynalora": reached[0] if reached else None,
+            "gradient_seconds_to_match_dynalora": gradient_times[reached[0]] if reached else None,
+            "ratio": gradient_times[reached[0]] / absorb_time if reached else None, "note": note}
+    return result
+
+
+def _eval_locality(items, memory_docs, dyn, absorber, answerer, tokenizer, chat_prompt) -> dict:
+    """Unrelated self-contained questions, with some other document's memory applied vs none."""
+    state = dyn.state
+    prompts = [chat_prompt(tokenizer, item["questions"][0]["question"], item["context"]) for item in items]
+    answers = [item["questions"][0]["answer"] for item in items]
+    state.reset()
+    without = score_answers(answerer.answer(prompts), answers)
+    with_memory = []
+    for index, prompt in enumerate(prompts):
+        state.reset()
+        doc = memory_docs[index % len(memory_docs)]
+        absorber.absorb_text(0, tokenizer(doc["context"], add_special_tokens=False)["input_ids"])
+        with_memory += answerer.answer([prompt])
+    state.reset()
+    scored = score_answers(with_memory, answers)
+    return {"questions": len(items), "without_memory": without, "with_memory": scored,
+            "exact_match_drop_points": 100 * (without["exact_match"] - scored["exact_match"])}
+
+
+def _eval_needle(config, docs, dyn, absorber, tokenizer, chat_prompt) -> dict:
+    """Pass-key retrieval: full context, the window truncated (sink + last tokens), and dynalora streaming
+    the document through the window (what leaves it is absorbed)."""
+    from dynalora.runtime import Engine
+
+    state = dyn.state
+    plain = Engine(dyn, tokenizer)
+    streaming = Engine(dyn, tokenizer, absorber=absorber)
+    rows = {}
+    for doc in tqdm(docs, desc="needle"):
+        question, answer = doc["questions"][0]["question"], doc["questions"][0]["answer"]
+        prompt = chat_prompt(tokenizer, question, doc["context"])
+        sink, keep = config.sink_tokens, config.window - config.sink_tokens
+        truncated = prompt if len(prompt) <= config.window else prompt[:sink] + prompt[-keep:]
+        outputs = {}
+        for name, engine, ids in (("full_context", plain, prompt), ("truncated", plain, truncated),
+                                  ("dynalora", streaming, prompt)):
+            state.reset()
+            outputs[name] = engine.generate([ids], max_new_tokens=12).texts[0]
+        for name, text in outputs.items():
+            hit = score_answers([text], [answer])["exact_match"]
+            rows.setdefault(name, {}).setdefault(str(doc["multiple"]), []).append(hit)
+    state.reset()
+    return {name: {multiple: sum(hits) / len(hits) for multiple, hits in by_multiple.items()}
+            for name, by_multiple in rows.items()}
+
+
+def format_absorb_table(result: dict) -> str:
+    lines = []
+    if "methods" in result:
+        lines += [f"{result['documents']} documents, {result['questions']} questions, window {result['window']}, "
+                  f"memory rank {result['memory_rank']} ({result['adapter_bytes'] / 1024:.0f} KiB)",
+                  f"{'method':<22}{'exact':>8}{'F1':>8}{'s/1k tok':>10}{'gap closed':>12}"]
+        for name, m in result["methods"].items():
+            gap = result.get("gap_closed", {}).get(name)
+            lines.append(f"{name:<22}{m['exact_match']:>8.3f}{m['f1']:>8.3f}{m['seconds_per_1k_tokens']:>10.2f}"
+                         f"{'' if gap is None else f'{gap:.2f}':>12}")
+        if "speed" in result:
+            lines.append(f"speed: {result['speed']}")
+    if "locality" in result:
+        loc = result["locality"]
+        lines.append(f"locality ({loc['questions']} unrelated questions): exact {loc['without_memory']['exact_match']:.3f} "
+                     f"without memory, {loc['with_memory']['exact_match']:.3f} with (drop "
+                     f"{loc['exact_match_drop_points']:.1f} points)")
+    if "needle" in result:
+        lines.append("needle retrieval by length (× window): " + "; ".join(
+            f"{name} " + ", ".join(f"{k}×={v:.1f}" for k, v in by.items()) for name, by in result["needle"].items()))
+    return "\n".join(lines)

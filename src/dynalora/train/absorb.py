@@ -1,0 +1,397 @@
+"""``dynalora train absorb``: train the compressor by context distillation.
+
+An example is a document (cut into chunks of ``chunk_tokens``), a question and its short answer.
+The *teacher* is the frozen base model with the document in its context; the *student* is the same
+model with only the question in context and the memory LoRA the compressor writes from the chunks
+(each chunk compressed alone, the chunks' factors stacked along the rank: the memory before its rank
+cut). The loss, on the answer tokens only: cross-entropy to the teacher's top-``k`` distribution
+(cached once) + ``gold_weight`` × the gold answer's NLL. A ``locality_fraction`` of examples put an
+*unrelated* document in memory and a self-contained question in context, with the teacher seeing
+the same window: the memory must then change nothing.
+
+Data: JSONL lines ``{"context", "questions": [{"question", "answer"}], "kind"}`` from
+``dynalora data absorb``. Resumable (``resume.pt`` every ``checkpoint_every`` steps), progress bar,
+loss plot; the teacher cache is kept in ``out_dir`` and reused when the data and settings match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dynalora.train.data import config_record
+
+ANSWER_INSTRUCTION = "Answer in a few words."
+
+
+@dataclass
+class AbsorbTrainConfig:
+    data: list[Path] = field(default_factory=lambda: [Path("data/absorb_train.jsonl")])
+    """Training documents (JSONL from ``dynalora data absorb --split train``)."""
+    validation: Path | None = None
+    """Validation documents (``--split validation``): loss and answer accuracy with/without memory."""
+    out_dir: Path = Path("checkpoints/absorb")
+    model: str | None = None
+    target_modules: list[str] = field(default_factory=lambda: ["o_proj", "down_proj"])
+    rank: int = 8
+    width: int = 256
+    chunk_tokens: int = 128
+    max_chunks: int = 4
+    """Documents longer than this many chunks are skipped."""
+    steps: int = 600
+    batch_size: int = 8
+    lr: float = 1e-3
+    warmup_steps: int = 30
+    teacher_top_k: int = 32
+    gold_weight: float = 0.5
+    distill_weight: float = 1.0
+    """Weight of the teacher distribution; 0 trains on the gold answers alone and skips the teacher pass."""
+    b_scale: float = 1.0
+    """Fixed scale on the generated ``B`` (CompressorConfig.scale): small values keep early updates gentle."""
+    locality_fraction: float = 0.15
+    time_limit_minutes: float | None = None
+    """Stop (and save) when training has run this long; the learning-rate schedule follows whichever of
+    steps and time runs out first, so a cut run still ends annealed."""
+    teacher_batch_size: int = 16
+    checkpoint_every: int = 50
+    validation_examples: int = 96
+    seed: int = 0
+    threads: int = 2
+    device: str = "auto"
+    """``auto`` (cuda when present), ``cpu`` or ``cuda``."""
+
+    def __post_init__(self):
+        if self.rank < 1 or self.chunk_tokens < 8 or self.max_chunks < 1:
+            raise ValueError("AbsorbTrainConfig: rank ≥ 1, chunk_tokens ≥ 8, max_chunks ≥ 1")
+        if not 0 <= self.locality_fraction < 1:
+            raise ValueError(f"AbsorbTrainConfig.locality_fraction={self.locality_fraction}: must be in [0, 1)")
+
+
+@dataclass
+class AbsorbExample:
+    chunks: list[list[int]]
+    """The document in memory, as chunks of token ids."""
+    student: list[int]
+    """What the student has in context: the chat prompt, then the answer tokens."""
+    teacher: list[int]
+    """The teacher's context (document + question prompt), then the same answer tokens."""
+    answer_length: int
+    """The last ``answer_length`` tokens of both sequences are the answer (scored)."""
+    locality: bool = False
+
+
+def chat_prompt(tokenizer, question: str, context: str | None = None) -> list[int]:
+    """The chat-template prompt for a question (with the document before it when ``context`` is given)."""
+    content = f"{question} {ANSWER_INSTRUCTION}" if context is None else f"{context}\n\n{question} {ANSWER_INSTRUCTION}"
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                              tokenize=True, return_dict=True)["input_ids"])
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The token that ends an assistant turn: ``<|im_end|>`` in ChatML templates, else EOS."""
+    try:
+        end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    except (KeyError, ValueError):  # a tokenizer without it
+        end = None
+    if isinstance(end, int) and end != getattr(tokenizer, "unk_token_id", None):
+        return end
+    return getattr(tokenizer, "eos_token_id", None)
+
+
+def answer_tokens(tokenizer, answer: str, end_id: int | None) -> list[int]:
+    """The answer as the assistant says it, then the end-of-turn token (so the student learns to stop)."""
+    return tokenizer(answer, add_special_tokens=False)["input_ids"] + ([end_id] if end_id is not None else [])
+
+
+def chunk_ids(tokenizer, text: str, chunk_tokens: int) -> list[list[int]]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [ids[i:i + chunk_tokens] for i in range(0, len(ids), chunk_tokens)]
+
+
+def read_docs(paths: list[Path] | Path) -> list[dict]:
+    from dynalora.data.absorb import read_absorb_docs
+
+    docs = []
+    for path in paths if isinstance(paths, list) else [paths]:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: missing; make it with `dynalora data absorb --out {path}`")
+        docs += read_absorb_docs(path)
+    return docs
+
+
+def build_examples(tokenizer, docs: list[dict], config: AbsorbTrainConfig, seed: int) -> list[AbsorbExample]:
+    rng = random.Random(seed)
+    chunked = [chunk_ids(tokenizer, d["context"], config.chunk_tokens) for d in docs]
+    usable = [i for i, c in enumerate(chunked) if 0 < len(c) <= config.max_chunks]
+    examples, end_id = [], end_of_turn_id(tokenizer)
+    for i in usable:
+        for qa in docs[i]["questions"]:
+            answer = answer_tokens(tokenizer, qa["answer"], end_id)
+            if rng.random() < config.locality_fraction and len(usable) > 1:
+                # an unrelated document in memory; the question's own document in the window
+                other = i
+                while other == i:
+                    other = rng.choice(usable)
+                window = chat_prompt(tokenizer, qa["question"], docs[i]["context"]) + answer
+                examples.append(AbsorbExample(chunked[other], window, window, len(answer), locality=True))
+            else:
+                examples.append(AbsorbExample(chunked[i], chat_prompt(tokenizer, qa["question"]) + answer,
+                                              chat_prompt(tokenizer, qa["question"], docs[i]["context"]) + answer,
+                                              len(answer)))
+    rng.shuffle(examples)
+    return examples
+
+
+def _pad(rows: list[list[int]], pad_id: int, device, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded ``(N, T)`` ids and mask (right-padded, or left-padded so every row ends at the last column)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span] = torch.tensor(row)
+        mask[i, span] = 1
+    return ids.to(device), mask.to(device)
+
+
+def answer_log_probs(model, sequences: list[list[int]], answer_lengths: list[int], pad_id: int,
+                     device) -> torch.Tensor:
+    """Log-probs at the positions that predict each sequence's answer (its last tokens), concatenated:
+    ``(sum(answer_lengths), V)``. Rows are left-padded so the answers end together and the LM head runs
+    on the last ``max(answer)+1`` positions only (the full ``(N, T, V)`` logits would dominate the cost)."""
+    ids, mask = _pad(sequences, pad_id, device, left=True)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    keep = max(answer_lengths) + 1
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                   logits_to_keep=keep).logits  # (N, keep, V)
+    parts = [logits[i, keep - answer - 1:keep - 1] for i, answer in enumerate(answer_lengths)]
+    return torch.log_softmax(torch.cat(parts).float(), dim=-1)
+
+
+@torch.no_grad()
+def teacher_targets(model, examples: list[AbsorbExample], top_k: int, pad_id: int, device, batch_size: int = 8,
+                    desc: str = "teacher") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per example, the teacher's top-``k`` (log-probs ``(A, k)``, token ids ``(A, k)``) at its answer positions."""
+    out = []
+    for start in tqdm(range(0, len(examples), batch_size), desc=desc):
+        batch = examples[start:start + batch_size]
+        log_probs = answer_log_probs(model, [e.teacher for e in batch], [e.answer_length for e in batch], pad_id,
+                                     device)
+        values, indices = log_probs.topk(top_k, dim=-1)
+        for part_v, part_i in zip(values.split([e.answer_length for e in batch]),
+                                  indices.split([e.answer_length for e in batch])):
+            out.append((part_v.half().cpu(), part_i.int().cpu()))
+    return out
+
+
+def memory_factors(dyn, compressor, examples: list[AbsorbExample], pad_id: int, device) -> dict:
+    """Compress every chunk of the batch (base model as encoder, no gradient into it) and stack each
+    example's chunks along the rank: ``{module: (A_t (N, in, R), B_t (N, R, out))}``, ``R = max_chunks·r``."""
+    from dynalora.hyper.compressor import layer_inputs
+
+    flat = [chunk for e in examples for chunk in e.chunks]
+    ids, mask = _pad(flat, pad_id, device)
+    with torch.no_grad(), dyn.state.functional(None, {}):
+        hidden = layer_inputs(dyn.model, ids, compressor.source_layers, attention_mask=mask)
+    factors = compressor(hidden, mask.bool())
+    most = max(len(e.chunks) for e in examples)
+    # chunk index of every (example, slot), or C (an all-zero row) where an example has fewer chunks
+    index, at = torch.full((len(examples), most), len(flat), dtype=torch.long), 0
+    for i, e in enumerate(examples):
+        index[i, :len(e.chunks)] = torch.arange(at, at + len(e.chunks))
+        at += len(e.chunks)
+    index = index.to(device)
+    out = {}
+    for module, (lora_a, lora_b) in factors.items():  # (C, r, in), (C, out, r)
+        rank = lora_a.shape[1]
+        lora_a = torch.cat([lora_a, lora_a.new_zeros(1, *lora_a.shape[1:])])[index]  # (N, most, r, in)
+        lora_b = torch.cat([lora_b, lora_b.new_zeros(1, *lora_b.shape[1:])])[index]  # (N, most, out, r)
+        a_t = lora_a.reshape(len(examples), most * rank, -1).transpose(1, 2)  # (N, in, most·r)
+        b_t = lora_b.permute(0, 1, 3, 2).reshape(len(examples), most * rank, -1)  # (N, most·r, out)
+        out[module] = (a_t, b_t)
+    return out
+
+
+def distillation_loss(dyn, compressor, examples, targets, pad_id, device, gold_weight: float,
+                      use_memory: bool = True, distill_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """Loss of one batch and its parts; ``use_memory=False`` scores the student with no memory (baseline)."""
+    row_factors = memory_factors(dyn, compressor, examples, pad_id, device) if use_memory else {}
+    with dyn.state.functional(None, row_factors):
+        log_probs = answer_log_probs(dyn.model, [e.student for e in examples], [e.answer_length for e in examples],
+                                     pad_id, device)
+    distill = log_probs.new_zeros(())
+    if distill_weight:
+        teacher_values = torch.cat([t[0] for t in targets]).to(device).float()  # (A, k)
+        teacher_ids = torch.cat([t[1] for t in targets]).to(device).long()  # (A, k)
+        distill = -(torch.softmax(teacher_values, -1) * log_probs.gather(1, teacher_ids)).sum(-1).mean()
+    gold = torch.tensor([t for e in examples for t in e.student[-e.answer_length:]], device=device)
+    gold_nll = F.nll_loss(log_probs, gold)
+    # all answer tokens right, teacher-forced: a cheap accuracy proxy
+    correct = (log_probs.argmax(-1) == gold).split([e.answer_length for e in examples])
+    accuracy = sum(bool(c.all()) for c in correct) / len(examples)
+    loss = distill_weight * distill + gold_weight * gold_nll
+    return loss, {"distill": float(distill.detach()), "gold_nll": float(gold_nll.detach()), "answer_acc": accuracy}
+
+
+def _lr_at(step: int, seconds: float, config: AbsorbTrainConfig) -> float:
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    if config.time_limit_minutes:
+        progress = max(progress, seconds / (60 * config.time_limit_minutes))
+    return config.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _cache_key(config: AbsorbTrainConfig, docs_bytes: bytes, name: str) -> str:
+    keyed = {k: str(getattr(config, k)) for k in ("model", "chunk_tokens", "max_chunks", "teacher_top_k",
+                                                   "locality_fraction", "seed")}
+    return hashlib.sha256(docs_bytes + json.dumps(keyed, sort_keys=True).encode() + name.encode()).hexdigest()[:16]
+
+
+def cached_teacher(path: Path, key: str, compute) -> list:
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        if saved.get("key") == key:
+            return saved["targets"]
+    targets = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"key": key, "targets": targets}, path)
+    return targets
+
+
+@torch.no_grad()
+def evaluate(dyn, compressor, examples, targets, pad_id, device, config) -> dict:
+    """Validation loss and answer accuracy with the right memory, with none, and with the memory of another
+    document (``wrong_memory``: what the memory gives beyond answer-format priors)."""
+    wrong = [AbsorbExample(examples[(i + 1) % len(examples)].chunks, e.student, e.teacher, e.answer_length, e.locality)
+             for i, e in enumerate(examples)]
+    result = {}
+    for name, rows, use_memory in (("memory", examples, True), ("no_memory", examples, False),
+                                   ("wrong_memory", wrong, True)):
+        parts = []
+        for start in range(0, len(rows), config.batch_size):
+            batch = rows[start:start + config.batch_size]
+            _, part = distillation_loss(dyn, compressor, batch, targets[start:start + config.batch_size], pad_id,
+                                        device, config.gold_weight, use_memory, config.distill_weight)
+            parts.append((part, len(batch)))
+        total = sum(n for _, n in parts)
+        result[name] = {k: sum(p[k] * n for p, n in parts) / total for k in parts[0][0]}
+    return result
+
+
+def train_absorb(config: AbsorbTrainConfig) -> dict:
+    from dynalora.hyper.compressor import Compressor, CompressorConfig
+    from dynalora.lora import DynamicLoraModel, InjectConfig, LoraBank, StateConfig, module_shapes_of
+    from dynalora.models import load_base_model
+    from dynalora.train.library import plot_losses
+
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if config.device == "auto" else config.device))
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls
+    base = load_base_model(config.model)
+    model = base.model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tokenizer = base.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    shapes = module_shapes_of(model)
+    dyn = DynamicLoraModel.attach(model, LoraBank(shapes), InjectConfig(
+        target_modules=config.target_modules, state=StateConfig(max_batch=1, generated_rank=0, memory_rank=config.rank)))
+    compressor = Compressor(CompressorConfig(hidden_size=model.config.hidden_size,
+                                             module_shapes={m: list(shapes[m]) for m in dyn.state.modules},
+                                             rank=config.rank, width=config.width, scale=config.b_scale)).to(device)
+
+    started = time.perf_counter()
+    paths = config.data if isinstance(config.data, list) else [config.data]
+    docs = read_docs(paths)
+    train = build_examples(tokenizer, docs, config, config.seed)
+    if not train:
+        raise ValueError(f"{paths}: no usable documents (each needs ≤ {config.max_chunks} chunks of "
+                         f"{config.chunk_tokens} tokens)")
+    docs_bytes = b"".join(Path(p).read_bytes() for p in paths)
+    no_teacher = not config.distill_weight
+    train_targets = [None] * len(train) if no_teacher else cached_teacher(config.out_dir / "teacher_train.pt", _cache_key(config, docs_bytes, "train"),
+                                   lambda: teacher_targets(model, train, config.teacher_top_k, pad_id, device,
+                                                           config.teacher_batch_size, desc="teacher (train)"))
+    validation, validation_targets = [], []
+    if config.validation:
+        validation = build_examples(tokenizer, read_docs(config.validation), config,
+                                    config.seed + 1)[:config.validation_examples]
+        validation_targets = [None] * len(validation) if no_teacher else cached_teacher(
+            config.out_dir / "teacher_validation.pt",
+            _cache_key(config, Path(config.validation).read_bytes(), f"validation{config.validation_examples}"),
+            lambda: teacher_targets(model, validation, config.teacher_top_k, pad_id, device,
+                                   config.teacher_batch_size, desc="teacher (val)"))
+    teacher_seconds = time.perf_counter() - started
+
+    optimizer = torch.optim.AdamW(compressor.parameters(), lr=config.lr, weight_decay=0.01)
+    resume = config.out_dir / "resume.pt"
+    start, history, seconds = 0, [], 0.0
+    if resume.is_file():
+        saved = torch.load(resume, weights_only=True, map_location=device)
+        compressor.load_state_dict(saved["compressor"])
+        optimizer.load_state_dict(saved["optimizer"])
+        start, history, seconds = saved["step"], saved["history"], saved["seconds"]
+        print(f"resuming train absorb from step {start}")
+    order = random.Random(config.seed)
+    batches = []
+    while len(batches) < config.steps:
+        indices = list(range(len(train)))
+        order.shuffle(indices)
+        batches += [indices[i:i + config.batch_size] for i in range(0, len(indices) - config.batch_size + 1,
+                                                                    config.batch_size)] or [indices]
+    compressor.train()
+    progress = tqdm(range(start, config.steps), desc="train absorb", initial=start, total=config.steps)
+    for step in progress:
+        began = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, seconds, config)
+        rows = batches[step]
+        loss, parts = distillation_loss(dyn, compressor, [train[i] for i in rows], [train_targets[i] for i in rows],
+                                        pad_id, device, config.gold_weight, distill_weight=config.distill_weight)
+        if not math.isfinite(float(loss.detach())):
+            raise FloatingPointError(f"train absorb: non-finite loss at step {step}: {parts}")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(compressor.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        history.append(parts)
+        seconds += time.perf_counter() - began
+        progress.set_postfix(distill=f"{parts['distill']:.3f}", gold=f"{parts['gold_nll']:.3f}",
+                             acc=f"{parts['answer_acc']:.2f}")
+        if config.time_limit_minutes and seconds > 60 * config.time_limit_minutes:
+            print(f"train absorb: time limit of {config.time_limit_minutes} min reached after {step + 1} steps")
+            break
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+            config.out_dir.mkdir(parents=True, exist_ok=True)
+            torch.save({"compressor": compressor.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
+                        "history": history, "seconds": seconds}, resume)
+    compressor.eval()
+    scores = evaluate(dyn, compressor, validation, validation_targets, pad_id, device, config) if validation else {}
+    dyn.detach()
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    compressor.cpu().save(config.out_dir)
+    plot_losses([h["gold_nll"] for h in history], config.out_dir / "loss.png",
+                "absorb compressor: gold answer NLL with the memory LoRA")
+    metadata = {"config": config_record(config), "train_seconds": round(seconds, 1),
+                "teacher_seconds": round(teacher_seconds, 1), "device": str(device),
+                "device_name": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+                "steps_done": len(history), "train_examples": len(train), "parameters": sum(p.numel() for p in compressor.parameters()),
+                "final": {k: sum(h[k] for h in history[-20:]) / min(20, len(history)) for k in history[-1]},
+                "validation": scores, "validation_examples": len(validation), "history": history,
+                "split": {"train": [str(p) for p in paths], "validation": str(config.validation)}}
+    (config.out_dir / "train_absorb.json").write_text(json.dumps(metadata, indent=2))
+    resume.unlink(missing_ok=True)
+    return metadata

@@ -1,0 +1,188 @@
+"""Absorb on a tiny Llama: fixed-rank memory merges, the compressor, and eviction in the engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dynalora.hyper.compressor import Compressor, CompressorConfig, layer_inputs
+from dynalora.lora import DynamicLoraModel, InjectConfig, LoraBank, StateConfig, module_shapes_of
+from dynalora.lora.lowrank import merge_at_rank
+from dynalora.models import tiny_model
+from dynalora.runtime import Engine, SamplingConfig
+from dynalora.runtime.absorb import AbsorbConfig, Absorber
+
+TARGETS = ["o_proj", "down_proj"]
+
+
+def make_absorber(window=24, sink=2, chunk=8, memory_rank=4, rank=2, seed=0, family="llama"):
+    torch.manual_seed(seed)
+    model = tiny_model(family)
+    shapes = module_shapes_of(model)
+    dyn = DynamicLoraModel.attach(model, LoraBank(shapes), InjectConfig(
+        target_modules=TARGETS, state=StateConfig(max_batch=2, generated_rank=0, memory_rank=memory_rank)))
+    modules = {m: list(shapes[m]) for m in dyn.state.modules}
+    compressor = Compressor(CompressorConfig(hidden_size=model.config.hidden_size, module_shapes=modules, rank=rank,
+                                             width=32, heads=2))
+    with torch.no_grad():  # a trained compressor writes nonzero B; a fresh one writes the identity
+        for head in compressor.head_b.values():
+            head.weight.normal_(std=0.5)
+    return dyn, compressor, Absorber(dyn, compressor, AbsorbConfig(window=window, sink_tokens=sink, chunk_tokens=chunk))
+
+
+def dense(factors):
+    return {m: b @ a for m, (a, b) in factors.items()}
+
+
+def test_merge_at_rank_is_exact_below_the_rank_and_optimal_above():
+    g = torch.Generator().manual_seed(0)
+    old = {"m": (torch.randn(2, 10, generator=g, dtype=torch.float64), torch.randn(7, 2, generator=g, dtype=torch.float64))}
+    new = {"m": (torch.randn(2, 10, generator=g, dtype=torch.float64), torch.randn(7, 2, generator=g, dtype=torch.float64))}
+    merged, error = merge_at_rank(old, new, rank=4, decay=0.5)
+    assert error == 0.0
+    torch.testing.assert_close(dense(merged)["m"], 0.5 * dense(old)["m"] + dense(new)["m"])
+    merged, error = merge_at_rank(old, new, rank=3)
+    full = dense(old)["m"] + dense(new)["m"]
+    singular = torch.linalg.svdvals(full)
+    assert merged["m"][0].shape == (3, 10)
+    best = float(singular[3:].pow(2).sum().sqrt() / singular.pow(2).sum().sqrt())  # Eckart–Young
+    assert error == pytest.approx(best, rel=1e-9)
+    assert float(torch.linalg.norm(full - dense(merged)["m"]) / torch.linalg.norm(full)) == pytest.approx(best)
+
+
+def test_fresh_compressor_writes_the_identity_and_ignores_padding():
+    dyn, compressor, _ = make_absorber()
+    with torch.no_grad():
+        for head in compressor.head_b.values():
+            head.weight.zero_()
+    ids = torch.randint(0, 200, (1, 8))
+    hidden = layer_inputs(dyn.model, ids, compressor.source_layers)
+    factors = compressor(hidden)
+    assert all(float(b.abs().max()) == 0.0 for _, b in factors.values())
+    assert set(factors) == set(dyn.state.modules)
+    a, b = factors[dyn.state.modules[0]]
+    assert a.shape[:2] == (1, 2) and b.shape[0] == 1 and b.shape[2] == 2
+    # padding: the same chunk with 3 masked positions after it gives the same factors
+    _, fresh, _ = make_absorber()
+    padded = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], dim=1)
+    mask = torch.tensor([[True] * 8 + [False] * 3])
+    hidden_padded = {k: v for k, v in layer_inputs(dyn.model, padded, fresh.source_layers).items()}
+    alone, with_pad = fresh(layer_inputs(dyn.model, ids, fresh.source_layers)), fresh(hidden_padded, mask)
+    for module in alone:
+        torch.testing.assert_close(alone[module][0], with_pad[module][0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(alone[module][1], with_pad[module][1], atol=1e-5, rtol=1e-5)
+
+
+def test_absorbing_keeps_the_memory_rank_and_size_fixed():
+    dyn, _, absorber = make_absorber(memory_rank=4, rank=2)
+    before = {k: v.numel() for k, v in dyn.state.tensors().items()}
+    reports = absorber.absorb_text(0, torch.randint(0, 200, (40,)).tolist())  # 5 chunks of 8
+    assert [r.tokens for r in reports] == [8] * 5
+    assert [r.memory_rank for r in reports] == [2, 4, 4, 4, 4]
+    assert reports[0].rel_error == 0.0 and reports[-1].rel_error > 0.0
+    assert {k: v.numel() for k, v in dyn.state.tensors().items()} == before
+    memory = dyn.state.row_factors(0, "memory")
+    assert memory and all(a.shape[0] == 4 for a, _ in memory.values())
+    assert not dyn.state.row_factors(1, "memory")  # other rows untouched
+
+
+def test_absorb_changes_logits_only_of_its_row():
+    dyn, _, absorber = make_absorber()
+    ids = torch.randint(0, 200, (2, 6))
+    with torch.no_grad():
+        base = dyn(input_ids=ids).logits
+        absorber.absorb(1, torch.randint(0, 200, (8,)).tolist())
+        after = dyn(input_ids=ids).logits
+    torch.testing.assert_close(after[0], base[0])
+    assert not torch.allclose(after[1], base[1])
+
+
+@torch.no_grad()
+def reference_generation(dyn, absorber, prompt, steps):
+    """Greedy, no KV cache: every step is a fresh forward of the kept tokens (positions from 0)."""
+    dyn.state.reset()
+    row, _ = absorber.evict(0, list(prompt))
+    out = []
+    for _ in range(steps):
+        token = int(dyn(input_ids=torch.tensor([row])).logits[0, -1].argmax())
+        out.append(token)
+        row.append(token)
+        row, _ = absorber.evict(0, row)
+    return out
+
+
+@pytest.mark.parametrize("prompt_length", [10, 40])  # inside the window, and longer than it
+def test_engine_eviction_equals_a_fresh_forward_of_the_kept_tokens(prompt_length):
+    dyn, _, absorber = make_absorber(window=24, sink=2, chunk=8)
+    prompt = torch.randint(3, 200, (prompt_length,)).tolist()
+    expected = reference_generation(dyn, absorber, prompt, steps=40)
+    dyn.state.reset()
+    engine = Engine(dyn, None, None, absorber=absorber)
+    engine.eos_ids = set()
+    result = engine.generate([prompt], max_new_tokens=40, sampling=SamplingConfig())
+    assert result.token_ids[0] == expected
+    absorbs = result.lora_events("absorb")
+    assert len(absorbs) == (prompt_length + 40 - 24 + 7) // 8  # one per 8 tokens past the window
+    assert all(e.position <= 24 for e in absorbs)
+
+
+def test_compressor_save_load_round_trip(tmp_path):
+    _, compressor, _ = make_absorber()
+    compressor.save(tmp_path / "c", dtype=torch.float32)
+    loaded = Compressor.load(tmp_path / "c")
+    hidden = {layer: torch.randn(1, 5, compressor.config.hidden_size) for layer in compressor.source_layers}
+    for module, (a, b) in compressor.eval()(hidden).items():
+        torch.testing.assert_close(loaded(hidden)[module][0], a)
+        torch.testing.assert_close(loaded(hidden)[module][1], b)
+    with pytest.raises(FileNotFoundError, match="compressor"):
+        Compressor.load(tmp_path / "missing")
+
+
+def test_absorber_refuses_a_state_without_memory():
+    model = tiny_model("llama")
+    dyn = DynamicLoraModel.attach(model, LoraBank(module_shapes_of(model)), InjectConfig(state=StateConfig(memory_rank=0)))
+    shapes = module_shapes_of(model)
+    compressor = Compressor(CompressorConfig(model.config.hidden_size, {m: list(shapes[m]) for m in dyn.state.modules}))
+    with pytest.raises(ValueError, match="memory_rank"):
+        Absorber(dyn, compressor)
+    with pytest.raises(ValueError, match="window"):
+        AbsorbConfig(window=10, sink_tokens=4, chunk_tokens=8)
+
+
+def test_chat_session_never_absorbs_the_same_tokens_twice():
+    from dynalora.models import ByteTokenizer
+    from dynalora.runtime.session import ChatSession
+
+    dyn, _, absorber = make_absorber(window=48, sink=2, chunk=8)
+    tokenizer = ByteTokenizer()
+    engine = Engine(dyn, tokenizer, None, absorber=absorber)
+    engine.eos_ids = set()
+    session = ChatSession(engine)
+    absorbed = []
+    for text in ("a first message that is long enough to overflow the window " * 2, "and a second one"):
+        events = list(session.ask(text, max_new_tokens=6))
+        absorbed.append(sum(int(e.detail.split()[1]) for e in events if getattr(e, "kind", "") == "absorb"))
+    assert absorbed[0] > 0 and session.absorbed_tokens == sum(absorbed)
+    full = tokenizer.apply_chat_template(session.messages, add_generation_prompt=True, tokenize=True,
+                                         return_dict=True)["input_ids"]
+    kept = session.prompt_ids()
+    assert kept == full[:2] + full[2 + session.absorbed_tokens:]
+    assert len(kept) <= 48 + len(tokenizer("x")["input_ids"]) * 40  # the next prompt is no longer the whole transcript
+
+
+def test_train_absorb_recipe_runs_on_a_tiny_model(tmp_path):
+    import json
+
+    from dynalora.train.absorb import AbsorbTrainConfig, train_absorb
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"context": f"Zorb{i} lives in Quell{i}. Zorb{i} is a baker.",
+                                        "questions": [{"question": f"Where does Zorb{i} live?", "answer": f"Quell{i}"}]})
+                            + "\n" for i in range(6)))
+    config = dict(data=[docs], validation=docs, out_dir=tmp_path / "out", model="tiny:llama", rank=2, width=32,
+                  chunk_tokens=16, max_chunks=4, batch_size=2, validation_examples=4, teacher_top_k=4,
+                  locality_fraction=0.3, threads=1, device="cpu")
+    result = train_absorb(AbsorbTrainConfig(steps=3, checkpoint_every=2, **config))
+    assert result["steps_done"] == 3 and set(result["validation"]) == {"memory", "no_memory", "wrong_memory"}
+    assert (tmp_path / "out" / "compressor.safetensors").is_file() and not (tmp_path / "out" / "resume.pt").exists()
+    assert all(map(lambda h: all(v == v for v in h.values()), result["history"]))  # no NaN
