@@ -29,6 +29,14 @@ def cmd_layer(args) -> int:
     return 0
 
 
+def cmd_absorb(args) -> int:
+    from dynalora.bench.absorb import AbsorbBenchConfig, run_absorb_bench
+
+    run_absorb_bench(AbsorbBenchConfig(model=args.model, compressor_dir=args.compressor, short=args.short,
+                                       long=args.short * 10), out=args.out)
+    return 0
+
+
 def add_bench_commands(commands) -> None:
     bench = commands.add_parser("bench", help="speed benchmarks (write JSON, print a table)")
     sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
@@ -51,3 +59,10 @@ def add_bench_commands(commands) -> None:
     p = sub.add_parser("layer", help="one layer in isolation: base matmul vs the exact 8-way blend, batch 1 and 8")
     p.add_argument("--out", type=Path, default=Path("results/bench_layer.json"), help="JSON result file")
     p.set_defaults(handler=cmd_layer)
+
+    p = sub.add_parser("absorb", help="absorb time and memory footprint over a 10x longer conversation")
+    p.add_argument("--out", type=Path, default=Path("results/bench_absorb.json"), help="JSON result file")
+    p.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--compressor", type=Path, default=Path("checkpoints/absorb"))
+    p.add_argument("--short", type=int, default=10, help="chunks of the short conversation (the long one is 10x)")
+    p.set_defaults(handler=cmd_absorb)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from dynalora.eval.report import report
 
 
 def timed(fn) -> float:
@@ -54,9 +55,4 @@ def format_table(result: dict) -> str:
 
 
 def write_result(result: dict, out: Path | None) -> None:
-    print(format_table(result))
-    if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
-        print(f"wrote {out}")
+    report(result, format_table(result), out)

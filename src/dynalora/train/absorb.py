@@ -68,6 +68,8 @@ class AbsorbTrainConfig:
     threads: int = 2
     device: str = "auto"
     """``auto`` (cuda when present), ``cpu`` or ``cuda``."""
+    bf16: bool = True
+    """On CUDA, run the training forward/backward under bf16 autocast (weights and optimizer stay fp32)."""
 
     def __post_init__(self):
         if self.rank < 1 or self.chunk_tokens < 8 or self.max_chunks < 1:
@@ -359,8 +361,9 @@ def train_absorb(config: AbsorbTrainConfig) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, seconds, config)
         rows = batches[step]
-        loss, parts = distillation_loss(dyn, compressor, [train[i] for i in rows], [train_targets[i] for i in rows],
-                                        pad_id, device, config.gold_weight, distill_weight=config.distill_weight)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16 and device.type == "cuda"):
+            loss, parts = distillation_loss(dyn, compressor, [train[i] for i in rows], [train_targets[i] for i in rows],
+                                            pad_id, device, config.gold_weight, distill_weight=config.distill_weight)
         if not math.isfinite(float(loss.detach())):
             raise FloatingPointError(f"train absorb: non-finite loss at step {step}: {parts}")
         loss.backward()

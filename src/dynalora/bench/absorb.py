@@ -1,0 +1,82 @@
+"""``dynalora bench absorb``: memory and time of absorbing stay flat as a conversation grows 10×.
+
+A long text (invented-fact documents, test seeds) is absorbed chunk by chunk into one row's memory on
+SmolLM2 with the shipped compressor. Measured after ``short`` and after ``long`` chunks: the LoRA state's
+bytes (preallocated: the memory's rank never grows), the rank in use, and the time of one absorb
+(forward of the chunk + compressor + QR/SVD merge) early vs late; beside it, the KV cache the evicted
+text would have needed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from dynalora.bench.common import machine, stats, targets_report, write_result
+
+
+@dataclass
+class AbsorbBenchConfig:
+    model: str | None = None
+    compressor_dir: Path = Path("checkpoints/absorb")
+    short: int = 10
+    """Chunks of the short conversation."""
+    long: int = 100
+    """Chunks of the long one (10× the short)."""
+    timed_chunks: int = 10
+    """Absorbs timed at the start and at the end (median of each)."""
+    threads: int = 2
+
+
+def run_absorb_bench(config: AbsorbBenchConfig, out: Path | None = None) -> dict:
+    from dynalora.data.absorb import split_seeds
+    from dynalora.data.facts import facts_document
+    from dynalora.hyper.compressor import Compressor
+    from dynalora.lora import DynamicLoraModel, InjectConfig, LoraBank, StateConfig, module_shapes_of
+    from dynalora.models import load_base_model
+    from dynalora.runtime.absorb import AbsorbConfig, Absorber
+
+    torch.set_num_threads(config.threads)
+    compressor = Compressor.load(config.compressor_dir)
+    chunk = json.loads((Path(config.compressor_dir) / "train_absorb.json").read_text())["config"]["chunk_tokens"]
+    base = load_base_model(config.model)
+    model = base.model
+    dyn = DynamicLoraModel.attach(model, LoraBank(module_shapes_of(model)), InjectConfig(
+        target_modules=sorted({m.rsplit(".", 1)[-1] for m in compressor.modules_list}),
+        state=StateConfig(max_batch=1, generated_rank=0, memory_rank=compressor.config.rank)))
+    absorber = Absorber(dyn, compressor, AbsorbConfig(chunk_tokens=chunk))
+    ids, seed = [], split_seeds("test").start
+    while len(ids) < config.long * chunk:
+        ids += base.tokenizer(facts_document(seed, words=300)["context"] + "\n\n", add_special_tokens=False)["input_ids"]
+        seed += 1
+
+    def state_bytes() -> int:
+        return sum(t.numel() * t.element_size() for t in dyn.state.tensors().values())
+
+    seconds, footprint = [], {}
+    for index in range(config.long):
+        report = absorber.absorb(0, ids[index * chunk:(index + 1) * chunk])
+        seconds.append(report.seconds)
+        if index + 1 in (config.short, config.long):
+            footprint[index + 1] = {"state_bytes": state_bytes(), "memory_rank": report.memory_rank,
+                                    "rank_cut_error": report.rel_error}
+    dyn.detach()
+    n = config.timed_chunks
+    early, late = stats(seconds[:n], "s"), stats(seconds[-n:], "s")
+    kv_per_token = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * \
+        (model.config.hidden_size // model.config.num_attention_heads) * 4  # fp32 K and V
+    ratios = {"absorb_time_late_vs_early": late["median"] / early["median"],
+              "state_bytes_long_vs_short": footprint[config.long]["state_bytes"] / footprint[config.short]["state_bytes"],
+              "evicted_kv_bytes_long_vs_state_bytes": config.long * chunk * kv_per_token /
+              footprint[config.long]["state_bytes"]}
+    result = {"methods": {f"absorb one chunk (first {n})": early, f"absorb one chunk (last {n})": late},
+              "ratios": ratios,
+              "targets": targets_report(ratios, {"absorb_time_late_vs_early": 1.2, "state_bytes_long_vs_short": 1.0},
+                                        lower_is_better=("absorb_time_late_vs_early", "state_bytes_long_vs_short")),
+              "footprint": footprint, "chunk_tokens": chunk, "kv_bytes_per_token_fp32": kv_per_token,
+              "config": {k: str(v) for k, v in asdict(config).items()}, "machine": machine()}
+    write_result(result, out)
+    return result
