@@ -245,9 +245,8 @@ class Engine:
         self.evicted_tokens: dict[int, int] = {}  # row -> tokens absorbed and dropped during this stream
         if self.absorber is not None:  # a prompt longer than the window is absorbed before the prefill
             for b in range(count):
-                rows[b], reports = self.absorber.evict(b, rows[b])
-                self.evicted_tokens[b] = self.evicted_tokens.get(b, 0) + sum(r.tokens for r in reports)
-                yield from (self._absorb_event(report, len(rows[b])) for report in reports)
+                rows[b], events = self._evict_row(b, rows[b])
+                yield from events
         batch = _Batch(rows, pad)
         row_triggers = [RowTriggers(self.triggers) for _ in range(count)]
         trigger_ids = set(self.trigger_token_ids.values())
@@ -338,17 +337,19 @@ class Engine:
         rows = [batch.row_tokens(b) for b in range(len(finished))]
         events = []
         for b, row in enumerate(rows):
-            if not finished[b] and len(row) > self.absorber.config.window:
-                rows[b], reports = self.absorber.evict(b, row)
-                self.evicted_tokens[b] = self.evicted_tokens.get(b, 0) + sum(r.tokens for r in reports)
-                events.extend(self._absorb_event(report, len(rows[b])) for report in reports)
+            if not finished[b]:
+                rows[b], row_events = self._evict_row(b, row)
+                events += row_events
         return (_Batch(rows, self._pad_id()), events) if events else None
 
-    def _absorb_event(self, report, kept: int) -> LoraEvent:
-        blend = self.dyn.state.blend_weights[report.row].tolist()
-        return LoraEvent("absorb", report.row, kept, "window", report.seconds, blend, blend,
-                         f"absorbed {report.tokens} tokens into memory (rank {report.memory_rank}, rank-cut "
-                         f"error {report.rel_error:.3f}); {kept} tokens kept in the window")
+    def _evict_row(self, row: int, token_ids: list[int]) -> tuple[list[int], list[LoraEvent]]:
+        """One row through the absorber: its kept tokens and an ``absorb`` event per chunk evicted."""
+        kept, reports = self.absorber.evict(row, token_ids)
+        self.evicted_tokens[row] = self.evicted_tokens.get(row, 0) + sum(r.tokens for r in reports)
+        blend = self.dyn.state.blend_weights[row].tolist()
+        return kept, [LoraEvent("absorb", row, len(kept), "window", r.seconds, blend, blend,
+                                f"absorbed {r.tokens} tokens into memory (rank {r.memory_rank}, rank-cut error "
+                                f"{r.rel_error:.3f}); {len(kept)} tokens kept in the window") for r in reports]
 
     def _observe_prompt(self, batch: _Batch, logits_all: torch.Tensor, row_triggers: list[RowTriggers],
                         cache: DynamicCache) -> Iterator[Event]:
