@@ -201,3 +201,11 @@ def test_bigbench_reading_documents():
     assert [document["context"] for document in built] == [document["context"] for document in validation[2:8]]
     with pytest.raises(ValueError, match="AbsorbDataConfig.count=100000"):
         build_absorb_docs(kind="reading", split="test", count=100_000)
+
+
+def test_locality_kind_writes_the_unrelated_question_items():
+    from dynalora.data.absorb import build_absorb_docs, unrelated_questions
+
+    docs = build_absorb_docs(kind="locality", split="validation", count=3, seed_offset=2)
+    assert docs == unrelated_questions(3, seed=2, split="validation")
+    assert all(len(d["questions"]) == 1 and d["questions"][0]["answer"] in d["context"] for d in docs)

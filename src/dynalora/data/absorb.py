@@ -68,7 +68,9 @@ class AbsorbDataConfig:
     """What :func:`build_absorb_docs` writes; ``dynalora data absorb`` sets the same fields from flags."""
 
     kind: str = "facts"
-    """One of facts, needle, reading, or all (``count`` documents of each kind, in that order)."""
+    """One of facts, needle, reading, or all (``count`` documents of each kind, in that order); or
+    locality (one invented entity, two facts, one question: the unrelated-question items, also the
+    simplest training documents)."""
     split: str = "train"
     """train, validation or test: picks the seed range (facts, needle) or the passage split (reading)."""
     count: int = 100
@@ -87,8 +89,9 @@ class AbsorbDataConfig:
     """Reading: keep only questions whose answer has at most this many words."""
 
     def __post_init__(self) -> None:
-        if self.kind not in (*ABSORB_KINDS, "all"):
-            raise ValueError(f"AbsorbDataConfig.kind={self.kind!r}: expected one of {', '.join(ABSORB_KINDS)}, all")
+        if self.kind not in (*ABSORB_KINDS, "all", "locality"):
+            raise ValueError(f"AbsorbDataConfig.kind={self.kind!r}: expected one of {', '.join(ABSORB_KINDS)}, "
+                             "all, locality")
         _check_split(self.split, "AbsorbDataConfig")
         _check_seeds("AbsorbDataConfig", self.seed_offset, self.count, DOCUMENT_SEEDS)
         if self.words < 0:
@@ -112,6 +115,8 @@ def _build_kind(kind: str, config: AbsorbDataConfig) -> list[dict]:
     if kind == "facts":
         documents = [facts_document(base + position, config.words, config.entities, config.facts_per_entity)
                      for position in positions]
+    elif kind == "locality":
+        return unrelated_questions(config.count, config.seed_offset, config.split)
     elif kind == "needle":
         documents = [needle_document(base + position, config.words,
                                      (position % NEEDLE_DEPTH_STEPS) / (NEEDLE_DEPTH_STEPS - 1))

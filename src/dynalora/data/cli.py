@@ -98,8 +98,9 @@ def add_data_commands(subparsers) -> None:
     streams.set_defaults(handler=cmd_streams)
 
     absorb = commands.add_parser("absorb", help="write documents with questions (JSONL) for the memory LoRA")
-    absorb.add_argument("--kind", choices=("facts", "needle", "reading", "all"), default="facts",
-                        help="invented facts, a pass key in filler, BIG-Bench reading passages, or all three")
+    absorb.add_argument("--kind", choices=("facts", "needle", "reading", "all", "locality"), default="facts",
+                        help="invented facts, a pass key in filler, BIG-Bench reading passages, all three, or "
+                             "locality (one entity, two facts: unrelated questions / the simplest documents)")
     absorb.add_argument("--split", choices=SPLITS, default="train",
                         help="seed range (facts, needle) or passage split (reading); splits never share seeds")
     absorb.add_argument("--count", type=int, default=100, help="documents per kind (default: 100)")
