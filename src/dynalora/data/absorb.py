@@ -25,12 +25,12 @@ itself comes from a hash of the passage (:func:`dynalora.data.splits.split_of`).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dynalora.data.facts import facts_document, locality_item
+from dynalora.data.jsonl import read_jsonl, write_jsonl
 from dynalora.data.needle import needle_document
 from dynalora.data.reading import READING_SUBTASKS, reading_documents
 from dynalora.data.splits import SPLITS
@@ -200,34 +200,22 @@ def unrelated_questions(count: int, seed: int = 0, split: str = "test") -> list[
 
 
 def write_absorb_docs(documents: list[dict], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(document, ensure_ascii=False) + "\n" for document in documents),
-                    encoding="utf-8")
-    return path
+    return write_jsonl(documents, path)
+
+
+def _check_document(document: dict) -> None:
+    if not isinstance(document["context"], str) or not document["questions"]:
+        raise ValueError("no context or no questions")
+    for item in document["questions"]:
+        if not isinstance(item["question"], str) or not isinstance(item["answer"], str):
+            raise TypeError("question and answer must be strings")
 
 
 def read_absorb_docs(path: str | Path) -> list[dict]:
     """Read an absorb JSONL file; each line needs a ``context`` and a non-empty ``questions`` list."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such absorb documents file")
-    documents = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            document = json.loads(line)
-            if not isinstance(document["context"], str) or not document["questions"]:
-                raise ValueError("no context or no questions")
-            for item in document["questions"]:
-                if not isinstance(item["question"], str) or not isinstance(item["answer"], str):
-                    raise TypeError("question and answer must be strings")
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"{path}:{number}: not an absorb document ({error!r}); expected "
-                             '{"context": "...", "questions": [{"question": "...", "answer": "..."}], ...}') from error
-        documents.append(document)
-    return documents
+    return read_jsonl(path, _check_document, "absorb documents",
+                      '{"context": "...", "questions": [{"question": "...", "answer": "..."}], ...}',
+                      "; make one with `dynalora data absorb --out FILE`")
 
 
 def summarize_absorb_docs(documents: list[dict]) -> dict[str, dict[str, float]]:

@@ -7,12 +7,12 @@ the requested split, cut at line starts.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dynalora.data.documents import LIBRARY_DOMAINS, UNSEEN_DOMAINS, load_domain
+from dynalora.data.jsonl import read_jsonl, write_jsonl
 from dynalora.data.splits import split_documents
 
 
@@ -69,28 +69,15 @@ def unseen_stream_config(split: str = "test", streams: int = 8, seed: int = 1) -
 
 
 def write_streams(streams: list[dict], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(s) + "\n" for s in streams))
-    return path
+    return write_jsonl(streams, path)
+
+
+def _check_stream(stream: dict) -> None:
+    segments = stream["segments"]
+    if not segments or not all(isinstance(s["text"], str) and s["text"] for s in segments):
+        raise ValueError("empty segments or texts")
 
 
 def read_streams(path: str | Path) -> list[dict]:
     """Read a streams JSONL file; each line must have a non-empty ``segments`` list of ``{"text": ...}``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such streams file")
-    streams = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            stream = json.loads(line)
-            segments = stream["segments"]
-            if not segments or not all(isinstance(s["text"], str) and s["text"] for s in segments):
-                raise ValueError("empty segments or texts")
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"{path}:{number}: not a stream line ({error!r}); expected "
-                             '{"segments": [{"domain": "...", "text": "..."}, ...]}') from error
-        streams.append(stream)
-    return streams
+    return read_jsonl(path, _check_stream, "streams", '{"segments": [{"domain": "...", "text": "..."}, ...]}')

@@ -122,12 +122,7 @@ def chunk_ids(tokenizer, text: str, chunk_tokens: int) -> list[list[int]]:
 def read_docs(paths: list[Path] | Path) -> list[dict]:
     from dynalora.data.absorb import read_absorb_docs
 
-    docs = []
-    for path in paths if isinstance(paths, list) else [paths]:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: missing; make it with `dynalora data absorb --out {path}`")
-        docs += read_absorb_docs(path)
-    return docs
+    return [doc for path in (paths if isinstance(paths, list) else [paths]) for doc in read_absorb_docs(path)]
 
 
 def build_examples(tokenizer, docs: list[dict], config: AbsorbTrainConfig, seed: int) -> list[AbsorbExample]:
@@ -245,12 +240,14 @@ def distillation_loss(dyn, compressor, examples, targets, pad_id, device, gold_w
 
 
 def _lr_at(step: int, seconds: float, config: AbsorbTrainConfig) -> float:
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    if config.time_limit_minutes:
-        progress = max(progress, seconds / (60 * config.time_limit_minutes))
-    return config.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    """The library's schedule; with a time limit, progress is whichever of steps and time runs out first."""
+    from dynalora.train.library import cosine_lr
+
+    progress = None
+    if config.time_limit_minutes and step >= config.warmup_steps:
+        steps_progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        progress = max(steps_progress, seconds / (60 * config.time_limit_minutes))
+    return cosine_lr(step, config.steps, config.warmup_steps, config.lr, progress)
 
 
 def _cache_key(config: AbsorbTrainConfig, docs_bytes: bytes, name: str) -> str:

@@ -111,11 +111,13 @@ def mean_nll(model, batches: list[TokenBatch]) -> float:
     return total / max(count, 1)
 
 
-def _lr_at(step: int, config: LibraryConfig) -> float:
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
+def cosine_lr(step: int, steps: int, warmup_steps: int, lr: float, progress: float | None = None) -> float:
+    """Linear warm-up, then cosine decay to 0 over ``steps`` (or over ``progress`` ∈ [0, 1] when given)."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if progress is None:
+        progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def plot_losses(losses: list[float], path: Path, title: str) -> None:
@@ -176,7 +178,7 @@ def train_adapter(spec: AdapterSpec, base, config: LibraryConfig) -> dict:
     for step in progress:
         began = time.perf_counter()
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, config)
+            group["lr"] = cosine_lr(step, config.steps, config.warmup_steps, config.lr)
         loss, count = batch_nll(model, train[step])
         (loss / max(count, 1)).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
