@@ -22,6 +22,13 @@ def fake_stream(tokenizer, domain, split, max_documents=None, seed=0):
     return tokenizer(text)["input_ids"]
 
 
+def fake_streams(config):
+    """Streams of three synthetic domains, in a seeded order (stands in for ``build_streams``)."""
+    rng = random.Random(config.seed)
+    return [{"segments": [{"domain": d, "text": DOMAIN_TEXT[d] * 4} for d in rng.sample(list(DOMAIN_TEXT), 3)]}
+            for _ in range(config.streams)]
+
+
 @pytest.fixture
 def synthetic_domains(monkeypatch):
     monkeypatch.setattr("dynalora.train.library.domain_token_stream", fake_stream)
@@ -102,14 +109,6 @@ def test_trigger_recipe_learns_to_fire_at_domain_changes(tmp_path, synthetic_dom
     from dynalora.models import load_base_model
     from dynalora.train.triggers import TriggerTrainConfig, train_triggers
 
-    def fake_streams(config):
-        rng = random.Random(config.seed)
-        streams = []
-        for _ in range(config.streams):
-            order = rng.sample(list(DOMAIN_TEXT), 3)
-            streams.append({"segments": [{"domain": d, "text": DOMAIN_TEXT[d] * 4} for d in order]})
-        return streams
-
     monkeypatch.setattr("dynalora.train.triggers.build_streams", fake_streams)
     config = library_config(tmp_path, steps=4)
     train_library(config)
@@ -125,21 +124,52 @@ def test_trigger_recipe_learns_to_fire_at_domain_changes(tmp_path, synthetic_dom
     assert ids[SHIFT_TOKEN] == 256 and base.model.get_input_embeddings().weight.shape[0] == 258
 
 
+def test_trigger_lora_recipe_trains_saves_and_merges_exactly(tmp_path, synthetic_domains, monkeypatch):
+    from dynalora.models import load_base_model
+    from dynalora.runtime.trigger_lora import LORA_FILE, load_trigger_lora, trigger_lora_beside, trigger_lora_merged
+    from dynalora.train.trigger_lora import TriggerLoraTrainConfig, train_trigger_lora
+    from dynalora.train.triggers import TriggerTrainConfig, rescan_thresholds, train_triggers
+
+    monkeypatch.setattr("dynalora.train.triggers.build_streams", fake_streams)
+    monkeypatch.setattr("dynalora.data.streams.build_streams", fake_streams)
+    config = library_config(tmp_path, steps=2)
+    train_library(config)
+    train_triggers(TriggerTrainConfig(library_dir=config.out_dir, out_dir=tmp_path / "triggers", model="tiny:llama",
+                                      train_streams=4, validation_streams=2, delay=8, steps=20))
+    result = train_trigger_lora(TriggerLoraTrainConfig(
+        library_dir=config.out_dir, row_dir=tmp_path / "triggers", out_dir=tmp_path / "lora", model="tiny:llama",
+        train_streams=4, validation_streams=2, delay=8, layers=1, rank=2, steps=12, lr=1e-2))
+    assert result["final"]["trigger"] < result["initial"]["trigger"]  # the LoRA + row learned something
+    assert 0 <= result["final"]["kl"] < 1.0 and "threshold" in result
+    deltas = load_trigger_lora(tmp_path / "lora" / LORA_FILE)
+    assert deltas and all(int(torch.linalg.matrix_rank(d, atol=1e-5)) <= 2 for d in deltas.values())
+    assert all(".1." in name for name in deltas)  # tiny:llama has 2 layers: only the last one
+    assert trigger_lora_beside(tmp_path / "triggers" / "trigger_tokens.safetensors") is None  # row-only form
+    # choosing the threshold again from the saved files (LoRA merged at load) reproduces the training-time scan
+    rescanned = rescan_thresholds(tmp_path / "lora", config.out_dir, "tiny:llama")
+    assert [c["fired"] for c in rescanned["threshold_scan"]] == [c["fired"] for c in result["threshold_scan"]]
+    model = load_base_model("tiny:llama").model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with trigger_lora_merged(model, deltas):
+        changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+        assert sorted(changed) == sorted(f"{name}.weight" for name in deltas)
+    assert all(torch.allclose(p, before[n], atol=1e-6) for n, p in model.named_parameters())  # taken out again
+
+
 def test_shift_pipeline_end_to_end_on_a_tiny_model(tmp_path, synthetic_domains, monkeypatch):
     """library → shift network → trigger row → eval shift (every method scored, JSON written)."""
     from dynalora.data.streams import write_streams
     from dynalora.eval.shift import ShiftEvalConfig, eval_shift
     from dynalora.train.shift import ShiftTrainConfig, train_shift
     from dynalora.train.triggers import TriggerTrainConfig, train_triggers
-
-    def fake_streams(config):
-        rng = random.Random(config.seed)
-        return [{"segments": [{"domain": d, "text": DOMAIN_TEXT[d] * 4} for d in rng.sample(list(DOMAIN_TEXT), 3)]}
-                for _ in range(config.streams)]
+    from dynalora.train.xlora import XLoraTrainConfig, train_xlora
 
     monkeypatch.setattr("dynalora.train.triggers.build_streams", fake_streams)
+    monkeypatch.setattr("dynalora.data.streams.build_streams", fake_streams)
     config = library_config(tmp_path, steps=4)
     train_library(config)
+    train_xlora(XLoraTrainConfig(library_dir=config.out_dir, out_dir=tmp_path / "xlora", model="tiny:llama",
+                                 streams=4, window=24, steps=3))
     train_shift(ShiftTrainConfig(library_dir=config.out_dir, out_dir=tmp_path / "shift", model="tiny:llama",
                                  examples_per_domain=8, context_tokens=16, continuation_tokens=16, pool_window=8,
                                  width=32, steps=5, batch_size=4))
@@ -149,12 +179,11 @@ def test_shift_pipeline_end_to_end_on_a_tiny_model(tmp_path, synthetic_domains, 
     streams[1]["segments"][2]["library"] = False  # one segment counted as an unseen domain
     data = write_streams(streams, tmp_path / "streams.jsonl")
     result = eval_shift(ShiftEvalConfig(data=[data], library_dir=config.out_dir, shift_dir=tmp_path / "shift",
-                                        triggers_dir=tmp_path / "triggers", model="tiny:llama", skip=8,
-                                        prototype_texts=2), out=tmp_path / "eval.json")
+                                        triggers_dir=tmp_path / "triggers", xlora_dir=tmp_path / "xlora",
+                                        model="tiny:llama", skip=8, prototype_texts=2), out=tmp_path / "eval.json")
     methods = result["methods"]
-    for name in ("base", "uniform_merge", "peft_linear_merge", "router_select", "oracle", "dynalora"):
+    for name in ("base", "uniform_merge", "peft_linear_merge", "router_select", "oracle", "dynalora", "xlora"):
         assert methods[name]["tokens"] == methods["base"]["tokens"] > 0, name
-    assert "not run" in methods["xlora"]["note"]
     assert abs(methods["peft_linear_merge"]["nll"] - methods["uniform_merge"]["nll"]) > 0  # not the same math
     assert result["segments"] == 6 and "unseen_domains" in result and json.loads((tmp_path / "eval.json").read_text())
     only = eval_shift(ShiftEvalConfig(data=[data], library_dir=config.out_dir, shift_dir=tmp_path / "shift",
@@ -162,3 +191,40 @@ def test_shift_pipeline_end_to_end_on_a_tiny_model(tmp_path, synthetic_domains, 
                                       methods=["dynalora"]))
     assert list(only["methods"]) == ["dynalora"]
     assert only["methods"]["dynalora"]["nll"] == methods["dynalora"]["nll"]  # same pass, same numbers
+
+
+def test_xlora_with_a_one_hot_classifier_scores_like_that_library_adapter(tmp_path, synthetic_domains):
+    """X-LoRA's adapter names ("0" … "n-1") map to the library's labels in order: a classifier that puts all
+    weight on adapter k gives the NLL of the library's adapter k alone, and an untrained one is a blend."""
+    from dynalora.eval.shift import _Scorer
+    from dynalora.lora import DynamicLoraModel, InjectConfig, StateConfig
+    from dynalora.models import load_base_model
+    from dynalora.train.library import load_library_bank
+    from dynalora.train.xlora import XLoraTrainConfig, _classifier, build_xlora, train_xlora, xlora_token_nll
+
+    config = library_config(tmp_path, steps=3)
+    train_library(config)
+    model, tokenizer, labels = build_xlora(config.out_dir, "tiny:llama")
+    model.eval()
+    tokens = tokenizer(DOMAIN_TEXT["news"] * 3)["input_ids"][:40]
+    base = load_base_model("tiny:llama")
+    bank, _ = load_library_bank(config.out_dir, base.model)
+    dyn = DynamicLoraModel.attach(base.model, bank, InjectConfig(state=StateConfig(max_batch=1, generated_rank=0,
+                                                                                   memory_rank=0)))
+    scorer = _Scorer(dyn, dyn.model.config.vocab_size)
+    per_adapter = []
+    for k in range(len(labels)):
+        dyn.state.reset(0)
+        dyn.state.set_blend(0, [1.0 if j == k else 0.0 for j in range(len(labels))])
+        per_adapter.append(scorer.nll(tokens, [(0, None)]))
+    assert not torch.allclose(per_adapter[0], per_adapter[1], atol=1e-3)  # the adapters differ
+    linear = [m for m in _classifier(model).modules() if isinstance(m, torch.nn.Linear)][-1]
+    for k in range(len(labels)):
+        with torch.no_grad():
+            linear.weight.zero_()
+            linear.bias.fill_(-30.0)
+            linear.bias[k] = 30.0
+        assert torch.allclose(xlora_token_nll(model, tokens, dyn.model.config.vocab_size), per_adapter[k], atol=1e-4)
+    record = train_xlora(XLoraTrainConfig(library_dir=config.out_dir, out_dir=tmp_path / "xlora", model="tiny:llama",
+                                          streams=2, window=16, steps=2))
+    assert record["labels"] == labels and len(record["history"]) == 2

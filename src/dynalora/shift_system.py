@@ -22,6 +22,9 @@ class ShiftSystem:
     shift_id: int
     vocab_size: int
     """The base vocabulary (trigger tokens excluded)."""
+    trigger_deltas: dict | None = None
+    """The trigger LoRA (``dynalora train triggers --lora``) as ``{module: ΔW}``, merged only while
+    :meth:`run_stream` runs — the other methods of an evaluation see the plain base model — or None."""
     update_delay: int = 12
     """Tokens between a trigger and its update (features then cover the new text; see EngineConfig)."""
     # Chosen on validation streams (results/eval_shift_validation_*.json): the blend alone with update
@@ -31,10 +34,12 @@ class ShiftSystem:
     def run_stream(self, tokens: list[int], min_gap: int = 32, record_blends: bool = False):
         """Teacher-forced pass with the learned trigger (see :func:`dynalora.eval.shift.run_dynalora`)."""
         from dynalora.eval.shift import run_dynalora
+        from dynalora.runtime.trigger_lora import trigger_lora_merged
 
-        return run_dynalora(self.dyn, self.capture, self.hyper, tokens, self.threshold, min_gap, self.shift_id,
-                            self.vocab_size, self.net.config.pool_window, record_blends=record_blends,
-                            defer=self.update_delay)
+        with trigger_lora_merged(self.base.model, self.trigger_deltas):
+            return run_dynalora(self.dyn, self.capture, self.hyper, tokens, self.threshold, min_gap, self.shift_id,
+                                self.vocab_size, self.net.config.pool_window, record_blends=record_blends,
+                                defer=self.update_delay)
 
 
 def load_shift_system(library_dir: Path, shift_dir: Path, triggers_dir: Path, model: str | None = None,
@@ -46,6 +51,7 @@ def load_shift_system(library_dir: Path, shift_dir: Path, triggers_dir: Path, mo
     from dynalora.models import load_base_model
     from dynalora.runtime.features import HiddenCapture
     from dynalora.runtime.special_tokens import SHIFT_TOKEN, load_trigger_tokens
+    from dynalora.runtime.trigger_lora import trigger_lora_beside
     from dynalora.train.library import load_library_bank
 
     for folder, command in ((library_dir, "train library"), (shift_dir, "train shift"), (triggers_dir, "train triggers")):
@@ -56,10 +62,12 @@ def load_shift_system(library_dir: Path, shift_dir: Path, triggers_dir: Path, mo
     bank, adapters = load_library_bank(library_dir, base.model)
     net = ShiftNet.load(shift_dir)
     threshold = json.loads((Path(triggers_dir) / "triggers.json").read_text())["threshold"]
-    token_ids = load_trigger_tokens(Path(triggers_dir) / "trigger_tokens.safetensors", base.model, base.tokenizer)
+    token_file = Path(triggers_dir) / "trigger_tokens.safetensors"
+    token_ids = load_trigger_tokens(token_file, base.model, base.tokenizer)
     dyn = DynamicLoraModel.attach(base.model, bank, InjectConfig(
         state=StateConfig(max_batch=max_batch, generated_rank=net.config.generated_rank, memory_rank=0)))
     hyper = ShiftHypernetwork(net, use_factors=use_factors)
     hyper.check_bank(dyn.state)
     capture = HiddenCapture(base.model, net.config.feature_layer, window=100_000)
-    return ShiftSystem(base, bank, adapters, dyn, net, hyper, capture, threshold, token_ids[SHIFT_TOKEN], vocab_size)
+    return ShiftSystem(base, bank, adapters, dyn, net, hyper, capture, threshold, token_ids[SHIFT_TOKEN], vocab_size,
+                       trigger_lora_beside(token_file))

@@ -9,8 +9,8 @@ def cmd_shift(args) -> int:
     from dynalora.eval.shift import ShiftEvalConfig, eval_shift
 
     eval_shift(ShiftEvalConfig(data=args.data, library_dir=args.library, shift_dir=args.shift,
-                               triggers_dir=args.triggers, model=args.model, max_streams=args.max_streams,
-                               update_delay=args.update_delay, use_factors=args.with_factors,
+                               triggers_dir=args.triggers, xlora_dir=args.xlora, model=args.model,
+                               max_streams=args.max_streams, update_delay=args.update_delay, use_factors=args.with_factors,
                                methods=args.methods),
                out=args.out)
     return 0
@@ -51,6 +51,8 @@ def add_eval_commands(commands) -> None:
     p.add_argument("--library", type=Path, default=Path("checkpoints/library"))
     p.add_argument("--shift", type=Path, default=Path("checkpoints/shift"))
     p.add_argument("--triggers", type=Path, default=Path("checkpoints/triggers"))
+    p.add_argument("--xlora", type=Path, default=Path("checkpoints/xlora"),
+                   help="X-LoRA classifier folder (`dynalora train xlora`)")
     p.add_argument("--model", default=None)
     p.add_argument("--max-streams", type=int, default=None)
     p.add_argument("--update-delay", type=int, default=12, help="tokens between a trigger and its update")

@@ -7,6 +7,8 @@ change). Every method is scored over the original vocabulary (trigger tokens are
 * ``peft_linear_merge`` — PEFT ``add_weighted_adapter(..., "linear")`` with uniform weights;
 * ``router_select`` — told where each segment starts, picks one adapter from the segment's first
   ``skip`` tokens (nearest prototype of pooled hidden states of each adapter's training text);
+* ``xlora`` — PEFT X-LoRA over the same library, its per-token classifier trained briefly on
+  train-split streams (``dynalora train xlora``; two forward passes per call, no KV cache);
 * ``oracle`` — per segment, the single library adapter with the lowest NLL (upper bound for selection);
 * ``dynalora`` — no labels: the learned ``<|shift|>`` probability fires the trigger, the shift
   hypernetwork writes the row's LoRA in place and the stream goes on under it (KV cache kept).
@@ -37,6 +39,7 @@ class ShiftEvalConfig:
     library_dir: Path = Path("checkpoints/library")
     shift_dir: Path = Path("checkpoints/shift")
     triggers_dir: Path = Path("checkpoints/triggers")
+    xlora_dir: Path = Path("checkpoints/xlora")
     model: str | None = None
     skip: int = 32
     max_streams: int | None = None
@@ -124,6 +127,15 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
             peft_note = f"not run: {type(error).__name__}: {error}"
             peft_model = None
 
+    xlora_model, xlora_note = None, None
+    if "xlora" in run:
+        from dynalora.train.xlora import load_xlora
+
+        try:
+            xlora_model, _ = load_xlora(config.xlora_dir, config.library_dir, config.model)
+        except FileNotFoundError as error:
+            xlora_note = f"not run: {error}"
+
     # router prototypes: pooled hidden states of each adapter's own training text (train split)
     started = time.perf_counter()
     prototypes = []
@@ -168,6 +180,11 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
                 logits = peft_model(input_ids=torch.tensor([tokens])).logits[0, :-1, :vocab_size].float()
             nll = -torch.log_softmax(logits, -1).gather(1, torch.tensor(tokens[1:])[:, None])[:, 0]
             scores["peft_linear_merge"] = segment_scores(nll, starts, length, config.skip)
+        if xlora_model is not None:
+            from dynalora.train.xlora import xlora_token_nll
+
+            scores["xlora"] = segment_scores(xlora_token_nll(xlora_model, tokens, vocab_size), starts, length,
+                                             config.skip)
         if router is not None:  # told the boundaries, picks one adapter from each segment's first `skip` tokens
             schedule = [(0, set_blend([0.0] * len(labels)))]
             for start in starts:
@@ -211,10 +228,8 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
     methods = summary(totals)
     if peft_note:
         methods["peft_linear_merge"] = {"note": peft_note}
-    if "xlora" in run:
-        methods["xlora"] = {"note": "not run: PEFT X-LoRA needs its classifier trained with gradients through the "
-                                    "model on labelled data and has no KV cache (two forward passes per step); "
-                                    "left for a later session"}
+    if xlora_note:
+        methods["xlora"] = {"note": xlora_note}
     triggers = trigger_metrics(fired_all, starts_all, lengths, config.skip) if "dynalora" in run else {}
     triggers["threshold"] = system.threshold
     triggers["update_delay"] = config.update_delay
@@ -229,7 +244,7 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
         d = methods["dynalora"]["nll"]
         result["ratios"] = {"dynalora_vs_oracle": d / methods["oracle"]["nll"],
                             **{f"dynalora_gain_vs_{m}": 1 - d / methods[m]["nll"] for m in
-                               ("uniform_merge", "peft_linear_merge", "base", "router_select")
+                               ("uniform_merge", "peft_linear_merge", "base", "router_select", "xlora")
                                if "nll" in methods.get(m, {})}}
     return report(result, format_shift_table(result), out)
 

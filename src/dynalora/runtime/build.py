@@ -11,6 +11,7 @@ from dynalora.lora.bank import is_bank_folder
 from dynalora.models import load_base_model
 from dynalora.runtime.engine import Engine, EngineConfig
 from dynalora.runtime.special_tokens import add_trigger_tokens, load_trigger_tokens
+from dynalora.runtime.trigger_lora import merge_trigger_lora, trigger_lora_beside
 from dynalora.runtime.triggers import (EveryN, SpecialToken, Surprise, TokenProbability, TriggerConfig,
                                        TriggerPolicy, WindowPressure)
 
@@ -64,6 +65,9 @@ def build_engine(spec: EngineSpec) -> Engine:
     base = load_base_model(spec.model)
     if spec.trigger_tokens:
         token_ids = load_trigger_tokens(spec.trigger_tokens, base.model, base.tokenizer)
+        trigger_lora = trigger_lora_beside(spec.trigger_tokens)
+        if trigger_lora:  # the trigger's LoRA form: static, so merged into the base weights once
+            merge_trigger_lora(base.model, trigger_lora)
     else:
         token_ids = add_trigger_tokens(base.model, base.tokenizer)
     shapes = module_shapes_of(base.model)

@@ -34,6 +34,25 @@ def cmd_shift(args) -> int:
 
 
 def cmd_triggers(args) -> int:
+    if args.rescan:
+        from dynalora.train.triggers import rescan_thresholds
+
+        for folder in args.rescan:
+            v = rescan_thresholds(folder, args.library)["validation"]
+            print(f"{folder}: threshold {v['threshold']}: validation recall {v['boundary_recall']:.2f}, precision "
+                  f"{v['precision']:.2f}, false/1k tokens {v['false_per_1k_tokens']:.2f}")
+        return 0
+    if args.lora:
+        from dynalora.train.trigger_lora import TriggerLoraTrainConfig, train_trigger_lora
+
+        result = train_trigger_lora(TriggerLoraTrainConfig(
+            library_dir=args.library, row_dir=args.out_dir, out_dir=args.lora_out_dir, train_streams=args.streams,
+            steps=args.lora_steps, layers=args.lora_layers, rank=args.lora_rank))
+        v = result["validation"]
+        print(f"trigger LoRA + <|shift|> row trained in {result['seconds']:.0f}s; threshold {result['threshold']}: "
+              f"validation recall {v['boundary_recall']:.2f}, precision {v['precision']:.2f}, "
+              f"false/1k tokens {v['false_per_1k_tokens']:.2f}")
+        return 0
     from dynalora.train.triggers import TriggerTrainConfig, train_triggers
 
     result = train_triggers(TriggerTrainConfig(library_dir=args.library, out_dir=args.out_dir,
@@ -41,6 +60,16 @@ def cmd_triggers(args) -> int:
     v = result["validation"]
     print(f"<|shift|> row trained in {result['seconds']:.0f}s; threshold {result['threshold']}: validation recall "
           f"{v['boundary_recall']:.2f}, precision {v['precision']:.2f}, false/1k tokens {v['false_per_1k_tokens']:.2f}")
+    return 0
+
+
+def cmd_xlora(args) -> int:
+    from dynalora.train.xlora import XLoraTrainConfig, train_xlora
+
+    result = train_xlora(XLoraTrainConfig(library_dir=args.library, out_dir=args.out_dir, model=args.model,
+                                          streams=args.streams, steps=args.steps, threads=args.threads))
+    print(f"X-LoRA classifier: {result['parameters']} parameters, {result['train_seconds']:.0f}s; "
+          f"last 20 steps: LM loss {result['final_loss']:.3f}")
     return 0
 
 
@@ -78,11 +107,29 @@ def add_train_commands(commands) -> None:
     p.add_argument("--examples-per-domain", type=int, default=160)
     p.set_defaults(handler=cmd_shift)
 
-    p = sub.add_parser("triggers", help="train the <|shift|> token (its embedding row only) on mixed-domain streams")
+    p = sub.add_parser("triggers", help="train the <|shift|> token on mixed-domain streams (its row; --lora: and a top-layer LoRA)")
     p.add_argument("--library", type=Path, default=Path("checkpoints/library"))
-    p.add_argument("--out-dir", type=Path, default=Path("checkpoints/triggers"))
+    p.add_argument("--out-dir", type=Path, default=Path("checkpoints/triggers"),
+                   help="the row-only trigger (written; with --lora: read, as the starting row)")
     p.add_argument("--streams", type=int, default=48, help="training streams")
+    p.add_argument("--lora", action="store_true",
+                   help="the second form: a LoRA on the top layers' k_proj/o_proj trained with the row")
+    p.add_argument("--lora-out-dir", type=Path, default=Path("checkpoints/triggers_lora"))
+    p.add_argument("--lora-steps", type=int, default=150)
+    p.add_argument("--lora-layers", type=int, default=4, help="the LoRA goes on the last this many layers")
+    p.add_argument("--lora-rank", type=int, default=4)
+    p.add_argument("--rescan", type=Path, nargs="+", default=None, metavar="DIR",
+                   help="train nothing: choose these trained triggers' thresholds again on their validation streams")
     p.set_defaults(handler=cmd_triggers)
+
+    p = sub.add_parser("xlora", help="train PEFT X-LoRA's classifier over the library (a baseline of eval shift)")
+    p.add_argument("--library", type=Path, default=Path("checkpoints/library"))
+    p.add_argument("--out-dir", type=Path, default=Path("checkpoints/xlora"))
+    p.add_argument("--model", default=None)
+    p.add_argument("--streams", type=int, default=64, help="training streams (library domains, train split)")
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(handler=cmd_xlora)
 
     p = sub.add_parser("absorb", help="train the absorb compressor by context distillation")
     p.add_argument("--data", type=Path, nargs="+", required=True,

@@ -142,18 +142,36 @@ def trigger_metrics(fired_per_stream: list[list[int]], starts_per_stream: list[l
             "fired": total_fired, "tokens": tokens}
 
 
-def collect(dyn, tokenizer, labels, streams, config: TriggerTrainConfig, vocab_size: int):
+def collect(dyn, tokenizer, labels, streams, delay: int, ignore_after: int, vocab_size: int):
+    """Per stream, under the oracle schedule: final hidden states, log Z, targets, segment starts, length."""
     hidden, log_z, targets, starts_all, lengths = [], [], [], [], []
     for stream in tqdm(streams, desc="trigger features", leave=False):
         tokens, starts, domains = tokenize_stream(tokenizer, stream)
-        h, z = stream_hidden_states(dyn, tokens, oracle_schedule(starts, domains, labels, config.delay, len(tokens)),
+        h, z = stream_hidden_states(dyn, tokens, oracle_schedule(starts, domains, labels, delay, len(tokens)),
                                     vocab_size)
         hidden.append(h)
         log_z.append(z)
-        targets.append(targets_for(starts, len(tokens), config.delay, config.ignore_after))
+        targets.append(targets_for(starts, len(tokens), delay, ignore_after))
         starts_all.append(starts)
         lengths.append(len(tokens))
     return hidden, log_z, targets, starts_all, lengths
+
+
+THRESHOLDS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999,
+              0.9995, 0.9998)
+
+
+def choose_threshold(probs: list[torch.Tensor], starts: list[list[int]], lengths: list[int], window: int,
+                     min_gap: int, max_false_per_1k: float) -> tuple[dict, list[dict]]:
+    """Scan firing thresholds on validation streams; the best recall with ≤ ``max_false_per_1k`` false
+    triggers (or the fewest false triggers when none qualifies). Returns (best, every candidate)."""
+    candidates = []
+    for threshold in THRESHOLDS:
+        fired = [simulate_policy(p, threshold, min_gap) for p in probs]
+        candidates.append({"threshold": threshold, **trigger_metrics(fired, starts, lengths, window)})
+    allowed = [c for c in candidates if c["false_per_1k_tokens"] <= max_false_per_1k] or \
+        [min(candidates, key=lambda c: c["false_per_1k_tokens"])]
+    return max(allowed, key=lambda c: (c["boundary_recall"], c["threshold"])), candidates
 
 
 def train_triggers(config: TriggerTrainConfig) -> dict:
@@ -177,9 +195,10 @@ def train_triggers(config: TriggerTrainConfig) -> dict:
     make = lambda split, count, seed: build_streams(StreamConfig(  # noqa: E731
         split=split, streams=count, segments=config.segments, segment_chars=config.segment_chars, domains=domains,
         seed=seed))
-    train = collect(dyn, base.tokenizer, bank.labels, make("train", config.train_streams, config.seed), config, vocab_size)
+    train = collect(dyn, base.tokenizer, bank.labels, make("train", config.train_streams, config.seed), config.delay,
+                    config.ignore_after, vocab_size)
     validation = collect(dyn, base.tokenizer, bank.labels, make("validation", config.validation_streams, config.seed + 1),
-                         config, vocab_size)
+                         config.delay, config.ignore_after, vocab_size)
     feature_seconds = time.perf_counter() - started
 
     embedding = base.model.get_input_embeddings().weight
@@ -205,14 +224,8 @@ def train_triggers(config: TriggerTrainConfig) -> dict:
     def probs_of(data):
         return [torch.sigmoid(hh @ row.detach() - zz) for hh, zz in zip(data[0], data[1])]
 
-    validation_probs = probs_of(validation)
-    candidates = []
-    for threshold in [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99]:
-        fired = [simulate_policy(p, threshold, config.min_gap) for p in validation_probs]
-        candidates.append({"threshold": threshold, **trigger_metrics(fired, validation[3], validation[4], config.window)})
-    allowed = [c for c in candidates if c["false_per_1k_tokens"] <= config.max_false_per_1k] or \
-        [min(candidates, key=lambda c: c["false_per_1k_tokens"])]
-    best = max(allowed, key=lambda c: (c["boundary_recall"], c["threshold"]))
+    best, candidates = choose_threshold(probs_of(validation), validation[3], validation[4], config.window,
+                                        config.min_gap, config.max_false_per_1k)
     train_fired = [simulate_policy(p, best["threshold"], config.min_gap) for p in probs_of(train)]
     config.out_dir.mkdir(parents=True, exist_ok=True)
     save_trigger_tokens(config.out_dir / "trigger_tokens.safetensors", base.model, token_ids)
@@ -225,3 +238,44 @@ def train_triggers(config: TriggerTrainConfig) -> dict:
     (config.out_dir / "triggers.json").write_text(json.dumps(metadata, indent=2))
     dyn.detach()
     return metadata
+
+
+def rescan_thresholds(triggers_dir: Path, library_dir: Path = Path("checkpoints/library"), model: str | None = None,
+                      threads: int = 2) -> dict:
+    """Choose the firing threshold again on the same validation streams (the grid in ``THRESHOLDS``) for a
+    trained trigger — either form; its LoRA, if any, is merged — and rewrite ``triggers.json``'s threshold,
+    validation and scan. Nothing is trained: the trigger's weights stay as they are."""
+    from dynalora.data import LIBRARY_DOMAINS
+    from dynalora.lora import DynamicLoraModel
+    from dynalora.models import load_base_model
+    from dynalora.runtime.special_tokens import SHIFT_TOKEN, load_trigger_tokens
+    from dynalora.runtime.trigger_lora import merge_trigger_lora, trigger_lora_beside
+    from dynalora.train.library import load_library_bank
+
+    torch.set_num_threads(threads)
+    record_path = Path(triggers_dir) / "triggers.json"
+    record = json.loads(record_path.read_text())
+    saved = record["config"]
+    base = load_base_model(model)
+    vocab_size = base.model.get_output_embeddings().weight.shape[0]
+    token_file = Path(triggers_dir) / "trigger_tokens.safetensors"
+    shift_id = load_trigger_tokens(token_file, base.model, base.tokenizer)[SHIFT_TOKEN]
+    deltas = trigger_lora_beside(token_file)
+    if deltas:
+        merge_trigger_lora(base.model, deltas)
+    bank, _ = load_library_bank(library_dir, base.model)
+    dyn = DynamicLoraModel.attach(base.model, bank)
+    streams = build_streams(StreamConfig(split="validation", streams=saved["validation_streams"],
+                                         segments=saved["segments"], segment_chars=saved["segment_chars"],
+                                         domains=[d for d in LIBRARY_DOMAINS if d in bank.labels],
+                                         seed=saved["seed"] + 1))
+    validation = collect(dyn, base.tokenizer, bank.labels, streams, saved["delay"], saved["ignore_after"], vocab_size)
+    row = base.model.get_input_embeddings().weight[shift_id].detach()  # as both recipes train it
+    probs = [torch.sigmoid(h @ row - z) for h, z in zip(validation[0], validation[1])]
+    best, candidates = choose_threshold(probs, validation[3], validation[4], saved["window"], saved["min_gap"],
+                                        saved["max_false_per_1k"])
+    dyn.detach()
+    record.update({"threshold": best["threshold"], "validation": best, "threshold_scan": candidates,
+                   "rescanned_thresholds": list(THRESHOLDS)})
+    record_path.write_text(json.dumps(record, indent=2))
+    return record

@@ -1,0 +1,231 @@
+"""``dynalora train triggers --lora``: the trigger's second form — a small LoRA in the top layers as well
+as the ``<|shift|>`` row, for when one embedding row cannot tell a domain change from the text.
+
+The row alone reads only the final hidden state, which the frozen model never trained to compare the
+current text with what came before. A rank-``r`` LoRA on ``k_proj`` and ``o_proj`` of the last
+``layers`` decoder layers lets attention look back at the earlier text for that. Trained jointly with
+the row (started from the shipped row) on the same targets as the row-only recipe, run under the same
+oracle LoRA schedule, plus ``kl_weight`` × KL(original ‖ new) of the next-token distribution over the
+original vocabulary, so the text the model predicts stays what it was.
+
+The LoRA is static (the same at every token), so at run time it is merged into the base weights when
+the trigger files are loaded (``merge_trigger_lora``): nothing changes in the engine and it costs
+nothing per token. Its modules are not ones the library targets, so the shift LoRA goes on as before.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import DynamicCache
+
+from dynalora.train.data import config_record
+from dynalora.train.triggers import TriggerTrainConfig
+
+
+
+@dataclass
+class TriggerLoraTrainConfig(TriggerTrainConfig):
+    """The row-only recipe's settings (streams, delay, scoring window, threshold rule) plus the LoRA's."""
+    row_dir: Path = Path("checkpoints/triggers")
+    """The row-only trigger to start from (``dynalora train triggers``)."""
+    out_dir: Path = Path("checkpoints/triggers_lora")
+    layers: int = 4
+    """The LoRA goes on the last this many decoder layers."""
+    target_modules: list[str] = field(default_factory=lambda: ["k_proj", "o_proj"])
+    rank: int = 4
+    steps: int = 150
+    lr: float = 2e-3
+    row_lr: float = 0.01
+    kl_weight: float = 1.0
+
+    def __post_init__(self):
+        if self.layers < 1 or self.rank < 1 or self.steps < 1:
+            raise ValueError("TriggerLoraTrainConfig: layers, rank and steps must be ≥ 1")
+
+
+def top_layer_modules(model, layers: int, target_modules: list[str]) -> dict[str, torch.nn.Linear]:
+    """``{qualified name: Linear}`` of ``target_modules`` in the last ``layers`` decoder layers (the Linear
+    inside a dynalora wrapper where the model has one attached)."""
+    found = {name: getattr(module, "base_layer", module) for name, module in model.named_modules()
+             if name.rsplit(".", 1)[-1] in target_modules}
+    found = {name: module for name, module in found.items() if isinstance(module, torch.nn.Linear)}
+    if not found:
+        raise ValueError(f"trigger LoRA: the model has no Linear modules named {target_modules}")
+    indices = sorted({int(part) for name in found for part in name.split(".") if part.isdigit()})
+    keep = set(indices[-layers:])
+    return {name: module for name, module in found.items()
+            if any(part.isdigit() and int(part) in keep for part in name.split("."))}
+
+
+class StaticLora:
+    """Trainable ``ΔW = B A`` on some Linear modules through forward hooks (removable, nothing replaced)."""
+
+    def __init__(self, modules: dict[str, torch.nn.Linear], rank: int):
+        self.modules, self.factors, self.handles, self.enabled = modules, {}, [], True
+        for name, module in modules.items():
+            a = (torch.randn(rank, module.in_features) / module.in_features ** 0.5).requires_grad_(True)  # (r, in)
+            b = torch.zeros(module.out_features, rank, requires_grad=True)  # (out, r)
+            self.factors[name] = (a, b)
+            self.handles.append(module.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name):
+        def add_delta(module, inputs, output):
+            if not self.enabled:
+                return output
+            a, b = self.factors[name]
+            return output + (inputs[0] @ a.T) @ b.T  # (..., in) → (..., out)
+        return add_delta
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [t for pair in self.factors.values() for t in pair]
+
+    def deltas(self) -> dict[str, torch.Tensor]:
+        return {name: (b @ a).detach() for name, (a, b) in self.factors.items()}  # (out, in)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _schedule_chunks(schedule, length: int):
+    """``[(start, stop, blend), ...]`` of a LoRA schedule, empty spans dropped."""
+    bounds = [s for s, _ in schedule] + [length]
+    return [(start, stop, blend) for (start, blend), stop in zip(schedule, bounds[1:]) if stop > start]
+
+
+def _set_blend(dyn, blend) -> None:
+    dyn.state.reset(0)
+    if blend is not None:
+        dyn.state.set_blend(0, blend)
+
+
+@torch.no_grad()
+def reference_log_probs(dyn, tokens: list[int], schedule, vocab_size: int) -> torch.Tensor:
+    """Next-token log-probs ``(L, V)`` over the original vocabulary under the schedule (KV cache kept)."""
+    cache, out = DynamicCache(config=dyn.model.config), []
+    for start, stop, blend in _schedule_chunks(schedule, len(tokens)):
+        _set_blend(dyn, blend)
+        logits = dyn.model(input_ids=torch.tensor([tokens[start:stop]]), cache=cache, use_cache=True).logits[0]
+        out.append(torch.log_softmax(logits[:, :vocab_size].float(), -1))
+    dyn.state.reset(0)
+    return torch.cat(out)
+
+
+def train_step(dyn, tokens: list[int], schedule, target: torch.Tensor, reference: torch.Tensor, row: torch.Tensor,
+               vocab_size: int, positive_weight: float, kl_weight: float) -> dict:
+    """One stream: the weighted trigger loss + ``kl_weight`` × KL(reference ‖ new), back-propagated chunk by
+    chunk (the engine's state is rewritten in place between chunks, so each chunk's graph is used and freed
+    before the next blend is set; the KV cache of earlier chunks is detached). Gradients accumulate."""
+    model = dyn.model
+    captured = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, i, o: captured.append(i[0][0]))
+    keep = target >= 0
+    weights = torch.where(target == 1, positive_weight, 1.0) * keep  # (L,) 0 where no loss
+    weight_total = float(weights.sum())
+    cache, trigger_total, kl_total = DynamicCache(config=model.config), 0.0, 0.0
+    try:
+        for start, stop, blend in _schedule_chunks(schedule, len(tokens)):
+            _set_blend(dyn, blend)
+            captured.clear()
+            logits = model(input_ids=torch.tensor([tokens[start:stop]]), cache=cache, use_cache=True).logits[0]
+            logits = logits[:, :vocab_size].float()  # (T, V)
+            margin = captured[0].float() @ row - torch.logsumexp(logits, -1)  # (T,) logit of p(<|shift|>)
+            trigger = (weights[start:stop] * F.binary_cross_entropy_with_logits(
+                margin, target[start:stop].clamp(min=0), reduction="none")).sum() / weight_total
+            kl = F.kl_div(torch.log_softmax(logits, -1), reference[start:stop], log_target=True,
+                          reduction="sum") / len(tokens)
+            (trigger + kl_weight * kl).backward()
+            trigger_total += float(trigger)
+            kl_total += float(kl)
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
+    finally:
+        handle.remove()
+        dyn.state.reset(0)
+    return {"trigger": trigger_total, "kl": kl_total}
+
+
+def train_trigger_lora(config: TriggerLoraTrainConfig) -> dict:
+    from dynalora.data import LIBRARY_DOMAINS
+    from dynalora.data.streams import StreamConfig, build_streams
+    from dynalora.lora import DynamicLoraModel
+    from dynalora.models import load_base_model
+    from dynalora.runtime.special_tokens import SHIFT_TOKEN, load_trigger_tokens, save_trigger_tokens
+    from dynalora.runtime.trigger_lora import LORA_FILE, load_trigger_lora, merge_trigger_lora, save_trigger_lora
+    from dynalora.train.library import load_library_bank, plot_losses
+    from dynalora.train.triggers import choose_threshold, collect, oracle_schedule, targets_for, tokenize_stream
+
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    started = time.perf_counter()
+    base = load_base_model(config.model)
+    for p in base.model.parameters():
+        p.requires_grad_(False)
+    vocab_size = base.model.get_output_embeddings().weight.shape[0]
+    token_ids = load_trigger_tokens(Path(config.row_dir) / "trigger_tokens.safetensors", base.model, base.tokenizer)
+    shift_id = token_ids[SHIFT_TOKEN]
+    bank, _ = load_library_bank(config.library_dir, base.model)
+    dyn = DynamicLoraModel.attach(base.model, bank)
+    domains = [d for d in LIBRARY_DOMAINS if d in bank.labels]
+    make = lambda split, count, seed: build_streams(StreamConfig(  # noqa: E731
+        split=split, streams=count, segments=config.segments, segment_chars=config.segment_chars, domains=domains,
+        seed=seed))
+    train = []
+    for stream in make("train", config.train_streams, config.seed):
+        tokens, starts, names = tokenize_stream(base.tokenizer, stream)
+        train.append((tokens, oracle_schedule(starts, names, bank.labels, config.delay, len(tokens)),
+                      targets_for(starts, len(tokens), config.delay, config.ignore_after)))
+
+    embedding = base.model.get_input_embeddings().weight
+    row = embedding[shift_id].detach().clone().requires_grad_(True)  # (H,)
+    lora = StaticLora(top_layer_modules(base.model, config.layers, config.target_modules), config.rank)
+    optimizer = torch.optim.Adam([{"params": lora.parameters(), "lr": config.lr},
+                                  {"params": [row], "lr": config.row_lr}])
+    rng = random.Random(config.seed)
+    history = []
+    progress = tqdm(range(config.steps), desc="train trigger LoRA")
+    for _ in progress:
+        tokens, schedule, target = train[rng.randrange(len(train))]
+        lora.enabled = False  # the reference: the model as it was
+        reference = reference_log_probs(dyn, tokens, schedule, vocab_size)
+        lora.enabled = True
+        parts = train_step(dyn, tokens, schedule, target, reference, row, vocab_size, config.positive_weight,
+                           config.kl_weight)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        history.append(parts)
+        progress.set_postfix(trigger=f"{history[-1]['trigger']:.3f}", kl=f"{history[-1]['kl']:.4f}")
+    train_seconds = time.perf_counter() - started
+    lora.remove()
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    lora_file = save_trigger_lora(config.out_dir / LORA_FILE, lora.deltas(), config.rank)
+    merge_trigger_lora(base.model, load_trigger_lora(lora_file))  # as shipped (fp16 factors), validated as such
+    with torch.no_grad():
+        embedding[shift_id] = row.detach()
+
+    validation = collect(dyn, base.tokenizer, bank.labels, make("validation", config.validation_streams,
+                                                                config.seed + 1), config.delay, config.ignore_after,
+                         vocab_size)
+    probs = [torch.sigmoid(h @ row.detach() - z) for h, z in zip(validation[0], validation[1])]
+    best, candidates = choose_threshold(probs, validation[3], validation[4], config.window, config.min_gap,
+                                        config.max_false_per_1k)
+    save_trigger_tokens(config.out_dir / "trigger_tokens.safetensors", base.model, token_ids)
+    plot_losses([h["trigger"] for h in history], config.out_dir / "loss.png",
+                "trigger LoRA + <|shift|> row: weighted logistic loss")
+    metadata = {"config": config_record(config), "threshold": best["threshold"], "validation": best,
+                "threshold_scan": candidates, "form": "lora",
+                "trained_parameters": int(row.numel()) + sum(t.numel() for t in lora.parameters()),
+                "seconds": round(time.perf_counter() - started, 1), "train_seconds": round(train_seconds, 1),
+                "history": history, "initial": history[0], "final": {
+                    k: sum(h[k] for h in history[-20:]) / len(history[-20:]) for k in history[0]}}
+    (config.out_dir / "triggers.json").write_text(json.dumps(metadata, indent=2))
+    dyn.detach()
+    return metadata

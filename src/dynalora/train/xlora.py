@@ -1,0 +1,138 @@
+"""``dynalora train xlora``: PEFT's X-LoRA over the library, its classifier trained briefly — a baseline.
+
+X-LoRA (Buehler & Buehler, 2024) runs the base model once without adapters, feeds each token's last
+hidden state to a small classifier that outputs softmax scalings over the library's adapters, then
+runs the model again with every adapter's output weighted by its token's scalings. Only the
+classifier is trained (the experts stay frozen), here on the language-modelling loss of
+mixed-domain streams from the library domains' **train** split — the same library and the same kind
+of text as ``dynalora eval shift``, with no domain labels (as dynalora's triggers learn).
+
+PEFT 0.21 names: the adapters are passed as ``"0" … "n-1"`` (PEFT's X-LoRA loads them under those names
+and looks its ``adapters`` keys up among them), the library order is kept in ``xlora.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dynalora.train.data import config_record
+
+CONFIG_FILE = "xlora.json"
+WEIGHTS_FILE = "classifier.safetensors"
+
+
+@dataclass
+class XLoraTrainConfig:
+    library_dir: Path = Path("checkpoints/library")
+    out_dir: Path = Path("checkpoints/xlora")
+    model: str | None = None
+    streams: int = 64
+    """Training streams (library domains, train split)."""
+    window: int = 256
+    """Tokens per training sequence (a random window of a stream)."""
+    steps: int = 120
+    lr: float = 2e-3
+    depth: int = 1
+    """Classifier layers (PEFT ``xlora_depth``; 1 = one linear map from the hidden state)."""
+    seed: int = 0
+    threads: int = 2
+
+    def __post_init__(self):
+        if self.steps < 1 or self.window < 8 or self.streams < 1:
+            raise ValueError("XLoraTrainConfig: steps ≥ 1, window ≥ 8, streams ≥ 1")
+
+
+def library_labels(library_dir: Path) -> list[str]:
+    index = Path(library_dir) / "library.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{index}: no library here; train one with `dynalora train library`")
+    return [a["label"] for a in json.loads(index.read_text())["adapters"]]
+
+
+def build_xlora(library_dir: Path, model_name: str | None = None, depth: int = 1):
+    """A fresh base model wrapped by PEFT X-LoRA over every library adapter (classifier untrained)."""
+    from peft import XLoraConfig, get_peft_model
+
+    from dynalora.models import load_base_model
+
+    base = load_base_model(model_name)
+    model = base.model
+    model.config.use_cache = False  # X-LoRA refuses a KV cache (it runs the model twice per call)
+    labels = library_labels(library_dir)
+    config = XLoraConfig(task_type="CAUSAL_LM", hidden_size=model.config.hidden_size, xlora_depth=depth,
+                         adapters={str(i): str(Path(library_dir) / label) for i, label in enumerate(labels)})
+    return get_peft_model(model, config), base.tokenizer, labels
+
+
+def _classifier(xlora_model):
+    return xlora_model.base_model.internal_xlora_classifier
+
+
+def load_xlora(folder: Path, library_dir: Path, model_name: str | None = None):
+    """X-LoRA with the classifier trained by ``train_xlora`` (folder from ``dynalora train xlora``)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{folder / CONFIG_FILE}: no X-LoRA classifier here; make one with "
+                                f"`dynalora train xlora`")
+    saved = json.loads((folder / CONFIG_FILE).read_text())
+    model, tokenizer, labels = build_xlora(library_dir, model_name, saved["config"]["depth"])
+    if labels != saved["labels"]:
+        raise ValueError(f"{folder}: classifier trained on adapters {saved['labels']}, library has {labels}")
+    _classifier(model).load_state_dict({k: v.float() for k, v in load_file(str(folder / WEIGHTS_FILE)).items()})
+    return model.eval(), tokenizer
+
+
+@torch.no_grad()
+def xlora_token_nll(model, tokens: list[int], vocab_size: int) -> torch.Tensor:
+    """Teacher-forced NLL of tokens 1..L-1 under X-LoRA ``(L-1,)`` (scores over the first ``vocab_size`` logits)."""
+    logits = model(input_ids=torch.tensor([tokens])).logits[0, :-1, :vocab_size].float()
+    return -torch.log_softmax(logits, -1).gather(1, torch.tensor(tokens[1:])[:, None])[:, 0]
+
+
+def train_xlora(config: XLoraTrainConfig) -> dict:
+    from safetensors.torch import save_file
+
+    from dynalora.data.streams import StreamConfig, build_streams
+    from dynalora.train.library import plot_losses
+    from dynalora.train.triggers import tokenize_stream
+
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    model, tokenizer, labels = build_xlora(config.library_dir, config.model, config.depth)
+    streams = build_streams(StreamConfig(split="train", streams=config.streams, seed=config.seed))
+    sequences = [tokenize_stream(tokenizer, s)[0] for s in streams]
+    rng = random.Random(config.seed)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
+    model.train()
+    history, started = [], time.perf_counter()
+    progress = tqdm(range(config.steps), desc="train xlora")
+    for step in progress:
+        tokens = sequences[rng.randrange(len(sequences))]
+        at = rng.randrange(0, max(1, len(tokens) - config.window))
+        ids = torch.tensor([tokens[at:at + config.window]])  # (1, T)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        history.append(float(loss.detach()))
+        progress.set_postfix(loss=f"{history[-1]:.3f}")
+    seconds = time.perf_counter() - started
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().half().contiguous() for k, v in _classifier(model).state_dict().items()},
+              str(config.out_dir / WEIGHTS_FILE))
+    plot_losses(history, config.out_dir / "loss.png", "X-LoRA classifier: LM loss on train-split streams")
+    record = {"config": config_record(config), "labels": labels, "train_seconds": round(seconds, 1),
+              "parameters": sum(p.numel() for p in parameters), "history": history,
+              "final_loss": sum(history[-20:]) / len(history[-20:])}
+    (config.out_dir / CONFIG_FILE).write_text(json.dumps(record, indent=2))
+    return record
