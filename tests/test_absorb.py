@@ -36,8 +36,10 @@ def dense(factors):
 
 def test_merge_at_rank_is_exact_below_the_rank_and_optimal_above():
     g = torch.Generator().manual_seed(0)
-    old = {"m": (torch.randn(2, 10, generator=g, dtype=torch.float64), torch.randn(7, 2, generator=g, dtype=torch.float64))}
-    new = {"m": (torch.randn(2, 10, generator=g, dtype=torch.float64), torch.randn(7, 2, generator=g, dtype=torch.float64))}
+    old = {"m": (torch.randn(2, 10, generator=g, dtype=torch.float64),
+                 torch.randn(7, 2, generator=g, dtype=torch.float64))}
+    new = {"m": (torch.randn(2, 10, generator=g, dtype=torch.float64),
+                 torch.randn(7, 2, generator=g, dtype=torch.float64))}
     merged, error = merge_at_rank(old, new, rank=4, decay=0.5)
     assert error == 0.0
     torch.testing.assert_close(dense(merged)["m"], 0.5 * dense(old)["m"] + dense(new)["m"])
@@ -140,7 +142,8 @@ def test_compressor_save_load_round_trip(tmp_path):
 
 def test_absorber_refuses_a_state_without_memory():
     model = tiny_model("llama")
-    dyn = DynamicLoraModel.attach(model, LoraBank(module_shapes_of(model)), InjectConfig(state=StateConfig(memory_rank=0)))
+    dyn = DynamicLoraModel.attach(model, LoraBank(module_shapes_of(model)),
+                                  InjectConfig(state=StateConfig(memory_rank=0)))
     shapes = module_shapes_of(model)
     compressor = Compressor(CompressorConfig(model.config.hidden_size, {m: list(shapes[m]) for m in dyn.state.modules}))
     with pytest.raises(ValueError, match="memory_rank"):
@@ -176,7 +179,8 @@ def test_train_absorb_recipe_runs_on_a_tiny_model(tmp_path):
 
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"context": f"Zorb{i} lives in Quell{i}. Zorb{i} is a baker.",
-                                        "questions": [{"question": f"Where does Zorb{i} live?", "answer": f"Quell{i}"}]})
+                                        "questions": [{"question": f"Where does Zorb{i} live?",
+                                                       "answer": f"Quell{i}"}]})
                             + "\n" for i in range(6)))
     config = dict(data=[docs], validation=docs, out_dir=tmp_path / "out", model="tiny:llama", rank=2, width=32,
                   chunk_tokens=16, max_chunks=4, batch_size=2, validation_examples=4, teacher_top_k=4,

@@ -31,7 +31,7 @@ bible = Bible(
     {Book.GENESIS: "Gen"},
     False,
 )
-'''
+'''  # noqa: E501 - mirrors the wheel's one-line Bible string literal
 GREETINGS_YML = """categories:
 - greetings
 conversations:

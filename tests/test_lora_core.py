@@ -109,7 +109,8 @@ def test_rows_of_a_batch_match_rows_run_alone(family, adapter_dirs):
     snapshot = dyn.state.snapshot()
     for row in range(4):
         dyn.state.reset()
-        dyn.state.restore(dyn.state.snapshot(0) | {"tensors": {k: v[row:row + 1] for k, v in snapshot["tensors"].items()}})
+        dyn.state.restore(dyn.state.snapshot(0)
+                          | {"tensors": {k: v[row:row + 1] for k, v in snapshot["tensors"].items()}})
         alone = logits(dyn, batch_tokens[row:row + 1])
         assert max_diff(batched[row:row + 1], alone) <= TOL, f"row {row}"
     assert not torch.allclose(batched[0], batched[2])

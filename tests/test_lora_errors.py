@@ -112,7 +112,8 @@ def test_bad_state_updates_leave_the_state_as_it_was(dyn):
         (dict(blend=[float("nan")]), "NaN or Inf"),
         (dict(blend=[0.2], generated={module: (torch.ones(2, 64), torch.full((64, 2), float("inf")))}), "NaN or Inf"),
         (dict(blend=[0.2], generated={module: (torch.ones(2, 65), torch.ones(64, 2))}), r"A \(2, 65\).*A \(r, 64\)"),
-        (dict(generated={module: (torch.ones(20, 64), torch.ones(64, 20))}), "rank 20, above the state's generated_rank=8"),
+        (dict(generated={module: (torch.ones(20, 64), torch.ones(64, 20))}),
+         "rank 20, above the state's generated_rank=8"),
         (dict(memory=good_factors | {"model.layers.0.mlp.up_proj": (torch.ones(1, 64), torch.ones(128, 1))}),
          "not a target module"),
     ]

@@ -68,7 +68,8 @@ def test_one_hot_blend_and_export_match_peft(smollm2, adapter, tmp_path):
             blended = dyn(input_ids=ids).logits
         dyn.export_peft(0, tmp_path / "export")
         with torch.no_grad():
-            exported = PeftModel.from_pretrained(load_base_model().model, str(tmp_path / "export")).eval()(input_ids=ids).logits
+            exported = PeftModel.from_pretrained(load_base_model().model,
+                                                 str(tmp_path / "export")).eval()(input_ids=ids).logits
         assert (blended - exported).abs().max() <= tolerance
     finally:
         dyn.detach()

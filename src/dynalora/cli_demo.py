@@ -24,7 +24,8 @@ def cmd_plot(args) -> int:
     system = load_shift_system(*(args.checkpoints / n for n in ("library", "shift", "triggers")), args.model)
     tokens, starts, domains = tokenize_stream(system.base.tokenizer, streams[args.index])
     _, fired, _, blends = system.run_stream(tokens, record_blends=True)
-    print(f"{len(fired)} shifts over {len(tokens)} tokens; wrote {plot_blend_timeline(blends, system.bank.labels, starts, domains, fired, args.out)}")
+    print(f"{len(fired)} shifts over {len(tokens)} tokens; "
+          f"wrote {plot_blend_timeline(blends, system.bank.labels, starts, domains, fired, args.out)}")
     return 0
 
 

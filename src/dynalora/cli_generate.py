@@ -90,7 +90,8 @@ def cmd_generate(args) -> int:
         tokens = 0
         print("\n[interrupted]", file=sys.stderr)
     seconds = time.perf_counter() - started
-    print(f"\n{DIM}[{tokens} tokens in {seconds:.1f}s, {tokens / max(seconds, 1e-9):.1f} tok/s]{RESET}", file=sys.stderr)
+    print(f"\n{DIM}[{tokens} tokens in {seconds:.1f}s, {tokens / max(seconds, 1e-9):.1f} tok/s]{RESET}",
+          file=sys.stderr)
     return 0
 
 

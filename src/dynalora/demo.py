@@ -74,7 +74,7 @@ def run_demo(config: DemoConfig) -> dict:
                 print(event.text, end="", flush=True)
             elif event.kind in ("shift", "rejected"):
                 top = sorted(zip(bank.labels, event.new_blend), key=lambda x: -x[1])[:2]
-                print(f"{DIM}[{event.kind}: " + ", ".join(f"{l} {w:.2f}" for l, w in top) + f"]{RESET}", end="")
+                print(f"{DIM}[{event.kind}: " + ", ".join(f"{label} {w:.2f}" for label, w in top) + f"]{RESET}", end="")
         print("\n")
         dyn.state.reset()
     engine.close()

@@ -54,7 +54,8 @@ def load_shift_system(library_dir: Path, shift_dir: Path, triggers_dir: Path, mo
     from dynalora.runtime.trigger_lora import trigger_lora_beside
     from dynalora.train.library import load_library_bank
 
-    for folder, command in ((library_dir, "train library"), (shift_dir, "train shift"), (triggers_dir, "train triggers")):
+    for folder, command in ((library_dir, "train library"), (shift_dir, "train shift"),
+                            (triggers_dir, "train triggers")):
         if not Path(folder).is_dir():
             raise FileNotFoundError(f"{folder}: missing; make it with `dynalora {command}`")
     base = load_base_model(model)

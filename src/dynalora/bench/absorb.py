@@ -50,7 +50,8 @@ def run_absorb_bench(config: AbsorbBenchConfig, out: Path | None = None) -> dict
     absorber = Absorber(dyn, compressor, AbsorbConfig(chunk_tokens=chunk))
     ids, seed = [], split_seeds("test").start
     while len(ids) < config.long * chunk:
-        ids += base.tokenizer(facts_document(seed, words=300)["context"] + "\n\n", add_special_tokens=False)["input_ids"]
+        ids += base.tokenizer(facts_document(seed, words=300)["context"] + "\n\n",
+                              add_special_tokens=False)["input_ids"]
         seed += 1
 
     def state_bytes() -> int:
@@ -69,7 +70,8 @@ def run_absorb_bench(config: AbsorbBenchConfig, out: Path | None = None) -> dict
     kv_per_token = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * \
         (model.config.hidden_size // model.config.num_attention_heads) * 4  # fp32 K and V
     ratios = {"absorb_time_late_vs_early": late["median"] / early["median"],
-              "state_bytes_long_vs_short": footprint[config.long]["state_bytes"] / footprint[config.short]["state_bytes"],
+              "state_bytes_long_vs_short": footprint[config.long]["state_bytes"] /
+              footprint[config.short]["state_bytes"],
               "evicted_kv_bytes_long_vs_state_bytes": config.long * chunk * kv_per_token /
               footprint[config.long]["state_bytes"]}
     result = {"methods": {f"absorb one chunk (first {n})": early, f"absorb one chunk (last {n})": late},

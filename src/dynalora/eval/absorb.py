@@ -308,7 +308,8 @@ def format_absorb_table(result: dict) -> str:
             lines.append(f"speed: {result['speed']}")
     if "locality" in result:
         loc = result["locality"]
-        lines.append(f"locality ({loc['questions']} unrelated questions): exact {loc['without_memory']['exact_match']:.3f} "
+        lines.append(f"locality ({loc['questions']} unrelated questions): "
+                     f"exact {loc['without_memory']['exact_match']:.3f} "
                      f"without memory, {loc['with_memory']['exact_match']:.3f} with (drop "
                      f"{loc['exact_match_drop_points']:.1f} points)")
     if "needle" in result:

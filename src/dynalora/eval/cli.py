@@ -10,8 +10,8 @@ def cmd_shift(args) -> int:
 
     eval_shift(ShiftEvalConfig(data=args.data, library_dir=args.library, shift_dir=args.shift,
                                triggers_dir=args.triggers, xlora_dir=args.xlora, model=args.model,
-                               max_streams=args.max_streams, update_delay=args.update_delay, use_factors=args.with_factors,
-                               methods=args.methods),
+                               max_streams=args.max_streams, update_delay=args.update_delay,
+                               use_factors=args.with_factors, methods=args.methods),
                out=args.out)
     return 0
 

@@ -299,7 +299,8 @@ def format_shift_table(result: dict) -> str:
     for name, m in result["methods"].items():
         unseen = result["unseen_domains"].get(name, {}).get("nll")
         if "nll" in m:
-            lines.append(f"{name:<20} {m['nll']:>8.4f} {m['ppl']:>9.3f}   {unseen if unseen is None else f'{unseen:.4f}'}")
+            lines.append(f"{name:<20} {m['nll']:>8.4f} {m['ppl']:>9.3f}   "
+                         f"{unseen if unseen is None else f'{unseen:.4f}'}")
         else:
             lines.append(f"{name:<20} {m['note']}")
     t = result["triggers"]

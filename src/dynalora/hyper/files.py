@@ -16,7 +16,8 @@ def save_network(network: nn.Module, config, folder: str | Path, config_file: st
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / config_file).write_text(json.dumps(asdict(config), indent=2))
-    save_file({k: v.detach().to(dtype).contiguous() for k, v in network.state_dict().items()}, str(folder / weights_file))
+    save_file({k: v.detach().to(dtype).contiguous() for k, v in network.state_dict().items()},
+              str(folder / weights_file))
     return folder
 
 

@@ -65,7 +65,8 @@ def read_peft_adapter(folder: str | Path, dtype: torch.dtype = torch.float32) ->
     if not config_path.is_file():
         raise AdapterError(f"{config_path}: missing (a PEFT adapter folder holds {CONFIG_FILE})")
     if not weights_path.is_file():
-        hint = " (.bin pickles are refused; convert it to safetensors)" if (folder / "adapter_model.bin").exists() else ""
+        hint = (" (.bin pickles are refused; convert it to safetensors)"
+                if (folder / "adapter_model.bin").exists() else "")
         raise AdapterError(f"{weights_path}: missing{hint}")
     try:
         config = json.loads(config_path.read_text())

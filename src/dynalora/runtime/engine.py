@@ -126,7 +126,8 @@ class Engine:
         if self.tokenizer is None:
             raise ValueError("text prompts need a tokenizer; pass token ids to a model without one")
         if chat:
-            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            messages = (([{"role": "system", "content": system}] if system else [])
+                        + [{"role": "user", "content": prompt}])
             return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                            return_dict=True)["input_ids"])
         return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
@@ -165,7 +166,8 @@ class Engine:
         return out.logits.float()  # (B, T or 1, V)
 
     @torch.no_grad()
-    def _recompute_row(self, batch: _Batch, cache: DynamicCache, row: int, count: int | None) -> tuple[int, torch.Tensor]:
+    def _recompute_row(self, batch: _Batch, cache: DynamicCache, row: int,
+                       count: int | None) -> tuple[int, torch.Tensor]:
         """Recompute the last ``count`` cached positions of ``row`` (all if None) under its current LoRA.
 
         Returns the number of positions and the fresh next-token logits ``(V,)`` of the last cached one."""
@@ -175,13 +177,15 @@ class Engine:
         temp = DynamicCache(config=self.model.config)
         if keep:
             for index, layer in enumerate(cache.layers):
-                temp.update(layer.keys[row:row + 1, :, :keep].clone(), layer.values[row:row + 1, :, :keep].clone(), index)
+                temp.update(layer.keys[row:row + 1, :, :keep].clone(), layer.values[row:row + 1, :, :keep].clone(),
+                            index)
         self.capture.enabled = False
         try:
             with self.dyn.state.use_rows(row):
-                out = self.model(input_ids=batch.ids[row:row + 1, keep:length], attention_mask=batch.mask[row:row + 1, :length],
-                           position_ids=batch.positions[row:row + 1, keep:length], cache=temp, use_cache=True,
-                           logits_to_keep=1)
+                out = self.model(input_ids=batch.ids[row:row + 1, keep:length],
+                                 attention_mask=batch.mask[row:row + 1, :length],
+                                 position_ids=batch.positions[row:row + 1, keep:length], cache=temp, use_cache=True,
+                                 logits_to_keep=1)
         finally:
             self.capture.enabled = True
         for layer, fresh in zip(cache.layers, temp.layers):
@@ -367,7 +371,8 @@ class Engine:
             for t in torch.nonzero(real).flatten().tolist():
                 obs = StepObservation(position=int(batch.positions[b, t + 1]), token_id=int(targets[b, t]),
                                       token_nll=float(nll[b, t]), in_prompt=True, context_length=length,
-                                      trigger_probs={tid: float(trigger_p[b, t, i]) for i, tid in enumerate(trigger_ids)}
+                                      trigger_probs={tid: float(trigger_p[b, t, i])
+                                                     for i, tid in enumerate(trigger_ids)}
                                       if trigger_p is not None else {})
                 reason, _ = triggers.observe(obs)
                 if reason:  # features: the hidden states at the end of the prompt

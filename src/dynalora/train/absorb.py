@@ -307,7 +307,8 @@ def train_absorb(config: AbsorbTrainConfig) -> dict:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     shapes = module_shapes_of(model)
     dyn = DynamicLoraModel.attach(model, LoraBank(shapes), InjectConfig(
-        target_modules=config.target_modules, state=StateConfig(max_batch=1, generated_rank=0, memory_rank=config.rank)))
+        target_modules=config.target_modules,
+        state=StateConfig(max_batch=1, generated_rank=0, memory_rank=config.rank)))
     compressor = Compressor(CompressorConfig(hidden_size=model.config.hidden_size,
                                              module_shapes={m: list(shapes[m]) for m in dyn.state.modules},
                                              rank=config.rank, width=config.width, scale=config.b_scale)).to(device)
@@ -321,9 +322,10 @@ def train_absorb(config: AbsorbTrainConfig) -> dict:
                          f"{config.chunk_tokens} tokens)")
     docs_bytes = b"".join(Path(p).read_bytes() for p in paths)
     no_teacher = not config.distill_weight
-    train_targets = [None] * len(train) if no_teacher else cached_teacher(config.out_dir / "teacher_train.pt", _cache_key(config, docs_bytes, "train"),
-                                   lambda: teacher_targets(model, train, config.teacher_top_k, pad_id, device,
-                                                           config.teacher_batch_size, desc="teacher (train)"))
+    train_targets = [None] * len(train) if no_teacher else cached_teacher(
+        config.out_dir / "teacher_train.pt", _cache_key(config, docs_bytes, "train"),
+        lambda: teacher_targets(model, train, config.teacher_top_k, pad_id, device,
+                                config.teacher_batch_size, desc="teacher (train)"))
     validation, validation_targets = [], []
     if config.validation:
         validation = build_examples(tokenizer, read_docs(config.validation), config,
@@ -388,7 +390,8 @@ def train_absorb(config: AbsorbTrainConfig) -> dict:
     metadata = {"config": config_record(config), "train_seconds": round(seconds, 1),
                 "teacher_seconds": round(teacher_seconds, 1), "device": str(device),
                 "device_name": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
-                "steps_done": len(history), "train_examples": len(train), "parameters": sum(p.numel() for p in compressor.parameters()),
+                "steps_done": len(history), "train_examples": len(train),
+                "parameters": sum(p.numel() for p in compressor.parameters()),
                 "final": {k: sum(h[k] for h in history[-20:]) / min(20, len(history)) for k in history[-1]},
                 "validation": scores, "validation_examples": len(validation), "history": history,
                 "split": {"train": [str(p) for p in paths], "validation": str(config.validation)}}

@@ -83,8 +83,9 @@ def cmd_absorb(args) -> int:
         threads=args.threads, lr=args.lr, b_scale=args.b_scale, distill_weight=args.distill_weight,
         gold_weight=args.gold_weight, max_chunks=args.max_chunks))
     final, validation = result["final"], result["validation"]
-    print(f"compressor: {result['parameters']} parameters, {result['steps_done']} steps in {result['train_seconds']:.0f}s "
-          f"on {result['device_name']}; last 20 steps: gold NLL {final['gold_nll']:.3f}, answer acc {final['answer_acc']:.2f}")
+    print(f"compressor: {result['parameters']} parameters, {result['steps_done']} steps "
+          f"in {result['train_seconds']:.0f}s on {result['device_name']}; "
+          f"last 20 steps: gold NLL {final['gold_nll']:.3f}, answer acc {final['answer_acc']:.2f}")
     for name, scores in validation.items():
         print(f"validation {name}: gold NLL {scores['gold_nll']:.3f}, answer acc {scores['answer_acc']:.2f}")
     return 0
@@ -107,7 +108,8 @@ def add_train_commands(commands) -> None:
     p.add_argument("--examples-per-domain", type=int, default=160)
     p.set_defaults(handler=cmd_shift)
 
-    p = sub.add_parser("triggers", help="train the <|shift|> token on mixed-domain streams (its row; --lora: and a top-layer LoRA)")
+    p = sub.add_parser("triggers", help="train the <|shift|> token on mixed-domain streams "
+                                        "(its row; --lora: and a top-layer LoRA)")
     p.add_argument("--library", type=Path, default=Path("checkpoints/library"))
     p.add_argument("--out-dir", type=Path, default=Path("checkpoints/triggers"),
                    help="the row-only trigger (written; with --lora: read, as the starting row)")

@@ -21,7 +21,8 @@ class TokenBatch:
 def config_record(config) -> dict:
     """A recipe config dataclass as JSON-ready values (paths as strings), for checkpoint metadata."""
     def plain(value):
-        return str(value) if isinstance(value, Path) else [plain(v) for v in value] if isinstance(value, list) else value
+        return (str(value) if isinstance(value, Path)
+                else [plain(v) for v in value] if isinstance(value, list) else value)
 
     return {k: plain(v) for k, v in asdict(config).items()}
 
@@ -67,7 +68,8 @@ def window_batches(stream: list[int], seq_len: int, batch_size: int, count: int,
     return batches
 
 
-def task_pairs(tokenizer, task_name: str, split: str, max_examples: int | None = None) -> list[tuple[list[int], list[int]]]:
+def task_pairs(tokenizer, task_name: str, split: str,
+               max_examples: int | None = None) -> list[tuple[list[int], list[int]]]:
     """``(prompt ids, answer ids)`` per example of a BIG-Bench task split (answer = target or correct choice)."""
     from dynalora.data import load_task, split_examples
 

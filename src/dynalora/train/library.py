@@ -93,7 +93,8 @@ class LibraryConfig:
                 raise ValueError(f"{where}: {name} must be ≥ 1")
 
 
-def _batches(spec: AdapterSpec, tokenizer, config: LibraryConfig, split: str, count: int, seed: int) -> list[TokenBatch]:
+def _batches(spec: AdapterSpec, tokenizer, config: LibraryConfig, split: str, count: int,
+             seed: int) -> list[TokenBatch]:
     kind, name = source_kind(spec.source)
     if kind == "domain":
         stream = domain_token_stream(tokenizer, name, split, seed=seed)

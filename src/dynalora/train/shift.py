@@ -144,8 +144,8 @@ def train_shift(config: ShiftTrainConfig) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         accuracy = float((out["blend"].argmax(-1) == target).float().mean())
-        history.append({"lm": float(lm.detach()), "aux": float(aux.detach()), "gate": float(out["gate"].mean().detach()),
-                        "acc": accuracy})
+        history.append({"lm": float(lm.detach()), "aux": float(aux.detach()),
+                        "gate": float(out["gate"].mean().detach()), "acc": accuracy})
         if not all(map(math.isfinite, history[-1].values())):
             raise FloatingPointError(f"train shift: non-finite loss at step {step}: {history[-1]}")
         progress.set_postfix(lm=f"{history[-1]['lm']:.3f}", acc=f"{accuracy:.2f}")

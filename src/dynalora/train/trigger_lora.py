@@ -30,7 +30,6 @@ from dynalora.train.data import config_record
 from dynalora.train.triggers import TriggerTrainConfig
 
 
-
 @dataclass
 class TriggerLoraTrainConfig(TriggerTrainConfig):
     """The row-only recipe's settings (streams, delay, scoring window, threshold rule) plus the LoRA's."""
@@ -69,7 +68,7 @@ class StaticLora:
     """Trainable ``ΔW = B A`` on some Linear modules through forward hooks (removable, nothing replaced)."""
 
     def __init__(self, modules: dict[str, torch.nn.Linear], rank: int):
-        self.modules, self.factors, self.handles, self.enabled = modules, {}, [], True
+        self.factors, self.handles, self.enabled = {}, [], True
         for name, module in modules.items():
             a = (torch.randn(rank, module.in_features) / module.in_features ** 0.5).requires_grad_(True)  # (r, in)
             b = torch.zeros(module.out_features, rank, requires_grad=True)  # (out, r)
@@ -154,14 +153,13 @@ def train_step(dyn, tokens: list[int], schedule, target: torch.Tensor, reference
 
 
 def train_trigger_lora(config: TriggerLoraTrainConfig) -> dict:
-    from dynalora.data import LIBRARY_DOMAINS
-    from dynalora.data.streams import StreamConfig, build_streams
     from dynalora.lora import DynamicLoraModel
     from dynalora.models import load_base_model
     from dynalora.runtime.special_tokens import SHIFT_TOKEN, load_trigger_tokens, save_trigger_tokens
     from dynalora.runtime.trigger_lora import LORA_FILE, load_trigger_lora, merge_trigger_lora, save_trigger_lora
     from dynalora.train.library import load_library_bank, plot_losses
-    from dynalora.train.triggers import choose_threshold, collect, oracle_schedule, targets_for, tokenize_stream
+    from dynalora.train.triggers import (choose_threshold, collect, oracle_schedule, recipe_streams, targets_for,
+                                         tokenize_stream)
 
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -174,10 +172,8 @@ def train_trigger_lora(config: TriggerLoraTrainConfig) -> dict:
     shift_id = token_ids[SHIFT_TOKEN]
     bank, _ = load_library_bank(config.library_dir, base.model)
     dyn = DynamicLoraModel.attach(base.model, bank)
-    domains = [d for d in LIBRARY_DOMAINS if d in bank.labels]
-    make = lambda split, count, seed: build_streams(StreamConfig(  # noqa: E731
-        split=split, streams=count, segments=config.segments, segment_chars=config.segment_chars, domains=domains,
-        seed=seed))
+    make = lambda split, count, seed: recipe_streams(  # noqa: E731
+        bank.labels, split, count, seed, config.segments, config.segment_chars)
     train = []
     for stream in make("train", config.train_streams, config.seed):
         tokens, starts, names = tokenize_stream(base.tokenizer, stream)

@@ -157,6 +157,15 @@ def collect(dyn, tokenizer, labels, streams, delay: int, ignore_after: int, voca
     return hidden, log_z, targets, starts_all, lengths
 
 
+def recipe_streams(labels: list[str], split: str, count: int, seed: int, segments: int,
+                   segment_chars: int) -> list[dict]:
+    """Mixed-domain streams over the library's domain adapters (``labels``) from one split."""
+    from dynalora.data import LIBRARY_DOMAINS
+
+    return build_streams(StreamConfig(split=split, streams=count, segments=segments, segment_chars=segment_chars,
+                                      domains=[d for d in LIBRARY_DOMAINS if d in labels], seed=seed))
+
+
 THRESHOLDS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999,
               0.9995, 0.9998)
 
@@ -175,7 +184,6 @@ def choose_threshold(probs: list[torch.Tensor], starts: list[list[int]], lengths
 
 
 def train_triggers(config: TriggerTrainConfig) -> dict:
-    from dynalora.data import LIBRARY_DOMAINS
     from dynalora.lora import DynamicLoraModel
     from dynalora.models import load_base_model
     from dynalora.runtime.special_tokens import SHIFT_TOKEN, add_trigger_tokens, save_trigger_tokens
@@ -191,13 +199,12 @@ def train_triggers(config: TriggerTrainConfig) -> dict:
     shift_id = token_ids[SHIFT_TOKEN]
     bank, _ = load_library_bank(config.library_dir, base.model)
     dyn = DynamicLoraModel.attach(base.model, bank)
-    domains = [d for d in LIBRARY_DOMAINS if d in bank.labels]
-    make = lambda split, count, seed: build_streams(StreamConfig(  # noqa: E731
-        split=split, streams=count, segments=config.segments, segment_chars=config.segment_chars, domains=domains,
-        seed=seed))
+    make = lambda split, count, seed: recipe_streams(  # noqa: E731
+        bank.labels, split, count, seed, config.segments, config.segment_chars)
     train = collect(dyn, base.tokenizer, bank.labels, make("train", config.train_streams, config.seed), config.delay,
                     config.ignore_after, vocab_size)
-    validation = collect(dyn, base.tokenizer, bank.labels, make("validation", config.validation_streams, config.seed + 1),
+    validation = collect(dyn, base.tokenizer, bank.labels,
+                         make("validation", config.validation_streams, config.seed + 1),
                          config.delay, config.ignore_after, vocab_size)
     feature_seconds = time.perf_counter() - started
 
@@ -245,7 +252,6 @@ def rescan_thresholds(triggers_dir: Path, library_dir: Path = Path("checkpoints/
     """Choose the firing threshold again on the same validation streams (the grid in ``THRESHOLDS``) for a
     trained trigger — either form; its LoRA, if any, is merged — and rewrite ``triggers.json``'s threshold,
     validation and scan. Nothing is trained: the trigger's weights stay as they are."""
-    from dynalora.data import LIBRARY_DOMAINS
     from dynalora.lora import DynamicLoraModel
     from dynalora.models import load_base_model
     from dynalora.runtime.special_tokens import SHIFT_TOKEN, load_trigger_tokens
@@ -265,10 +271,8 @@ def rescan_thresholds(triggers_dir: Path, library_dir: Path = Path("checkpoints/
         merge_trigger_lora(base.model, deltas)
     bank, _ = load_library_bank(library_dir, base.model)
     dyn = DynamicLoraModel.attach(base.model, bank)
-    streams = build_streams(StreamConfig(split="validation", streams=saved["validation_streams"],
-                                         segments=saved["segments"], segment_chars=saved["segment_chars"],
-                                         domains=[d for d in LIBRARY_DOMAINS if d in bank.labels],
-                                         seed=saved["seed"] + 1))
+    streams = recipe_streams(bank.labels, "validation", saved["validation_streams"], saved["seed"] + 1,
+                             saved["segments"], saved["segment_chars"])
     validation = collect(dyn, base.tokenizer, bank.labels, streams, saved["delay"], saved["ignore_after"], vocab_size)
     row = base.model.get_input_embeddings().weight[shift_id].detach()  # as both recipes train it
     probs = [torch.sigmoid(h @ row - z) for h, z in zip(validation[0], validation[1])]
