@@ -37,6 +37,14 @@ def cmd_absorb(args) -> int:
     return 0
 
 
+def cmd_xlora(args) -> int:
+    from dynalora.bench.xlora import XLoraBenchConfig, run_xlora_bench
+
+    run_xlora_bench(XLoraBenchConfig(checkpoints=args.checkpoints, model=args.model, repeats=args.repeats,
+                                     new_tokens=args.tokens, prompt_tokens=args.prompt_tokens), out=args.out)
+    return 0
+
+
 def add_bench_commands(commands) -> None:
     bench = commands.add_parser("bench", help="speed benchmarks (write JSON, print a table)")
     sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
@@ -66,3 +74,13 @@ def add_bench_commands(commands) -> None:
     p.add_argument("--compressor", type=Path, default=Path("checkpoints/absorb"))
     p.add_argument("--short", type=int, default=10, help="chunks of the short conversation (the long one is 10x)")
     p.set_defaults(handler=cmd_absorb)
+
+    p = sub.add_parser("xlora", help="generation time per token: PEFT X-LoRA vs dynalora's engine vs plain generate")
+    p.add_argument("--out", type=Path, default=Path("results/bench_xlora.json"), help="JSON result file")
+    p.add_argument("--checkpoints", type=Path, default=Path("checkpoints"),
+                   help="folder with library, shift, triggers and xlora")
+    p.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per measurement (median reported)")
+    p.add_argument("--tokens", type=int, default=32, help="new tokens per run")
+    p.add_argument("--prompt-tokens", type=int, default=256, help="prompt length in tokens")
+    p.set_defaults(handler=cmd_xlora)

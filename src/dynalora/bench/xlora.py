@@ -1,0 +1,91 @@
+"""``dynalora bench xlora``: what re-weighting the library at every token costs when generating.
+
+Same run, same machine, batch 1, greedy, the same prompt: seconds per generated token of plain HF
+``generate`` (no LoRA), of dynalora's engine with the shipped shift system (learned trigger live, KV
+cache kept across LoRA updates) and of PEFT X-LoRA's ``generate`` over the same library (its scaling
+pass plus the real pass at every step; PEFT forces ``use_cache=False`` for X-LoRA, so every step
+re-reads the whole sequence).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from dynalora.bench.common import machine, stats, timed, write_result
+
+PROMPT = ("The committee met on Tuesday to discuss the budget for the coming year. Several members argued that "
+          "the library and the parks deserved more money, while others wanted to repair the roads first. ")
+
+
+@dataclass
+class XLoraBenchConfig:
+    checkpoints: Path = Path("checkpoints")
+    """Folder with ``library``, ``shift``, ``triggers`` and ``xlora`` (the shipped ones by default)."""
+    model: str | None = None
+    prompt_tokens: int = 256
+    new_tokens: int = 32
+    repeats: int = 3
+    threads: int = 2
+
+
+def run_xlora_bench(config: XLoraBenchConfig, out: Path | None = None) -> dict:
+    from dynalora.models import load_base_model
+    from dynalora.runtime import Engine, EngineConfig, TokenProbability, TriggerConfig
+    from dynalora.runtime.special_tokens import SHIFT_TOKEN
+    from dynalora.shift_system import load_shift_system
+    from dynalora.train.xlora import load_xlora
+
+    torch.set_num_threads(config.threads)
+    folder = Path(config.checkpoints)
+    system = load_shift_system(folder / "library", folder / "shift", folder / "triggers", config.model)
+    tokenizer = system.base.tokenizer
+    ids = tokenizer(PROMPT * 20, add_special_tokens=False)["input_ids"][:config.prompt_tokens]
+    if len(ids) < config.prompt_tokens:
+        raise ValueError(f"prompt_tokens={config.prompt_tokens}: the bench prompt has only {len(ids)} tokens")
+    prompt = torch.tensor([ids])  # (1, P)
+    plain = load_base_model(config.model).model.eval()
+    xlora, _ = load_xlora(folder / "xlora", folder / "library", config.model)
+    engine = Engine(system.dyn, tokenizer, system.hyper,
+                    TriggerConfig([TokenProbability(system.shift_id, system.threshold, SHIFT_TOKEN)], min_gap=32),
+                    EngineConfig(update_delay=system.update_delay, sample_triggers=False))
+
+    def hf_generate(model):
+        def run():
+            with torch.no_grad():
+                made = model.generate(input_ids=prompt, max_new_tokens=config.new_tokens,
+                                      min_new_tokens=config.new_tokens, do_sample=False)
+            counts.append(made.shape[1] - prompt.shape[1])
+        return run
+
+    def dynalora_generate():
+        system.dyn.state.reset()
+        result = engine.generate([ids], max_new_tokens=config.new_tokens)
+        counts.append(len(result.token_ids[0]))
+        shifts.append(sum(1 for e in result.events if getattr(e, "kind", "") == "shift"))
+
+    methods, tokens_made, shifts = {}, {}, []
+    for name, run in (("hf_generate_base", hf_generate(plain)), ("dynalora_engine", dynalora_generate),
+                      ("peft_xlora_generate", hf_generate(xlora))):
+        counts = []
+        run()  # warm-up
+        counts.clear()
+        seconds = [timed(run) for _ in range(config.repeats)]
+        per_token = [s / max(c, 1) for s, c in zip(seconds, counts)]
+        methods[f"{name}_s_per_token"] = stats(per_token, "s")
+        tokens_made[name] = counts
+    engine.close()
+    median = {name: m["median"] for name, m in methods.items()}
+    ratios = {"dynalora_vs_hf_time_per_token": median["dynalora_engine_s_per_token"]
+              / median["hf_generate_base_s_per_token"],
+              "xlora_vs_hf_time_per_token": median["peft_xlora_generate_s_per_token"]
+              / median["hf_generate_base_s_per_token"],
+              "xlora_vs_dynalora_time_per_token": median["peft_xlora_generate_s_per_token"]
+              / median["dynalora_engine_s_per_token"]}
+    result = {"methods": methods, "ratios": ratios, "targets": {}, "tokens_generated": tokens_made,
+              "dynalora_shifts_per_run": shifts, "config": {k: str(v) for k, v in asdict(config).items()},
+              "machine": machine()}
+    write_result(result, out)
+    return result
