@@ -27,7 +27,7 @@ class DemoConfig:
 def run_demo(config: DemoConfig) -> dict:
     from dynalora.data.streams import StreamConfig, build_streams
     from dynalora.plot import plot_blend_timeline
-    from dynalora.runtime import Engine, EngineConfig, SamplingConfig, TokenProbability, TriggerConfig
+    from dynalora.runtime import SamplingConfig
     from dynalora.runtime.special_tokens import SHIFT_TOKEN
     from dynalora.shift_system import load_shift_system
     from dynalora.train.triggers import tokenize_stream
@@ -63,9 +63,7 @@ def run_demo(config: DemoConfig) -> dict:
     print(f"\n{BOLD}Live generation{RESET} (greedy with repetition penalty 1.3, the shift network on the learned "
           "trigger):")
     dyn.state.reset()
-    engine = Engine(dyn, base.tokenizer, system.hyper,
-                    TriggerConfig([TokenProbability(system.shift_id, threshold, SHIFT_TOKEN)], min_gap=32),
-                    EngineConfig(update_delay=system.update_delay, sample_triggers=False))
+    engine = system.engine()
     for prompt in ["Write a short Python function that reverses a string.", "Speak as Hamlet about the sea."]:
         print(f"{BOLD}> {prompt}{RESET}")
         for event in engine.stream([prompt], chat=True, max_new_tokens=48,

@@ -42,6 +42,16 @@ class ShiftSystem:
                                 defer=self.update_delay)
 
 
+    def engine(self, min_gap: int = 32):
+        """The live engine: the learned ``<|shift|>`` probability fires the shift network (greedy triggers)."""
+        from dynalora.runtime import Engine, EngineConfig, TokenProbability, TriggerConfig
+        from dynalora.runtime.special_tokens import SHIFT_TOKEN
+
+        return Engine(self.dyn, self.base.tokenizer, self.hyper,
+                      TriggerConfig([TokenProbability(self.shift_id, self.threshold, SHIFT_TOKEN)], min_gap=min_gap),
+                      EngineConfig(update_delay=self.update_delay, sample_triggers=False))
+
+
 def load_shift_system(library_dir: Path, shift_dir: Path, triggers_dir: Path, model: str | None = None,
                       max_batch: int = 1, use_factors: bool = False) -> ShiftSystem:
     """``use_factors=False`` (default): the shift network's blend only; its generated factors raised the

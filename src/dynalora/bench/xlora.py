@@ -33,8 +33,6 @@ class XLoraBenchConfig:
 
 def run_xlora_bench(config: XLoraBenchConfig, out: Path | None = None) -> dict:
     from dynalora.models import load_base_model
-    from dynalora.runtime import Engine, EngineConfig, TokenProbability, TriggerConfig
-    from dynalora.runtime.special_tokens import SHIFT_TOKEN
     from dynalora.shift_system import load_shift_system
     from dynalora.train.xlora import load_xlora
 
@@ -48,9 +46,7 @@ def run_xlora_bench(config: XLoraBenchConfig, out: Path | None = None) -> dict:
     prompt = torch.tensor([ids])  # (1, P)
     plain = load_base_model(config.model).model.eval()
     xlora, _ = load_xlora(folder / "xlora", folder / "library", config.model)
-    engine = Engine(system.dyn, tokenizer, system.hyper,
-                    TriggerConfig([TokenProbability(system.shift_id, system.threshold, SHIFT_TOKEN)], min_gap=32),
-                    EngineConfig(update_delay=system.update_delay, sample_triggers=False))
+    engine = system.engine()
 
     def hf_generate(model):
         def run():
