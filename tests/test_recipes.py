@@ -154,6 +154,16 @@ def test_trigger_lora_recipe_trains_saves_and_merges_exactly(tmp_path, synthetic
         changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
         assert sorted(changed) == sorted(f"{name}.weight" for name in deltas)
     assert all(torch.allclose(p, before[n], atol=1e-6) for n, p in model.named_parameters())  # taken out again
+    # the engine built from the trigger files carries the LoRA merged into its base weights
+    from dynalora.runtime.build import EngineSpec, build_engine
+
+    token_file = tmp_path / "lora" / "trigger_tokens.safetensors"
+    engine = build_engine(EngineSpec(model="tiny:llama", trigger_tokens=token_file, hypernetwork="none"))
+    name = next(iter(deltas))
+    module = dict(engine.dyn.model.named_modules())[name]
+    merged = getattr(module, "base_layer", module).weight
+    assert deltas[name].abs().max() > 1e-4  # large enough that a missing merge would show
+    assert torch.allclose(merged, before[f"{name}.weight"] + deltas[name], atol=1e-6)
 
 
 def test_shift_pipeline_end_to_end_on_a_tiny_model(tmp_path, synthetic_domains, monkeypatch):

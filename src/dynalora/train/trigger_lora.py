@@ -27,7 +27,7 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from dynalora.train.data import config_record
-from dynalora.train.triggers import TriggerTrainConfig
+from dynalora.train.triggers import TriggerTrainConfig, schedule_chunks
 
 
 @dataclass
@@ -94,27 +94,13 @@ class StaticLora:
             handle.remove()
 
 
-def _schedule_chunks(schedule, length: int):
-    """``[(start, stop, blend), ...]`` of a LoRA schedule, empty spans dropped."""
-    bounds = [s for s, _ in schedule] + [length]
-    return [(start, stop, blend) for (start, blend), stop in zip(schedule, bounds[1:]) if stop > start]
-
-
-def _set_blend(dyn, blend) -> None:
-    dyn.state.reset(0)
-    if blend is not None:
-        dyn.state.set_blend(0, blend)
-
-
 @torch.no_grad()
 def reference_log_probs(dyn, tokens: list[int], schedule, vocab_size: int) -> torch.Tensor:
     """Next-token log-probs ``(L, V)`` over the original vocabulary under the schedule (KV cache kept)."""
     cache, out = DynamicCache(config=dyn.model.config), []
-    for start, stop, blend in _schedule_chunks(schedule, len(tokens)):
-        _set_blend(dyn, blend)
+    for start, stop in schedule_chunks(dyn, schedule, len(tokens)):
         logits = dyn.model(input_ids=torch.tensor([tokens[start:stop]]), cache=cache, use_cache=True).logits[0]
         out.append(torch.log_softmax(logits[:, :vocab_size].float(), -1))
-    dyn.state.reset(0)
     return torch.cat(out)
 
 
@@ -131,8 +117,7 @@ def train_step(dyn, tokens: list[int], schedule, target: torch.Tensor, reference
     weight_total = float(weights.sum())
     cache, trigger_total, kl_total = DynamicCache(config=model.config), 0.0, 0.0
     try:
-        for start, stop, blend in _schedule_chunks(schedule, len(tokens)):
-            _set_blend(dyn, blend)
+        for start, stop in schedule_chunks(dyn, schedule, len(tokens)):
             captured.clear()
             logits = model(input_ids=torch.tensor([tokens[start:stop]]), cache=cache, use_cache=True).logits[0]
             logits = logits[:, :vocab_size].float()  # (T, V)
@@ -148,7 +133,6 @@ def train_step(dyn, tokens: list[int], schedule, target: torch.Tensor, reference
                 layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
     finally:
         handle.remove()
-        dyn.state.reset(0)
     return {"trigger": trigger_total, "kl": kl_total}
 
 

@@ -64,6 +64,23 @@ def tokenize_stream(tokenizer, stream: dict) -> tuple[list[int], list[int], list
     return ids, starts, domains
 
 
+def schedule_chunks(dyn, schedule: list[tuple[int, list[float] | None]], length: int):
+    """Walk a LoRA schedule ``[(start, blend or None), ...]`` over a stream of ``length`` tokens: yields
+    ``(start, stop)`` of each non-empty span with row 0 of the state set to its blend (zero for None);
+    the state is reset when the walk ends."""
+    bounds = [s for s, _ in schedule] + [length]
+    try:
+        for (start, blend), stop in zip(schedule, bounds[1:]):
+            if stop <= start:
+                continue
+            dyn.state.reset(0)
+            if blend is not None:
+                dyn.state.set_blend(0, blend)
+            yield start, stop
+    finally:
+        dyn.state.reset(0)
+
+
 @torch.no_grad()
 def stream_hidden_states(dyn, tokens: list[int], schedule: list[tuple[int, list[float] | None]],
                          vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,18 +92,11 @@ def stream_hidden_states(dyn, tokens: list[int], schedule: list[tuple[int, list[
     cache = DynamicCache(config=model.config)
     log_z = []
     try:
-        bounds = [s for s, _ in schedule] + [len(tokens)]
-        for (start, blend), stop in zip(schedule, bounds[1:]):
-            if stop <= start:
-                continue
-            dyn.state.reset(0)
-            if blend is not None:
-                dyn.state.set_blend(0, blend)
+        for start, stop in schedule_chunks(dyn, schedule, len(tokens)):
             logits = model(input_ids=torch.tensor([tokens[start:stop]]), cache=cache, use_cache=True).logits[0]
             log_z.append(torch.logsumexp(logits[:, :vocab_size].float(), dim=-1))
     finally:
         handle.remove()
-        dyn.state.reset(0)
     return torch.cat(captured), torch.cat(log_z)
 
 
