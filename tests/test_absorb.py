@@ -172,7 +172,9 @@ def test_chat_session_never_absorbs_the_same_tokens_twice():
     assert kept == full[:2] + full[2 + session.absorbed_tokens:]  # absorbed tokens never come back
 
 
-def test_train_absorb_recipe_runs_on_a_tiny_model(tmp_path):
+@pytest.mark.parametrize("kind,weights", [("gradient", "gradient_compressor.safetensors"),
+                                          ("perceiver", "compressor.safetensors")])
+def test_train_absorb_recipe_runs_on_a_tiny_model(tmp_path, kind, weights):
     import json
 
     from dynalora.train.absorb import AbsorbTrainConfig, train_absorb
@@ -184,10 +186,10 @@ def test_train_absorb_recipe_runs_on_a_tiny_model(tmp_path):
                             + "\n" for i in range(6)))
     config = dict(data=[docs], validation=docs, out_dir=tmp_path / "out", model="tiny:llama", rank=2, width=32,
                   chunk_tokens=16, max_chunks=4, batch_size=2, validation_examples=4, teacher_top_k=4,
-                  locality_fraction=0.3, threads=1, device="cpu")
+                  locality_fraction=0.3, threads=1, device="cpu", compressor=kind, bottleneck=8)
     result = train_absorb(AbsorbTrainConfig(steps=3, checkpoint_every=2, **config))
     assert result["steps_done"] == 3 and set(result["validation"]) == {"memory", "no_memory", "wrong_memory"}
-    assert (tmp_path / "out" / "compressor.safetensors").is_file() and not (tmp_path / "out" / "resume.pt").exists()
+    assert (tmp_path / "out" / weights).is_file() and not (tmp_path / "out" / "resume.pt").exists()
     assert all(map(lambda h: all(v == v for v in h.values()), result["history"]))  # no NaN
 
 
@@ -208,3 +210,14 @@ def test_gradient_lora_baseline_lowers_the_document_loss():
     assert nll() == before  # training runs through the functional path: the state is untouched
     dyn.state.update(0, memory=runs[-1][2])
     assert nll() < before - 0.1
+
+
+def test_document_batches_keep_a_documents_questions_together():
+    from dynalora.train.absorb import AbsorbExample, document_batches
+
+    examples = [AbsorbExample([[1]], [1], [1], 1, document=d) for d in (0, 0, 0, 1, 1, 2, 2, 2, 2)]
+    batches = document_batches(examples, batch_size=3, steps=3, seed=0)
+    assert len(batches) == 3 and sorted(i for b in batches for i in b) == list(range(9))  # one epoch
+    documents = [examples[i].document for b in batches for i in b]
+    changes = sum(a != b for a, b in zip(documents, documents[1:]))
+    assert changes == 2  # three documents, each a contiguous run

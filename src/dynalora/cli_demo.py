@@ -1,4 +1,4 @@
-"""``dynalora demo`` and ``dynalora plot``."""
+"""``dynalora demo`` (shift, then absorb) and ``dynalora plot``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,10 @@ def cmd_demo(args) -> int:
     from dynalora.demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(checkpoints=args.checkpoints, model=args.model, plot=args.plot))
+    if not args.no_absorb:
+        from dynalora.demo_absorb import run_absorb_demo
+
+        run_absorb_demo(args.checkpoints / "absorb", args.model)
     return 0
 
 
@@ -34,6 +38,7 @@ def add_demo_commands(commands) -> None:
     p.add_argument("--checkpoints", type=Path, default=Path("checkpoints"))
     p.add_argument("--model", default=None)
     p.add_argument("--plot", type=Path, default=Path("results/demo_timeline.png"), help="PNG blend timeline")
+    p.add_argument("--no-absorb", action="store_true", help="skip the absorb part (a document read into memory)")
     p.set_defaults(handler=cmd_demo)
 
     p = commands.add_parser("plot", help="PNG timeline of the blend weights over one stream's tokens")

@@ -9,7 +9,6 @@ text would have needed.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,20 +33,14 @@ class AbsorbBenchConfig:
 def run_absorb_bench(config: AbsorbBenchConfig, out: Path | None = None) -> dict:
     from dynalora.data.absorb import split_seeds
     from dynalora.data.facts import facts_document
-    from dynalora.hyper.compressor import Compressor
-    from dynalora.lora import DynamicLoraModel, InjectConfig, LoraBank, StateConfig, module_shapes_of
     from dynalora.models import load_base_model
-    from dynalora.runtime.absorb import AbsorbConfig, Absorber
+    from dynalora.runtime.absorb import load_absorber
 
     torch.set_num_threads(config.threads)
-    compressor = Compressor.load(config.compressor_dir)
-    chunk = json.loads((Path(config.compressor_dir) / "train_absorb.json").read_text())["config"]["chunk_tokens"]
     base = load_base_model(config.model)
     model = base.model
-    dyn = DynamicLoraModel.attach(model, LoraBank(module_shapes_of(model)), InjectConfig(
-        target_modules=sorted({m.rsplit(".", 1)[-1] for m in compressor.modules_list}),
-        state=StateConfig(max_batch=1, generated_rank=0, memory_rank=compressor.config.rank)))
-    absorber = Absorber(dyn, compressor, AbsorbConfig(chunk_tokens=chunk))
+    absorber = load_absorber(model, config.compressor_dir)
+    dyn, chunk = absorber.dyn, absorber.config.chunk_tokens
     ids, seed = [], split_seeds("test").start
     while len(ids) < config.long * chunk:
         ids += base.tokenizer(facts_document(seed, words=300)["context"] + "\n\n",

@@ -19,7 +19,6 @@ of ``window`` tokens (the engine absorbs what leaves it) against the same window
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +62,7 @@ class AbsorbEvalConfig:
             raise ValueError("AbsorbEvalConfig.data: give a documents JSONL (or needle=True)")
 
 
-class _Answerer:
+class Answerer:
     """Greedy chat answers under whatever LoRA the state rows hold (one engine, rows = questions)."""
 
     def __init__(self, dyn, tokenizer, max_new_tokens: int, absorber=None):
@@ -116,25 +115,17 @@ def _fine_tune(dyn, context_ids: list[int], rank: int, modules: list[str], steps
 
 def eval_absorb(config: AbsorbEvalConfig, out: Path | None = None) -> dict:
     from dynalora.data.absorb import needle_suite, read_absorb_docs, unrelated_questions
-    from dynalora.hyper.compressor import Compressor
-    from dynalora.lora import DynamicLoraModel, InjectConfig, LoraBank, StateConfig, module_shapes_of
     from dynalora.models import load_base_model
-    from dynalora.runtime.absorb import AbsorbConfig, Absorber
+    from dynalora.runtime.absorb import load_absorber
     from dynalora.train.absorb import chat_prompt
 
     torch.set_num_threads(config.threads)
-    compressor = Compressor.load(config.compressor_dir)
-    trained = json.loads((Path(config.compressor_dir) / "train_absorb.json").read_text())["config"]
-    chunk_tokens, rank = trained["chunk_tokens"], compressor.config.rank
     base = load_base_model(config.model)
     tokenizer, model = base.tokenizer, base.model
-    max_batch = 16
-    dyn = DynamicLoraModel.attach(model, LoraBank(module_shapes_of(model)), InjectConfig(
-        target_modules=sorted({m.rsplit(".", 1)[-1] for m in compressor.modules_list}),
-        state=StateConfig(max_batch=max_batch, generated_rank=0, memory_rank=rank)))
-    absorber = Absorber(dyn, compressor, AbsorbConfig(window=config.window, sink_tokens=config.sink_tokens,
-                                                      chunk_tokens=chunk_tokens))
-    answerer = _Answerer(dyn, tokenizer, config.max_new_tokens)
+    absorber = load_absorber(model, config.compressor_dir, max_batch=16, window=config.window,
+                             sink_tokens=config.sink_tokens)
+    dyn, chunk_tokens, rank = absorber.dyn, absorber.config.chunk_tokens, absorber.compressor.config.rank
+    answerer = Answerer(dyn, tokenizer, config.max_new_tokens)
     state = dyn.state
     memory_bytes = sum((a.numel() + b.numel()) * 2 for a, b in  # fp16 on disk
                        ((torch.empty(rank, s.row_a_t.shape[1]), torch.empty(s.row_b_t.shape[2], rank))

@@ -121,6 +121,12 @@ class Compressor(nn.Module):
             factors[name] = (lora_a, lora_b)
         return factors
 
+    def read(self, dyn, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
+        """Chunks ``(N, T)`` → factors: one forward of the base model alone (no gradient), then :meth:`forward`."""
+        with torch.no_grad(), dyn.state.functional(None, {}):
+            hidden = layer_inputs(dyn.model, input_ids, self.source_layers, attention_mask)
+        return self(hidden, None if attention_mask is None else attention_mask.bool())
+
     # -- files -------------------------------------------------------------------------------------
     def save(self, folder: str | Path, dtype: torch.dtype = torch.float16) -> Path:
         return save_network(self, self.config, folder, CONFIG_FILE, WEIGHTS_FILE, dtype)
@@ -129,6 +135,17 @@ class Compressor(nn.Module):
     def load(cls, folder: str | Path) -> "Compressor":
         return load_network(cls, CompressorConfig, folder, CONFIG_FILE, WEIGHTS_FILE,
                             "compressor folder; make one with `dynalora train absorb`")
+
+
+def load_compressor(folder: str | Path) -> nn.Module:
+    """Either compressor from its folder: a :class:`GradientCompressor` where its config file is, else a
+    :class:`Compressor`. Both have ``modules_list``, ``config.rank`` (the memory's rank) and ``read``."""
+    from dynalora.hyper.gradient_compressor import CONFIG_FILE as GRADIENT_CONFIG
+    from dynalora.hyper.gradient_compressor import GradientCompressor
+
+    if (Path(folder) / GRADIENT_CONFIG).is_file():
+        return GradientCompressor.load(folder)
+    return Compressor.load(folder)
 
 
 def layer_inputs(model: nn.Module, input_ids: torch.Tensor, layers: list[int],

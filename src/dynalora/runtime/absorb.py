@@ -8,12 +8,13 @@ rank ``r``; :func:`merge_at_rank` folds them into the row's memory slot at the s
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from dynalora.hyper.compressor import Compressor, layer_inputs
 from dynalora.lora.inject import DynamicLoraModel
 from dynalora.lora.lowrank import merge_at_rank
 
@@ -51,11 +52,11 @@ class AbsorbReport:
 class Absorber:
     """Example::
 
-        absorber = Absorber(dyn, Compressor.load("checkpoints/absorb"))
+        absorber = Absorber(dyn, load_compressor("checkpoints/absorb"))
         absorber.absorb(0, tokenizer(document)["input_ids"][:128])   # row 0 now remembers it
     """
 
-    def __init__(self, dyn: DynamicLoraModel, compressor: Compressor, config: AbsorbConfig | None = None):
+    def __init__(self, dyn: DynamicLoraModel, compressor: torch.nn.Module, config: AbsorbConfig | None = None):
         state = dyn.state
         if state.config.memory_rank < 1:
             raise ValueError("the LoRA state has memory_rank=0: attach with StateConfig(memory_rank=r) to absorb")
@@ -67,12 +68,9 @@ class Absorber:
 
     @torch.no_grad()
     def encode(self, token_ids: list[int]) -> dict:
-        """Factors ``{module: (A (r, in), B (out, r))}`` of one chunk."""
+        """Factors ``{module: (A (r, in), B (out, r))}`` of one chunk (the base model alone reads it)."""
         device = next(self.compressor.parameters()).device
-        ids = torch.tensor([token_ids], device=device)
-        with self.dyn.state.functional(None, {}):  # the base model alone reads the chunk
-            hidden = layer_inputs(self.dyn.model, ids, self.compressor.source_layers)
-        factors = self.compressor(hidden)
+        factors = self.compressor.read(self.dyn, torch.tensor([token_ids], device=device))
         dtype = self.dyn.state.dtype
         return {m: (a[0].to(dtype), b[0].to(dtype)) for m, (a, b) in factors.items()}
 
@@ -101,3 +99,26 @@ class Absorber:
             reports.append(self.absorb(row, token_ids[sink:sink + size]))
             token_ids = token_ids[:sink] + token_ids[sink + size:]
         return token_ids, reports
+
+
+def trained_chunk_tokens(compressor_dir: str | Path) -> int:
+    """The chunk length a compressor was trained on (from its ``train_absorb.json``)."""
+    record = Path(compressor_dir) / "train_absorb.json"
+    if not record.is_file():
+        raise FileNotFoundError(f"{record}: missing (a compressor folder from `dynalora train absorb` has it)")
+    return json.loads(record.read_text())["config"]["chunk_tokens"]
+
+
+def load_absorber(model, compressor_dir: str | Path, max_batch: int = 1, window: int = 512,
+                  sink_tokens: int = 4) -> Absorber:
+    """A base model with a memory-only LoRA state on the compressor's modules, and its :class:`Absorber`
+    (``absorber.dyn`` is the wrapped model) — what the absorb evaluation, benchmark and demo run."""
+    from dynalora.hyper.compressor import load_compressor
+    from dynalora.lora import InjectConfig, LoraBank, StateConfig, module_shapes_of
+
+    compressor = load_compressor(compressor_dir)
+    dyn = DynamicLoraModel.attach(model, LoraBank(module_shapes_of(model)), InjectConfig(
+        target_modules=sorted({m.rsplit(".", 1)[-1] for m in compressor.modules_list}),
+        state=StateConfig(max_batch=max_batch, generated_rank=0, memory_rank=compressor.config.rank)))
+    return Absorber(dyn, compressor, AbsorbConfig(window=window, sink_tokens=sink_tokens,
+                                                  chunk_tokens=trained_chunk_tokens(compressor_dir)))

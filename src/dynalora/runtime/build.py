@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,9 +76,9 @@ def build_engine(spec: EngineSpec) -> Engine:
     compressor = None
     inject = InjectConfig(state=StateConfig(max_batch=spec.max_batch))
     if spec.window is not None:
-        from dynalora.hyper.compressor import Compressor
+        from dynalora.hyper.compressor import load_compressor
 
-        compressor = Compressor.load(spec.compressor)
+        compressor = load_compressor(spec.compressor)
         kinds = {name.rsplit(".", 1)[-1] for name in list(bank.modules) + compressor.modules_list}
         inject = InjectConfig(target_modules=sorted(kinds | {"q_proj", "k_proj", "v_proj", "o_proj"}),
                               state=StateConfig(max_batch=spec.max_batch, memory_rank=compressor.config.rank))
@@ -88,10 +87,10 @@ def build_engine(spec: EngineSpec) -> Engine:
                              max_per_sequence=spec.max_per_sequence)
     absorber = None
     if compressor is not None:
-        from dynalora.runtime.absorb import AbsorbConfig, Absorber
+        from dynalora.runtime.absorb import AbsorbConfig, Absorber, trained_chunk_tokens
 
-        trained = json.loads((Path(spec.compressor) / "train_absorb.json").read_text())["config"]
-        absorber = Absorber(dyn, compressor, AbsorbConfig(window=spec.window, chunk_tokens=trained["chunk_tokens"]))
+        absorber = Absorber(dyn, compressor, AbsorbConfig(window=spec.window,
+                                                          chunk_tokens=trained_chunk_tokens(spec.compressor)))
     engine = Engine(dyn, base.tokenizer, None, triggers, EngineConfig(kv_policy=spec.kv_policy), absorber=absorber)
     if spec.hypernetwork == "prototype" and len(bank):
         from dynalora.hyper import NearestPrototype

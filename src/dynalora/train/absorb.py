@@ -31,6 +31,7 @@ from tqdm import tqdm
 from dynalora.train.data import config_record
 
 ANSWER_INSTRUCTION = "Answer in a few words."
+COMPRESSORS = ("gradient", "perceiver")
 
 
 @dataclass
@@ -42,8 +43,18 @@ class AbsorbTrainConfig:
     out_dir: Path = Path("checkpoints/absorb")
     model: str | None = None
     target_modules: list[str] = field(default_factory=lambda: ["o_proj", "down_proj"])
+    compressor: str = "gradient"
+    """``gradient`` (:class:`~dynalora.hyper.gradient_compressor.GradientCompressor`: a learned transform of
+    the chunk's own next-token gradient) or ``perceiver`` (:class:`~dynalora.hyper.compressor.Compressor`:
+    learned queries over the chunk's hidden states)."""
     rank: int = 8
+    """The memory's rank (the perceiver's chunks have it too; the gradient compressor's have one per token)."""
     width: int = 256
+    """The perceiver's query width."""
+    bottleneck: int = 64
+    """The gradient compressor's MLP width."""
+    init_step: float = 0.015
+    """The gradient compressor's step size × √(chunk tokens) before training."""
     chunk_tokens: int = 128
     max_chunks: int = 4
     """Documents longer than this many chunks are skipped."""
@@ -74,6 +85,8 @@ class AbsorbTrainConfig:
     def __post_init__(self):
         if self.rank < 1 or self.chunk_tokens < 8 or self.max_chunks < 1:
             raise ValueError("AbsorbTrainConfig: rank ≥ 1, chunk_tokens ≥ 8, max_chunks ≥ 1")
+        if self.compressor not in COMPRESSORS:
+            raise ValueError(f"AbsorbTrainConfig.compressor={self.compressor!r}: choose one of {COMPRESSORS}")
         if not 0 <= self.locality_fraction < 1:
             raise ValueError(f"AbsorbTrainConfig.locality_fraction={self.locality_fraction}: must be in [0, 1)")
 
@@ -89,6 +102,8 @@ class AbsorbExample:
     answer_length: int
     """The last ``answer_length`` tokens of both sequences are the answer (scored)."""
     locality: bool = False
+    document: int = 0
+    """Index of the document the question is about (batches group a document's questions)."""
 
 
 def chat_prompt(tokenizer, question: str, context: str | None = None) -> list[int]:
@@ -139,11 +154,11 @@ def build_examples(tokenizer, docs: list[dict], config: AbsorbTrainConfig, seed:
                 while other == i:
                     other = rng.choice(usable)
                 window = chat_prompt(tokenizer, qa["question"], docs[i]["context"]) + answer
-                examples.append(AbsorbExample(chunked[other], window, window, len(answer), locality=True))
+                examples.append(AbsorbExample(chunked[other], window, window, len(answer), locality=True, document=i))
             else:
                 examples.append(AbsorbExample(chunked[i], chat_prompt(tokenizer, qa["question"]) + answer,
                                               chat_prompt(tokenizer, qa["question"], docs[i]["context"]) + answer,
-                                              len(answer)))
+                                              len(answer), document=i))
     rng.shuffle(examples)
     return examples
 
@@ -191,21 +206,20 @@ def teacher_targets(model, examples: list[AbsorbExample], top_k: int, pad_id: in
 
 
 def memory_factors(dyn, compressor, examples: list[AbsorbExample], pad_id: int, device) -> dict:
-    """Compress every chunk of the batch (base model as encoder, no gradient into it) and stack each
-    example's chunks along the rank: ``{module: (A_t (N, in, R), B_t (N, R, out))}``, ``R = max_chunks·r``."""
-    from dynalora.hyper.compressor import layer_inputs
-
-    flat = [chunk for e in examples for chunk in e.chunks]
-    ids, mask = _pad(flat, pad_id, device)
-    with torch.no_grad(), dyn.state.functional(None, {}):
-        hidden = layer_inputs(dyn.model, ids, compressor.source_layers, attention_mask=mask)
-    factors = compressor(hidden, mask.bool())
+    """Compress every distinct chunk of the batch once (the base model reads it; no gradient into its weights)
+    and stack each example's chunks along the rank: ``{module: (A_t (N, in, R), B_t (N, R, out))}``,
+    ``R = max_chunks·r`` (``r``: the compressor's rank per chunk)."""
+    position: dict[tuple, int] = {}
+    for e in examples:
+        for chunk in e.chunks:
+            position.setdefault(tuple(chunk), len(position))
+    ids, mask = _pad([list(chunk) for chunk in position], pad_id, device)
+    factors = compressor.read(dyn, ids, mask)
     most = max(len(e.chunks) for e in examples)
-    # chunk index of every (example, slot), or C (an all-zero row) where an example has fewer chunks
-    index, at = torch.full((len(examples), most), len(flat), dtype=torch.long), 0
+    # distinct-chunk index of every (example, slot), or C (an all-zero row) where an example has fewer chunks
+    index = torch.full((len(examples), most), len(position), dtype=torch.long)
     for i, e in enumerate(examples):
-        index[i, :len(e.chunks)] = torch.arange(at, at + len(e.chunks))
-        at += len(e.chunks)
+        index[i, :len(e.chunks)] = torch.tensor([position[tuple(chunk)] for chunk in e.chunks])
     index = index.to(device)
     out = {}
     for module, (lora_a, lora_b) in factors.items():  # (C, r, in), (C, out, r)
@@ -239,6 +253,21 @@ def distillation_loss(dyn, compressor, examples, targets, pad_id, device, gold_w
     return loss, {"distill": float(distill.detach()), "gold_nll": float(gold_nll.detach()), "answer_acc": accuracy}
 
 
+def document_batches(examples: list[AbsorbExample], batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """``steps`` batches of example indices: epochs of shuffled documents, each document's questions kept
+    together, so a batch reads few distinct chunks (the base model's backward over them dominates a step)."""
+    by_document: dict[int, list[int]] = {}
+    for index, example in enumerate(examples):
+        by_document.setdefault(example.document, []).append(index)
+    order, batches = random.Random(seed), []
+    while len(batches) < steps:
+        groups = list(by_document.values())
+        order.shuffle(groups)
+        flat = [index for group in groups for index in order.sample(group, len(group))]
+        batches += [flat[i:i + batch_size] for i in range(0, len(flat) - batch_size + 1, batch_size)] or [flat]
+    return batches[:steps]
+
+
 def _lr_at(step: int, seconds: float, config: AbsorbTrainConfig) -> float:
     """The library's schedule; with a time limit, progress is whichever of steps and time runs out first."""
     from dynalora.train.library import cosine_lr
@@ -270,9 +299,15 @@ def cached_teacher(path: Path, key: str, compute) -> list:
 @torch.no_grad()
 def evaluate(dyn, compressor, examples, targets, pad_id, device, config) -> dict:
     """Validation loss and answer accuracy with the right memory, with none, and with the memory of another
-    document (``wrong_memory``: what the memory gives beyond answer-format priors)."""
-    wrong = [AbsorbExample(examples[(i + 1) % len(examples)].chunks, e.student, e.teacher, e.answer_length, e.locality)
-             for i, e in enumerate(examples)]
+    document (``wrong_memory``: what the memory gives beyond answer-format priors). Examples are taken in
+    document order, so a batch reads few distinct chunks."""
+    order = sorted(range(len(examples)), key=lambda i: examples[i].document)
+    examples, targets = [examples[i] for i in order], [targets[i] for i in order]
+    documents = list(dict.fromkeys(e.document for e in examples))
+    first = {d: next(e for e in examples if e.document == d) for d in documents}
+    other = {d: first[documents[(k + 1) % len(documents)]].chunks for k, d in enumerate(documents)}
+    wrong = [AbsorbExample(other[e.document], e.student, e.teacher, e.answer_length, e.locality, e.document)
+             for e in examples]
     result = {}
     for name, rows, use_memory in (("memory", examples, True), ("no_memory", examples, False),
                                    ("wrong_memory", wrong, True)):
@@ -287,8 +322,19 @@ def evaluate(dyn, compressor, examples, targets, pad_id, device, config) -> dict
     return result
 
 
-def train_absorb(config: AbsorbTrainConfig) -> dict:
+def new_compressor(config: AbsorbTrainConfig, hidden_size: int, module_shapes: dict[str, list[int]]) -> torch.nn.Module:
+    if config.compressor == "gradient":
+        from dynalora.hyper.gradient_compressor import GradientCompressor, GradientCompressorConfig
+
+        return GradientCompressor(GradientCompressorConfig(module_shapes=module_shapes, rank=config.rank,
+                                                           bottleneck=config.bottleneck, init_step=config.init_step))
     from dynalora.hyper.compressor import Compressor, CompressorConfig
+
+    return Compressor(CompressorConfig(hidden_size=hidden_size, module_shapes=module_shapes, rank=config.rank,
+                                       width=config.width, scale=config.b_scale))
+
+
+def train_absorb(config: AbsorbTrainConfig) -> dict:
     from dynalora.lora import DynamicLoraModel, InjectConfig, LoraBank, StateConfig, module_shapes_of
     from dynalora.models import load_base_model
     from dynalora.train.library import plot_losses
@@ -309,9 +355,8 @@ def train_absorb(config: AbsorbTrainConfig) -> dict:
     dyn = DynamicLoraModel.attach(model, LoraBank(shapes), InjectConfig(
         target_modules=config.target_modules,
         state=StateConfig(max_batch=1, generated_rank=0, memory_rank=config.rank)))
-    compressor = Compressor(CompressorConfig(hidden_size=model.config.hidden_size,
-                                             module_shapes={m: list(shapes[m]) for m in dyn.state.modules},
-                                             rank=config.rank, width=config.width, scale=config.b_scale)).to(device)
+    compressor = new_compressor(config, model.config.hidden_size,
+                                {m: list(shapes[m]) for m in dyn.state.modules}).to(device)
 
     started = time.perf_counter()
     paths = config.data if isinstance(config.data, list) else [config.data]
@@ -339,20 +384,20 @@ def train_absorb(config: AbsorbTrainConfig) -> dict:
 
     optimizer = torch.optim.AdamW(compressor.parameters(), lr=config.lr, weight_decay=0.01)
     resume = config.out_dir / "resume.pt"
-    start, history, seconds = 0, [], 0.0
+    start, history, seconds, untrained = 0, [], 0.0, {}
     if resume.is_file():
         saved = torch.load(resume, weights_only=True, map_location=device)
         compressor.load_state_dict(saved["compressor"])
         optimizer.load_state_dict(saved["optimizer"])
         start, history, seconds = saved["step"], saved["history"], saved["seconds"]
+        untrained = saved.get("untrained", {})
         print(f"resuming train absorb from step {start}")
-    order = random.Random(config.seed)
-    batches = []
-    while len(batches) < config.steps:
-        indices = list(range(len(train)))
-        order.shuffle(indices)
-        batches += [indices[i:i + config.batch_size] for i in range(0, len(indices) - config.batch_size + 1,
-                                                                    config.batch_size)] or [indices]
+    batches = document_batches(train, config.batch_size, config.steps, config.seed)
+    if validation and start == 0:  # what the compressor writes before training (the gradient one: one SGD step)
+        compressor.eval()
+        untrained = evaluate(dyn, compressor, validation, validation_targets, pad_id, device, config)
+        print("validation before training: " + ", ".join(f"{k} gold NLL {v['gold_nll']:.3f}"
+                                                        for k, v in untrained.items()))
     compressor.train()
     progress = tqdm(range(start, config.steps), desc="train absorb", initial=start, total=config.steps)
     for step in progress:
@@ -379,21 +424,24 @@ def train_absorb(config: AbsorbTrainConfig) -> dict:
         if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
             config.out_dir.mkdir(parents=True, exist_ok=True)
             torch.save({"compressor": compressor.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
-                        "history": history, "seconds": seconds}, resume)
+                        "history": history, "seconds": seconds, "untrained": untrained}, resume)
     compressor.eval()
     scores = evaluate(dyn, compressor, validation, validation_targets, pad_id, device, config) if validation else {}
     dyn.detach()
     config.out_dir.mkdir(parents=True, exist_ok=True)
     compressor.cpu().save(config.out_dir)
-    plot_losses([h["gold_nll"] for h in history], config.out_dir / "loss.png",
-                "absorb compressor: gold answer NLL with the memory LoRA")
+    if history:  # steps=0 saves the untrained compressor (the gradient one: one SGD step), a baseline
+        plot_losses([h["gold_nll"] for h in history], config.out_dir / "loss.png",
+                    "absorb compressor: gold answer NLL with the memory LoRA")
     metadata = {"config": config_record(config), "train_seconds": round(seconds, 1),
                 "teacher_seconds": round(teacher_seconds, 1), "device": str(device),
                 "device_name": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
                 "steps_done": len(history), "train_examples": len(train),
                 "parameters": sum(p.numel() for p in compressor.parameters()),
-                "final": {k: sum(h[k] for h in history[-20:]) / min(20, len(history)) for k in history[-1]},
-                "validation": scores, "validation_examples": len(validation), "history": history,
+                "final": {k: sum(h[k] for h in history[-20:]) / len(history[-20:]) for k in history[-1]}
+                if history else {},
+                "validation": scores, "validation_untrained": untrained, "validation_examples": len(validation),
+                "history": history,
                 "split": {"train": [str(p) for p in paths], "validation": str(config.validation)}}
     (config.out_dir / "train_absorb.json").write_text(json.dumps(metadata, indent=2))
     resume.unlink(missing_ok=True)

@@ -81,11 +81,13 @@ def cmd_absorb(args) -> int:
         batch_size=args.batch_size, rank=args.rank, target_modules=args.targets, chunk_tokens=args.chunk_tokens,
         time_limit_minutes=args.time_limit, teacher_batch_size=args.teacher_batch_size, device=args.device,
         threads=args.threads, lr=args.lr, b_scale=args.b_scale, distill_weight=args.distill_weight,
-        gold_weight=args.gold_weight, max_chunks=args.max_chunks))
+        gold_weight=args.gold_weight, max_chunks=args.max_chunks, compressor=args.compressor,
+        bottleneck=args.bottleneck, init_step=args.init_step, locality_fraction=args.locality_fraction))
     final, validation = result["final"], result["validation"]
     print(f"compressor: {result['parameters']} parameters, {result['steps_done']} steps "
-          f"in {result['train_seconds']:.0f}s on {result['device_name']}; "
-          f"last 20 steps: gold NLL {final['gold_nll']:.3f}, answer acc {final['answer_acc']:.2f}")
+          f"in {result['train_seconds']:.0f}s on {result['device_name']}"
+          + (f"; last 20 steps: gold NLL {final['gold_nll']:.3f}, answer acc {final['answer_acc']:.2f}"
+             if final else ""))
     for name, scores in validation.items():
         print(f"validation {name}: gold NLL {scores['gold_nll']:.3f}, answer acc {scores['answer_acc']:.2f}")
     return 0
@@ -141,7 +143,15 @@ def add_train_commands(commands) -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--rank", type=int, default=8, help="memory rank (of one chunk and of the merged memory)")
+    p.add_argument("--compressor", choices=["gradient", "perceiver"], default="gradient",
+                   help="gradient: a learned transform of the chunk's next-token gradient; perceiver: learned "
+                        "queries over its hidden states")
+    p.add_argument("--rank", type=int, default=8, help="memory rank (the perceiver's chunks have it too)")
+    p.add_argument("--bottleneck", type=int, default=64, help="the gradient compressor's MLP width")
+    p.add_argument("--init-step", type=float, default=0.015,
+                   help="the gradient compressor's step size × √(chunk tokens) at the start")
+    p.add_argument("--locality-fraction", type=float, default=0.15,
+                   help="share of examples with an unrelated document in memory (the memory must change nothing)")
     p.add_argument("--targets", nargs="+", default=["o_proj", "down_proj"], help="modules the memory LoRA writes")
     p.add_argument("--chunk-tokens", type=int, default=128)
     p.add_argument("--max-chunks", type=int, default=4, help="skip documents longer than this many chunks")
