@@ -45,9 +45,10 @@ def run_absorb_demo(compressor_dir: Path, model: str | None = None, questions: i
     print(f"absorbed in {len(reports)} chunks, {seconds:.2f} s; now only the question is in the window:")
     hits = {"base": 0, "memory": 0}
     for qa, plain, remembered in zip(asked, without, with_memory):
+        right = exact_match(remembered, qa["answer"])
         hits["base"] += int(exact_match(plain, qa["answer"]))
-        hits["memory"] += int(exact_match(remembered, qa["answer"]))
-        mark = "✓" if exact_match(remembered, qa["answer"]) else "✗"
+        hits["memory"] += int(right)
+        mark = "✓" if right else "✗"
         print(f"{BOLD}> {qa['question']}{RESET}  (answer: {qa['answer']})\n"
               f"  base: {plain[:60]!r}\n  with the memory {mark}: {remembered[:60]!r}")
     print(f"\nright from the evicted text: {hits['memory']}/{len(asked)} with the memory, {hits['base']}/{len(asked)} "

@@ -38,7 +38,7 @@ WEIGHTS_FILE = "gradient_compressor.safetensors"
 class GradientCompressorConfig:
     module_shapes: dict[str, list[int]] = field(default_factory=dict)
     """Target modules → [in, out], in model order (e.g. every layer's ``o_proj`` and ``down_proj``)."""
-    rank: int = 32
+    rank: int = 16
     """Rank the memory keeps (the runtime's cut; one chunk's factors have one rank per token)."""
     bottleneck: int = 64
     """Hidden width of the per-kind MLP that transforms each token's ``[x, δ]``."""

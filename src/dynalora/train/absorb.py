@@ -47,7 +47,7 @@ class AbsorbTrainConfig:
     """``gradient`` (:class:`~dynalora.hyper.gradient_compressor.GradientCompressor`: a learned transform of
     the chunk's own next-token gradient) or ``perceiver`` (:class:`~dynalora.hyper.compressor.Compressor`:
     learned queries over the chunk's hidden states)."""
-    rank: int = 8
+    rank: int = 16
     """The memory's rank (the perceiver's chunks have it too; the gradient compressor's have one per token)."""
     width: int = 256
     """The perceiver's query width."""
@@ -304,7 +304,9 @@ def evaluate(dyn, compressor, examples, targets, pad_id, device, config) -> dict
     order = sorted(range(len(examples)), key=lambda i: examples[i].document)
     examples, targets = [examples[i] for i in order], [targets[i] for i in order]
     documents = list(dict.fromkeys(e.document for e in examples))
-    first = {d: next(e for e in examples if e.document == d) for d in documents}
+    first: dict[int, AbsorbExample] = {}
+    for e in examples:
+        first.setdefault(e.document, e)
     other = {d: first[documents[(k + 1) % len(documents)]].chunks for k, d in enumerate(documents)}
     wrong = [AbsorbExample(other[e.document], e.student, e.teacher, e.answer_length, e.locality, e.document)
              for e in examples]

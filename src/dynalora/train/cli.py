@@ -146,7 +146,7 @@ def add_train_commands(commands) -> None:
     p.add_argument("--compressor", choices=["gradient", "perceiver"], default="gradient",
                    help="gradient: a learned transform of the chunk's next-token gradient; perceiver: learned "
                         "queries over its hidden states")
-    p.add_argument("--rank", type=int, default=8, help="memory rank (the perceiver's chunks have it too)")
+    p.add_argument("--rank", type=int, default=16, help="memory rank (the perceiver's chunks have it too)")
     p.add_argument("--bottleneck", type=int, default=64, help="the gradient compressor's MLP width")
     p.add_argument("--init-step", type=float, default=0.015,
                    help="the gradient compressor's step size × √(chunk tokens) at the start")
