@@ -191,6 +191,28 @@ def test_train_absorb_recipe_runs_on_a_tiny_model(tmp_path, kind, weights):
     assert result["steps_done"] == 3 and set(result["validation"]) == {"memory", "no_memory", "wrong_memory"}
     assert (tmp_path / "out" / weights).is_file() and not (tmp_path / "out" / "resume.pt").exists()
     assert all(map(lambda h: all(v == v for v in h.values()), result["history"]))  # no NaN
+    if kind == "gradient":  # a fresh perceiver writes the identity: its locality KL is exactly 0
+        config.update(out_dir=tmp_path / "kl", locality_fraction=0.6)
+        with_kl = train_absorb(AbsorbTrainConfig(steps=2, locality_weight=1.0, **config))
+        assert any(h["locality_kl"] > 0 for h in with_kl["history"]) and with_kl["steps_done"] == 2
+
+
+def test_locality_kl_is_zero_for_an_empty_memory_and_trains_a_nonzero_one_towards_none():
+    from dynalora.train.absorb import AbsorbExample, locality_kl
+
+    dyn, _, _ = make_absorber()
+    g = torch.Generator().manual_seed(1)
+    examples = [AbsorbExample([[5, 6]], torch.randint(3, 200, (n,), generator=g).tolist(),
+                              [], 3, locality=True) for n in (12, 9)]
+    shapes = {m: dyn.state.bank.module_shapes[m] for m in dyn.state.modules}  # (in, out)
+    zero = {m: (torch.zeros(2, i, 4), torch.zeros(2, 4, o)) for m, (i, o) in shapes.items()}
+    assert float(locality_kl(dyn, examples, zero, 0, "cpu", span=4)) == pytest.approx(0.0, abs=1e-6)
+    factors = {m: (torch.randn(2, i, 4, generator=g).requires_grad_(),
+                   torch.randn(2, 4, o, generator=g).requires_grad_()) for m, (i, o) in shapes.items()}
+    kl = locality_kl(dyn, examples, factors, 0, "cpu", span=4)
+    assert float(kl) > 1e-3
+    kl.backward()
+    assert all(b_t.grad.abs().sum() > 0 for _, b_t in factors.values())
 
 
 def test_gradient_lora_baseline_lowers_the_document_loss():

@@ -7,7 +7,10 @@ model with only the question in context and the memory LoRA the compressor write
 cut). The loss, on the answer tokens only: cross-entropy to the teacher's top-``k`` distribution
 (cached once) + ``gold_weight`` × the gold answer's NLL. A ``locality_fraction`` of examples put an
 *unrelated* document in memory and a self-contained question in context, with the teacher seeing
-the same window: the memory must then change nothing.
+the same window: the memory must then change nothing. With ``locality_weight`` > 0 those examples are
+scored by the KL from the model without memory to the model with it, over the answer and the
+``locality_span`` window tokens before it (instead of by the answer alone, which a memory that
+pushes every answer towards one format does not hurt).
 
 Data: JSONL lines ``{"context", "questions": [{"question", "answer"}], "kind"}`` from
 ``dynalora data absorb``. Resumable (``resume.pt`` every ``checkpoint_every`` steps), progress bar,
@@ -69,6 +72,10 @@ class AbsorbTrainConfig:
     b_scale: float = 1.0
     """Fixed scale on the generated ``B`` (CompressorConfig.scale): small values keep early updates gentle."""
     locality_fraction: float = 0.15
+    locality_weight: float = 0.0
+    """Weight of the locality KL (memory vs none on the locality examples); 0 scores them by the answer alone."""
+    locality_span: int = 32
+    """Window tokens before the answer that the locality KL also covers."""
     time_limit_minutes: float | None = None
     """Stop (and save) when training has run this long; the learning-rate schedule follows whichever of
     steps and time runs out first, so a cut run still ends annealed."""
@@ -89,6 +96,9 @@ class AbsorbTrainConfig:
             raise ValueError(f"AbsorbTrainConfig.compressor={self.compressor!r}: choose one of {COMPRESSORS}")
         if not 0 <= self.locality_fraction < 1:
             raise ValueError(f"AbsorbTrainConfig.locality_fraction={self.locality_fraction}: must be in [0, 1)")
+        if self.locality_weight < 0 or self.locality_span < 0:
+            raise ValueError(f"AbsorbTrainConfig: locality_weight={self.locality_weight} and "
+                             f"locality_span={self.locality_span} must be ≥ 0")
 
 
 @dataclass
@@ -232,10 +242,39 @@ def memory_factors(dyn, compressor, examples: list[AbsorbExample], pad_id: int, 
     return out
 
 
+def _rows(factors: dict, rows: list[int]) -> dict:
+    """The memory factors of some batch rows only."""
+    index = torch.tensor(rows, device=next(iter(factors.values()))[0].device)
+    return {module: (a_t[index], b_t[index]) for module, (a_t, b_t) in factors.items()}
+
+
+def locality_kl(dyn, examples: list[AbsorbExample], factors: dict, pad_id: int, device, span: int) -> torch.Tensor:
+    """Mean KL(no memory ‖ memory) over each locality example's answer and the ``span`` tokens before it: zero
+    exactly when an unrelated memory leaves the model's predictions there unchanged."""
+    lengths = [min(len(e.student) - 1, e.answer_length + span) for e in examples]
+    with torch.no_grad():
+        reference = answer_log_probs(dyn.model, [e.student for e in examples], lengths, pad_id, device)
+    with dyn.state.functional(None, factors):
+        with_memory = answer_log_probs(dyn.model, [e.student for e in examples], lengths, pad_id, device)
+    return F.kl_div(with_memory, reference, log_target=True, reduction="batchmean")
+
+
 def distillation_loss(dyn, compressor, examples, targets, pad_id, device, gold_weight: float,
-                      use_memory: bool = True, distill_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
-    """Loss of one batch and its parts; ``use_memory=False`` scores the student with no memory (baseline)."""
+                      use_memory: bool = True, distill_weight: float = 1.0, locality_weight: float = 0.0,
+                      locality_span: int = 32) -> tuple[torch.Tensor, dict]:
+    """Loss of one batch and its parts; ``use_memory=False`` scores the student with no memory (baseline).
+    With ``locality_weight`` > 0 the locality examples are scored by :func:`locality_kl` instead."""
     row_factors = memory_factors(dyn, compressor, examples, pad_id, device) if use_memory else {}
+    apart = [i for i, e in enumerate(examples) if e.locality] if locality_weight and use_memory else []
+    kept = [i for i in range(len(examples)) if i not in apart]
+    kl = torch.zeros((), device=device)
+    if apart:
+        kl = locality_kl(dyn, [examples[i] for i in apart], _rows(row_factors, apart), pad_id, device, locality_span)
+    if len(kept) < len(examples):
+        examples, targets = [examples[i] for i in kept], [targets[i] for i in kept]
+        row_factors = _rows(row_factors, kept) if kept else {}
+    if not examples:  # a batch of locality examples only
+        return locality_weight * kl, {"distill": 0.0, "gold_nll": 0.0, "answer_acc": 0.0, "locality_kl": float(kl)}
     with dyn.state.functional(None, row_factors):
         log_probs = answer_log_probs(dyn.model, [e.student for e in examples], [e.answer_length for e in examples],
                                      pad_id, device)
@@ -249,8 +288,9 @@ def distillation_loss(dyn, compressor, examples, targets, pad_id, device, gold_w
     # all answer tokens right, teacher-forced: a cheap accuracy proxy
     correct = (log_probs.argmax(-1) == gold).split([e.answer_length for e in examples])
     accuracy = sum(bool(c.all()) for c in correct) / len(examples)
-    loss = distill_weight * distill + gold_weight * gold_nll
-    return loss, {"distill": float(distill.detach()), "gold_nll": float(gold_nll.detach()), "answer_acc": accuracy}
+    loss = distill_weight * distill + gold_weight * gold_nll + locality_weight * kl
+    return loss, {"distill": float(distill.detach()), "gold_nll": float(gold_nll.detach()), "answer_acc": accuracy,
+                  "locality_kl": float(kl.detach())}
 
 
 def document_batches(examples: list[AbsorbExample], batch_size: int, steps: int, seed: int) -> list[list[int]]:
@@ -317,7 +357,8 @@ def evaluate(dyn, compressor, examples, targets, pad_id, device, config) -> dict
         for start in range(0, len(rows), config.batch_size):
             batch = rows[start:start + config.batch_size]
             _, part = distillation_loss(dyn, compressor, batch, targets[start:start + config.batch_size], pad_id,
-                                        device, config.gold_weight, use_memory, config.distill_weight)
+                                        device, config.gold_weight, use_memory, config.distill_weight,
+                                        config.locality_weight, config.locality_span)
             parts.append((part, len(batch)))
         total = sum(n for _, n in parts)
         result[name] = {k: sum(p[k] * n for p, n in parts) / total for k in parts[0][0]}
@@ -409,7 +450,9 @@ def train_absorb(config: AbsorbTrainConfig) -> dict:
         rows = batches[step]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16 and device.type == "cuda"):
             loss, parts = distillation_loss(dyn, compressor, [train[i] for i in rows], [train_targets[i] for i in rows],
-                                            pad_id, device, config.gold_weight, distill_weight=config.distill_weight)
+                                            pad_id, device, config.gold_weight, distill_weight=config.distill_weight,
+                                            locality_weight=config.locality_weight,
+                                            locality_span=config.locality_span)
         if not math.isfinite(float(loss.detach())):
             raise FloatingPointError(f"train absorb: non-finite loss at step {step}: {parts}")
         loss.backward()

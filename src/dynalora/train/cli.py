@@ -82,7 +82,8 @@ def cmd_absorb(args) -> int:
         time_limit_minutes=args.time_limit, teacher_batch_size=args.teacher_batch_size, device=args.device,
         threads=args.threads, lr=args.lr, b_scale=args.b_scale, distill_weight=args.distill_weight,
         gold_weight=args.gold_weight, max_chunks=args.max_chunks, compressor=args.compressor,
-        bottleneck=args.bottleneck, init_step=args.init_step, locality_fraction=args.locality_fraction))
+        bottleneck=args.bottleneck, init_step=args.init_step, locality_fraction=args.locality_fraction,
+        locality_weight=args.locality_weight, locality_span=args.locality_span))
     final, validation = result["final"], result["validation"]
     print(f"compressor: {result['parameters']} parameters, {result['steps_done']} steps "
           f"in {result['train_seconds']:.0f}s on {result['device_name']}"
@@ -152,6 +153,10 @@ def add_train_commands(commands) -> None:
                    help="the gradient compressor's step size × √(chunk tokens) at the start")
     p.add_argument("--locality-fraction", type=float, default=0.15,
                    help="share of examples with an unrelated document in memory (the memory must change nothing)")
+    p.add_argument("--locality-weight", type=float, default=0.0,
+                   help="score those examples by KL(no memory ‖ memory) with this weight (0: by the answer alone)")
+    p.add_argument("--locality-span", type=int, default=32,
+                   help="window tokens before the answer that the locality KL also covers")
     p.add_argument("--targets", nargs="+", default=["o_proj", "down_proj"], help="modules the memory LoRA writes")
     p.add_argument("--chunk-tokens", type=int, default=128)
     p.add_argument("--max-chunks", type=int, default=4, help="skip documents longer than this many chunks")
