@@ -238,3 +238,51 @@ def test_xlora_with_a_one_hot_classifier_scores_like_that_library_adapter(tmp_pa
     record = train_xlora(XLoraTrainConfig(library_dir=config.out_dir, out_dir=tmp_path / "xlora", model="tiny:llama",
                                           streams=2, window=16, steps=2))
     assert record["labels"] == labels and len(record["history"]) == 2
+
+
+def test_escalate_pipeline_on_a_tiny_model(tmp_path, synthetic_domains, monkeypatch):
+    """shift network → train escalate (level 2 + <|think|> row) → eval escalate (every method, costs, plot)."""
+    from dynalora.eval.escalate import EscalateEvalConfig, eval_escalate
+    from dynalora.hyper.stack import load_stack
+    from dynalora.hyper.shift_net import ShiftNet
+    from dynalora.train.escalate import EscalateTrainConfig, train_escalate
+    from dynalora.train.shift import ShiftTrainConfig, train_shift
+    from dynalora.train.triggers import TriggerTrainConfig, train_triggers
+
+    monkeypatch.setattr("dynalora.train.triggers.build_streams", fake_streams)
+    config = library_config(tmp_path, steps=4)
+    train_library(config)
+    train_shift(ShiftTrainConfig(library_dir=config.out_dir, out_dir=tmp_path / "shift", model="tiny:llama",
+                                 examples_per_domain=8, context_tokens=16, continuation_tokens=16, pool_window=8,
+                                 width=32, steps=3, batch_size=4))
+    train_triggers(TriggerTrainConfig(library_dir=config.out_dir, out_dir=tmp_path / "triggers", model="tiny:llama",
+                                      train_streams=4, validation_streams=2, delay=8, steps=10))
+    folders = dict(library_dir=config.out_dir, shift_dir=tmp_path / "shift", triggers_dir=tmp_path / "triggers",
+                   model="tiny:llama", context_tokens=16, continuation_tokens=16)
+    trained = train_escalate(EscalateTrainConfig(out_dir=tmp_path / "escalate", examples_per_domain=8,
+                                                 validation_per_domain=4, steps=6, batch_size=4, rank=2, width=16,
+                                                 lr=1e-2, think_steps=20, **folders))
+    assert trained["nll"]["train"]["level2"] != trained["nll"]["train"]["level1"]  # level 2 acts
+    assert 0 < trained["validation_choice"]["rate"] <= 0.5 and len(trained["history"]) == 6
+    assert load_stack(ShiftNet.load(tmp_path / "shift"), tmp_path / "escalate").depth == 2
+    result = eval_escalate(EscalateEvalConfig(escalate_dir=tmp_path / "escalate", per_domain=4, random_draws=3,
+                                              timing_repeats=1, **folders), out=tmp_path / "eval.json")
+    methods = result["methods"]
+    assert set(methods) == {"base", "level1", "level2", "dynalora", "random"}
+    assert methods["level1"]["quality"] == 0.0 and methods["level2"]["quality"] == pytest.approx(1.0, rel=1e-4)
+    assert methods["level2"]["extra_compute"]["flops"] == pytest.approx(1.0)
+    costs = result["costs"]
+    assert costs["level2"]["hyper_flops_per_call"] > costs["level1"]["hyper_flops_per_call"] > 0
+    assert (tmp_path / "eval.png").is_file() and json.loads((tmp_path / "eval.json").read_text())
+    # the engine: --hyper shift with the stack; a think trigger that always fires escalates every update
+    from dynalora.runtime.build import EngineSpec, build_engine
+
+    engine = build_engine(EngineSpec(model="tiny:llama", bank=config.out_dir, trigger_tokens=tmp_path / "triggers" /
+                                     "trigger_tokens.safetensors", hypernetwork="shift", shift_dir=tmp_path / "shift",
+                                     escalate=tmp_path / "escalate", triggers=["every:4", "think:0.0001"], min_gap=1))
+    events = [e for e in engine.generate([[5, 6, 7, 8]], max_new_tokens=10).events if getattr(e, "level", None)]
+    thought = [e for e in events if "think" in e.reason]
+    assert thought and all(e.level == 2 for e in thought)
+    plain = build_engine(EngineSpec(model="tiny:llama", bank=config.out_dir, hypernetwork="shift",
+                                    shift_dir=tmp_path / "shift", triggers=["every:4"], min_gap=1))
+    assert {e.level for e in plain.generate([[5, 6, 7, 8]], max_new_tokens=10).events if hasattr(e, "level")} == {1}

@@ -17,7 +17,10 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
 
     add_model_arguments(p)
     p.add_argument("--trigger-tokens", type=Path, default=None, help="trained trigger token rows (safetensors)")
-    p.add_argument("--hyper", default="prototype", help="hypernetwork: prototype | none")
+    p.add_argument("--hyper", default="prototype", help="hypernetwork: prototype | shift (the trained network) | none")
+    p.add_argument("--shift", type=Path, default=Path("checkpoints/shift"), help="shift network folder (--hyper shift)")
+    p.add_argument("--escalate", type=Path, default=None,
+                   help="with --hyper shift: the stacked levels above it (train escalate); <|think|> escalates")
     p.add_argument("--trigger", action="append", default=None, help=f"trigger policy, repeatable: {TRIGGER_SPECS}")
     p.add_argument("--kv-policy", default="keep", help="keep | recompute_last | recompute_all")
     p.add_argument("--state", type=Path, default=None, help="start from this saved LoRA state")
@@ -37,7 +40,8 @@ def engine_from_args(args):
     from dynalora.runtime.build import EngineSpec, build_engine
 
     engine = build_engine(EngineSpec(model=args.model, bank=args.bank, trigger_tokens=args.trigger_tokens,
-                                     hypernetwork=args.hyper, triggers=args.trigger or ["token"],
+                                     hypernetwork=args.hyper, shift_dir=args.shift, escalate=args.escalate,
+                                     triggers=args.trigger or ["token"],
                                      kv_policy=args.kv_policy, window=args.window, compressor=args.compressor))
     if args.state:
         engine.dyn.state.load(args.state)
@@ -56,7 +60,8 @@ def describe_event(event, labels: list[str]) -> str:
     if event.new_blend is not None and event.new_blend != event.old_blend:
         top = sorted(zip(labels, event.new_blend), key=lambda x: -abs(x[1]))[:3]
         blend = " → " + ", ".join(f"{label}={w:.2f}" for label, w in top)
-    return f"[{event.kind} @{event.position} {event.reason}{blend} {event.seconds * 1e3:.1f}ms {event.detail}]"
+    level = "" if event.level is None else f" L{event.level}"
+    return f"[{event.kind}{level} @{event.position} {event.reason}{blend} {event.seconds * 1e3:.1f}ms {event.detail}]"
 
 
 def print_stream(events, labels, show_events: bool, out=sys.stdout) -> int:

@@ -38,6 +38,15 @@ def cmd_absorb(args) -> int:
     return 0
 
 
+def cmd_escalate(args) -> int:
+    from dynalora.eval.escalate import EscalateEvalConfig, eval_escalate
+
+    eval_escalate(EscalateEvalConfig(library_dir=args.library, shift_dir=args.shift, triggers_dir=args.triggers,
+                                     escalate_dir=args.escalate, model=args.model, split=args.split,
+                                     per_domain=args.per_domain, threads=args.threads), out=args.out)
+    return 0
+
+
 def add_eval_commands(commands) -> None:
     from dynalora.eval.shift import METHODS
     from dynalora.eval.tasks import METHODS as TASK_METHODS
@@ -99,3 +108,16 @@ def add_eval_commands(commands) -> None:
     p.add_argument("--locality", type=int, default=0, help="unrelated questions for the locality check")
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(handler=cmd_absorb)
+
+    p = sub.add_parser("escalate", help="continuation NLL vs compute: base, level 1, level 2 always, dynalora "
+                                        "deciding with <|think|>, random escalation at the same rate")
+    p.add_argument("--out", type=Path, default=Path("results/eval_escalate.json"))
+    p.add_argument("--library", type=Path, default=Path("checkpoints/library"))
+    p.add_argument("--shift", type=Path, default=Path("checkpoints/shift"))
+    p.add_argument("--triggers", type=Path, default=Path("checkpoints/triggers"))
+    p.add_argument("--escalate", type=Path, default=Path("checkpoints/escalate"), help="train escalate's folder")
+    p.add_argument("--model", default=None)
+    p.add_argument("--split", default="test", help="library domains' split the examples come from")
+    p.add_argument("--per-domain", type=int, default=40, help="examples per library domain")
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(handler=cmd_escalate)

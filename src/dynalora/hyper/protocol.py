@@ -43,6 +43,8 @@ class LoraUpdate:
     """New generated factors (``{}`` clears them)."""
     memory: Factors | None = None
     """New memory factors (``{}`` clears them)."""
+    level: int | None = None
+    """The hypernetwork stack level that wrote it (1: the shift network alone; 2+: escalated)."""
 
     @property
     def is_identity(self) -> bool:

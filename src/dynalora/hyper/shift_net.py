@@ -128,13 +128,17 @@ class ShiftHypernetwork:
             raise ValueError(f"the shift network was trained for bank {self.net.config.bank_labels}, "
                              f"but the engine's bank is {state.labels}")
 
+    def propose(self, features: TriggerFeatures) -> tuple[dict, int]:
+        """The network's output for one row ``(1, ...)`` and the stack level that wrote it."""
+        return self.net(features.pooled_hidden.float()[None], with_factors=self.use_factors), 1
+
     @torch.no_grad()
     def __call__(self, features: TriggerFeatures, state: LoraState) -> LoraUpdate:
-        out = self.net(features.pooled_hidden.float()[None], with_factors=self.use_factors)
+        out, level = self.propose(features)
         gate = out["gate"][0]
         current = state.blend_weights[features.row].float()
         blend = (1 - gate) * current + gate * out["blend"][0]
         generated = None
         if self.use_factors:
             generated = {name: (lora_a[0] * gate, lora_b[0]) for name, (lora_a, lora_b) in out["factors"].items()}
-        return LoraUpdate(blend=blend, generated=generated)
+        return LoraUpdate(blend=blend, generated=generated, level=level)

@@ -9,13 +9,13 @@ from dynalora.lora import DynamicLoraModel, InjectConfig, LoraBank, StateConfig,
 from dynalora.lora.bank import is_bank_folder
 from dynalora.models import load_base_model
 from dynalora.runtime.engine import Engine, EngineConfig
-from dynalora.runtime.special_tokens import add_trigger_tokens, load_trigger_tokens
+from dynalora.runtime.special_tokens import THINK_TOKEN, add_trigger_tokens, load_trigger_tokens
 from dynalora.runtime.trigger_lora import merge_trigger_lora, trigger_lora_beside
 from dynalora.runtime.triggers import (EveryN, SpecialToken, Surprise, TokenProbability, TriggerConfig,
                                        TriggerPolicy, WindowPressure)
 
-HYPERNETWORKS = ("prototype", "none")
-TRIGGER_SPECS = "token | prob[:THRESHOLD] | surprise[:K] | every:N | window:TOKENS"
+HYPERNETWORKS = ("prototype", "shift", "none")
+TRIGGER_SPECS = "token | prob[:THRESHOLD] | think[:THRESHOLD] | surprise[:K] | every:N | window:TOKENS"
 
 
 @dataclass
@@ -27,7 +27,12 @@ class EngineSpec:
     trigger_tokens: Path | None = None
     """Trained trigger-token rows (safetensors); None adds untrained ``<|shift|>``/``<|think|>``."""
     hypernetwork: str = "prototype"
-    """``prototype`` (nearest bank adapter by its description's features) or ``none``."""
+    """``prototype`` (nearest bank adapter by its description's features), ``shift`` (the trained shift
+    network in ``shift_dir``; the bank must be the one it was trained on) or ``none``."""
+    shift_dir: Path = Path("checkpoints/shift")
+    escalate: Path | None = None
+    """With ``hypernetwork="shift"``: the levels above it (``dynalora train escalate``). ``<|think|>`` then
+    runs the whole stack; its trained probability threshold is added as a trigger."""
     triggers: list[str] = field(default_factory=lambda: ["token"])
     """Trigger policies, each one of: """ + TRIGGER_SPECS
     min_gap: int = 8
@@ -49,6 +54,8 @@ def parse_trigger(spec: str, token_ids: dict[str, int]) -> TriggerPolicy:
         if name == "prob":
             token_id = token_ids.get("<|shift|>", next(iter(token_ids.values())))
             return TokenProbability(token_id, float(value) if value else 0.2, name="<|shift|>")
+        if name == "think" and THINK_TOKEN in token_ids:
+            return TokenProbability(token_ids[THINK_TOKEN], float(value) if value else 0.5, name="think")
         if name == "surprise":
             return Surprise(k=float(value) if value else 3.0)
         if name == "every":
@@ -70,9 +77,18 @@ def build_engine(spec: EngineSpec) -> Engine:
     else:
         token_ids = add_trigger_tokens(base.model, base.tokenizer)
     shapes = module_shapes_of(base.model)
-    if spec.bank is not None and not is_bank_folder(spec.bank):
-        raise FileNotFoundError(f"{spec.bank}: not a bank folder (no bank.json)")
-    bank = LoraBank.load(spec.bank, shapes) if spec.bank else LoraBank(shapes)
+    if spec.hypernetwork == "shift" and spec.bank is None:
+        raise ValueError("--hyper shift needs --bank: the library the shift network was trained on "
+                         "(e.g. checkpoints/library)")
+    if spec.bank is not None and (Path(spec.bank) / "library.json").is_file():  # a trained library folder
+        from dynalora.train.library import load_library_bank
+
+        bank, _ = load_library_bank(spec.bank, base.model)
+    elif spec.bank is not None and not is_bank_folder(spec.bank):
+        raise FileNotFoundError(f"{spec.bank}: not a bank folder (no bank.json) nor a trained library "
+                                "(no library.json)")
+    else:
+        bank = LoraBank.load(spec.bank, shapes) if spec.bank else LoraBank(shapes)
     compressor = None
     inject = InjectConfig(state=StateConfig(max_batch=spec.max_batch))
     if spec.window is not None:
@@ -82,17 +98,29 @@ def build_engine(spec: EngineSpec) -> Engine:
         kinds = {name.rsplit(".", 1)[-1] for name in list(bank.modules) + compressor.modules_list}
         inject = InjectConfig(target_modules=sorted(kinds | {"q_proj", "k_proj", "v_proj", "o_proj"}),
                               state=StateConfig(max_batch=spec.max_batch, memory_rank=compressor.config.rank))
+    policies = [parse_trigger(s, token_ids) for s in spec.triggers]
+    engine_config = EngineConfig(kv_policy=spec.kv_policy)
+    shift_hyper = None
+    if spec.hypernetwork == "shift":
+        shift_hyper, think_policy = _shift_hypernetwork(spec, base)
+        policies += [think_policy] if think_policy else []
+        net = shift_hyper.net
+        engine_config = EngineConfig(kv_policy=spec.kv_policy, feature_layer=net.config.feature_layer,
+                                     pool_window=net.config.pool_window)
+        inject.state.generated_rank = net.config.generated_rank if shift_hyper.use_factors else 0
     dyn = DynamicLoraModel.attach(base.model, bank, inject)
-    triggers = TriggerConfig([parse_trigger(s, token_ids) for s in spec.triggers], min_gap=spec.min_gap,
-                             max_per_sequence=spec.max_per_sequence)
+    triggers = TriggerConfig(policies, min_gap=spec.min_gap, max_per_sequence=spec.max_per_sequence)
     absorber = None
     if compressor is not None:
         from dynalora.runtime.absorb import AbsorbConfig, Absorber, trained_chunk_tokens
 
         absorber = Absorber(dyn, compressor, AbsorbConfig(window=spec.window,
                                                           chunk_tokens=trained_chunk_tokens(spec.compressor)))
-    engine = Engine(dyn, base.tokenizer, None, triggers, EngineConfig(kv_policy=spec.kv_policy), absorber=absorber)
-    if spec.hypernetwork == "prototype" and len(bank):
+    engine = Engine(dyn, base.tokenizer, None, triggers, engine_config, absorber=absorber)
+    if shift_hyper is not None:
+        shift_hyper.check_bank(dyn.state)
+        engine.hypernetwork = shift_hyper
+    elif spec.hypernetwork == "prototype" and len(bank):
         from dynalora.hyper import NearestPrototype
 
         texts = [[info.description or info.label] for info in bank.adapters]
@@ -100,3 +128,22 @@ def build_engine(spec: EngineSpec) -> Engine:
     elif spec.hypernetwork not in HYPERNETWORKS:
         raise ValueError(f"--hyper {spec.hypernetwork!r}: choose one of {HYPERNETWORKS}")
     return engine
+
+
+def _shift_hypernetwork(spec: EngineSpec, base):
+    """The trained shift network (blend only, as shipped), or with ``spec.escalate`` the stack above it and the
+    ``<|think|>`` probability trigger that calls it (its trained threshold)."""
+    import json
+
+    from dynalora.hyper.shift_net import ShiftHypernetwork, ShiftNet
+
+    net = ShiftNet.load(spec.shift_dir)
+    if spec.escalate is None:
+        return ShiftHypernetwork(net, use_factors=False), None
+    from dynalora.hyper.stack import EscalatingHypernetwork, load_stack
+
+    trained = json.loads((Path(spec.escalate) / "escalate.json").read_text())
+    think_id = load_trigger_tokens(Path(spec.escalate) / "think_token.safetensors", base.model,
+                                   base.tokenizer)[THINK_TOKEN]
+    hyper = EscalatingHypernetwork(load_stack(net, spec.escalate), use_factors=trained["config"]["level2_factors"])
+    return hyper, TokenProbability(think_id, trained["threshold"], name="think")

@@ -215,7 +215,8 @@ class Engine:
             return LoraEvent("rejected", row, position, reason, time.perf_counter() - started, old_blend, old_blend,
                              refusal)
         if update.is_identity:
-            return LoraEvent("identity", row, position, reason, time.perf_counter() - started, old_blend, old_blend)
+            return LoraEvent("identity", row, position, reason, time.perf_counter() - started, old_blend, old_blend,
+                             level=update.level)
         state.update(row, blend=blend, generated=update.generated, memory=update.memory)
         detail = []
         if self.config.kv_policy != "keep":
@@ -226,7 +227,7 @@ class Engine:
                                           ("memory", update.memory)) if value is not None]
         detail.insert(0, "updated " + ", ".join(parts))
         return LoraEvent("shift", row, position, reason, time.perf_counter() - started, old_blend,
-                         state.blend_weights[row].tolist(), "; ".join(detail))
+                         state.blend_weights[row].tolist(), "; ".join(detail), level=update.level)
 
     # -- the loop ---------------------------------------------------------------------------------
     @torch.no_grad()

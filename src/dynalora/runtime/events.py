@@ -28,6 +28,8 @@ class LoraEvent:
     old_blend: list[float] | None
     new_blend: list[float] | None
     detail: str = ""
+    level: int | None = None
+    """The hypernetwork stack level that answered (``None``: not a stacked hypernetwork, or no call)."""
 
 
 @dataclass

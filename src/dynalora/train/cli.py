@@ -94,6 +94,20 @@ def cmd_absorb(args) -> int:
     return 0
 
 
+def cmd_escalate(args) -> int:
+    from dynalora.train.escalate import EscalateTrainConfig, train_escalate
+
+    result = train_escalate(EscalateTrainConfig(
+        library_dir=args.library, shift_dir=args.shift, triggers_dir=args.triggers, out_dir=args.out_dir,
+        model=args.model, steps=args.steps, examples_per_domain=args.examples_per_domain, rank=args.rank,
+        width=args.width, level2_factors=not args.blend_only, think_margin=args.think_margin, threads=args.threads))
+    print(f"level 2: {result['parameters']} parameters, {result['train_seconds']:.0f}s; <|think|> threshold "
+          f"{result['threshold']:.3f} (validation rate {result['validation_choice']['rate']:.2f})")
+    for split, nll in result["nll"].items():
+        print(f"{split}: NLL " + ", ".join(f"{name} {value:.4f}" for name, value in nll.items()))
+    return 0
+
+
 def add_train_commands(commands) -> None:
     train = commands.add_parser("train", help="training recipes (resumable, with progress bars and loss plots)")
     sub = train.add_subparsers(dest="train_command", required=True, metavar="RECIPE")
@@ -126,6 +140,24 @@ def add_train_commands(commands) -> None:
     p.add_argument("--rescan", type=Path, nargs="+", default=None, metavar="DIR",
                    help="train nothing: choose these trained triggers' thresholds again on their validation streams")
     p.set_defaults(handler=cmd_triggers)
+
+    p = sub.add_parser("escalate", help="train level 2 of the hypernetwork stack (a LoRA for the shift network) "
+                                        "and the <|think|> row that calls it")
+    p.add_argument("--library", type=Path, default=Path("checkpoints/library"))
+    p.add_argument("--shift", type=Path, default=Path("checkpoints/shift"), help="level 1 (train shift)")
+    p.add_argument("--triggers", type=Path, default=Path("checkpoints/triggers"))
+    p.add_argument("--out-dir", type=Path, default=Path("checkpoints/escalate"))
+    p.add_argument("--model", default=None)
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--examples-per-domain", type=int, default=160)
+    p.add_argument("--rank", type=int, default=4, help="rank of the LoRA level 2 writes for each level-1 layer")
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--blend-only", action="store_true",
+                   help="escalated, use level 1's blend only (default: its generated factors too)")
+    p.add_argument("--think-margin", type=float, default=0.02,
+                   help="<|think|> targets: examples where level 2 beats level 1 by more (nats/token)")
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(handler=cmd_escalate)
 
     p = sub.add_parser("xlora", help="train PEFT X-LoRA's classifier over the library (a baseline of eval shift)")
     p.add_argument("--library", type=Path, default=Path("checkpoints/library"))

@@ -193,6 +193,26 @@ def choose_threshold(probs: list[torch.Tensor], starts: list[list[int]], lengths
     return max(allowed, key=lambda c: (c["boundary_recall"], c["threshold"])), candidates
 
 
+def fit_token_row(initial: torch.Tensor, hidden: torch.Tensor, log_z: torch.Tensor, target: torch.Tensor,
+                  positive_weight: float, steps: int, lr: float, desc: str = "train trigger row"):
+    """Fit one tied embedding row ``e (H,)`` so that ``p(token) = σ(h·e − log Z)`` predicts ``target (N,)`` ∈ {0, 1}
+    from final hidden states ``hidden (N, H)`` and ``log_z (N,)`` (weighted logistic regression, Adam).
+    Returns the row and the loss per step."""
+    row = initial.detach().clone().float().requires_grad_(True)  # (H,)
+    weights = torch.where(target == 1, positive_weight, 1.0)
+    optimizer = torch.optim.Adam([row], lr=lr)
+    losses = []
+    for _ in tqdm(range(steps), desc=desc, leave=False):
+        margin = hidden @ row - log_z  # (N,) logit of p(token)
+        loss = (weights * F.binary_cross_entropy_with_logits(margin, target.float(), reduction="none")).sum() \
+            / weights.sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    return row.detach().to(initial.dtype), losses
+
+
 def train_triggers(config: TriggerTrainConfig) -> dict:
     from dynalora.lora import DynamicLoraModel
     from dynalora.models import load_base_model
@@ -219,24 +239,14 @@ def train_triggers(config: TriggerTrainConfig) -> dict:
     feature_seconds = time.perf_counter() - started
 
     embedding = base.model.get_input_embeddings().weight
-    row = embedding[shift_id].detach().clone().requires_grad_(True)  # (H,)
     h = torch.cat(train[0])  # (N, H)
     log_z = torch.cat(train[1])  # (N,)
     target = torch.cat(train[2])  # (N,)
     keep = target >= 0
-    h, log_z, target = h[keep], log_z[keep], target[keep]
-    weights = torch.where(target == 1, config.positive_weight, 1.0)
-    optimizer = torch.optim.Adam([row], lr=config.lr)
-    losses = []
-    for _ in tqdm(range(config.steps), desc="train trigger row", leave=False):
-        margin = h @ row - log_z  # (N,) logit of p(shift)
-        loss = (weights * F.binary_cross_entropy_with_logits(margin, target, reduction="none")).sum() / weights.sum()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+    row, losses = fit_token_row(embedding[shift_id], h[keep], log_z[keep], target[keep], config.positive_weight,
+                                config.steps, config.lr)
     with torch.no_grad():
-        embedding[shift_id] = row.detach()
+        embedding[shift_id] = row
 
     def probs_of(data):
         return [torch.sigmoid(hh @ row.detach() - zz) for hh, zz in zip(data[0], data[1])]

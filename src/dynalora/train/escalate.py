@@ -1,0 +1,227 @@
+"""``dynalora train escalate``: level 2 of the hypernetwork stack, and the ``<|think|>`` row that calls it.
+
+Level 1 is the shipped shift network, frozen. Level 2 (:class:`~dynalora.hyper.stack.LevelNet`) reads the
+same pooled state vector and writes a LoRA for level 1's own Linear layers; it is trained end to end
+through level 1, the bank and the frozen base model on the continuation NLL (examples as in ``train
+shift``: a context from one library domain and the text that follows). Level 1 alone answers as the
+shipped system does (its gated blend; its generated factors raised the NLL on validation streams);
+escalated, level 1's generated factors are used too (``level2_factors``), now under level 2's LoRA.
+
+Then ``<|think|>``: on every training example, the gain of level 2 over level 1 (nats per token); the
+token's tied embedding row is fitted (:func:`~dynalora.train.triggers.fit_token_row`, as ``train
+triggers``) to fire, at the context's last token, where that gain exceeds ``think_margin``. Its firing
+threshold is chosen on validation examples: the most level-2 gain at an escalation rate ≤ ``max_rate``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dynalora.train.data import config_record
+
+
+@dataclass
+class EscalateTrainConfig:
+    library_dir: Path = Path("checkpoints/library")
+    shift_dir: Path = Path("checkpoints/shift")
+    """Level 1: the shift network (``dynalora train shift``)."""
+    triggers_dir: Path = Path("checkpoints/triggers")
+    """The trained trigger tokens; the ``<|think|>`` row is fitted on top of them."""
+    out_dir: Path = Path("checkpoints/escalate")
+    model: str | None = None
+    examples_per_domain: int = 160
+    validation_per_domain: int = 24
+    context_tokens: int = 48
+    continuation_tokens: int = 64
+    rank: int = 4
+    """Rank of the LoRA level 2 writes for each of level 1's Linear layers."""
+    width: int = 128
+    targets: list[str] | None = None
+    """Level 1's Linear layers level 2 writes for (None: all of them)."""
+    level2_factors: bool = True
+    """Escalated, use level 1's generated factors (under level 2's LoRA) besides its blend."""
+    steps: int = 150
+    batch_size: int = 8
+    lr: float = 1e-3
+    think_margin: float = 0.02
+    """An example is a ``<|think|>`` target where level 2 beats level 1 by more than this (nats/token)."""
+    think_steps: int = 300
+    think_lr: float = 0.02
+    max_rate: float = 0.5
+    """The think threshold keeps the validation escalation rate at most this."""
+    seed: int = 0
+    threads: int = 2
+
+    def __post_init__(self):
+        if self.rank < 1 or self.steps < 0 or not 0 < self.max_rate <= 1:
+            raise ValueError(f"EscalateTrainConfig: rank={self.rank} ≥ 1, steps={self.steps} ≥ 0, "
+                             f"max_rate={self.max_rate} in (0, 1]")
+
+
+def level1_lora(out: dict, use_factors: bool) -> tuple[torch.Tensor, dict]:
+    """Level 1's answer against a zero current blend, as :class:`ShiftHypernetwork` applies it:
+    ``blend (N, K)`` and row factors ``{module: (A_t (N, in, r), B_t (N, r, out))}`` (empty without factors)."""
+    gate = out["gate"][:, None]  # (N, 1)
+    factors = {m: ((a * gate[:, :, None]).transpose(1, 2), b.transpose(1, 2))  # (N, in, r), (N, r, out)
+               for m, (a, b) in out["factors"].items()} if use_factors else {}
+    return gate * out["blend"], factors
+
+
+def continuation_nll(dyn, stack, features: torch.Tensor, continuations: torch.Tensor, depth: int | None,
+                     use_factors: bool) -> torch.Tensor:
+    """Per-example NLL ``(N,)`` (nats/token) of ``continuations (N, T)`` under the LoRA the stack writes at
+    ``depth`` from ``features (N, H)``; ``depth=None``: the base model (zero LoRA)."""
+    if depth is None:
+        logits = dyn(input_ids=continuations, use_cache=False).logits[:, :-1]  # (N, T-1, V)
+    else:
+        blend, factors = level1_lora(stack(features, depth, with_factors=use_factors), use_factors)
+        with dyn.state.functional(dyn.state.expand_blend(blend), factors):
+            logits = dyn(input_ids=continuations, use_cache=False).logits[:, :-1]  # (N, T-1, V)
+    return F.cross_entropy(logits.transpose(1, 2).float(), continuations[:, 1:], reduction="none").mean(-1)
+
+
+@torch.no_grad()
+def last_hidden_and_log_z(model, contexts: torch.Tensor, vocab_size: int, batch_size: int = 16):
+    """At each context's last token (zero LoRA): the final hidden state ``(N, H)`` the LM head reads and
+    ``log Z (N,)`` over the original vocabulary — what ``p(<|think|>) = σ(h·e − log Z)`` needs."""
+    hidden, log_z = [], []
+    head = model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda m, i, o: hidden.append(i[0][:, -1].detach()))
+    try:
+        for start in range(0, len(contexts), batch_size):
+            logits = model(input_ids=contexts[start:start + batch_size], use_cache=False, logits_to_keep=1).logits
+            log_z.append(torch.logsumexp(logits[:, -1, :vocab_size].float(), dim=-1))
+    finally:
+        handle.remove()
+    return torch.cat(hidden).float(), torch.cat(log_z)
+
+
+@torch.no_grad()
+def nll_table(dyn, stack, features, continuations, level2_factors: bool, batch_size: int = 16) -> dict:
+    """``{"base", "level1", "level2"}`` → per-example continuation NLL ``(N,)``."""
+    settings = {"base": (None, False), "level1": (1, False), "level2": (2, level2_factors)}
+    table = {}
+    for name, (depth, use_factors) in settings.items():
+        table[name] = torch.cat([continuation_nll(dyn, stack, features[i:i + batch_size],
+                                                  continuations[i:i + batch_size], depth, use_factors)
+                                 for i in tqdm(range(0, len(features), batch_size), desc=f"nll {name}",
+                                               leave=False)])
+    return table
+
+
+def choose_think_threshold(p_think: torch.Tensor, gain: torch.Tensor, max_rate: float) -> dict:
+    """The threshold (one of the distinct probabilities) that captures the most of ``gain (N,)`` — level 2's NLL
+    gain over level 1 per example — escalating at most a ``max_rate`` share of the examples."""
+    order = torch.argsort(p_think, descending=True)
+    captured = torch.cumsum(gain[order], 0)  # escalating the top-k by p(think)
+    allowed = int(max_rate * len(gain))
+    if allowed < 1:
+        return {"threshold": 1.0, "rate": 0.0, "gain_captured": 0.0}
+    best = int(torch.argmax(captured[:allowed]))
+    total = float(gain.sum())
+    return {"threshold": float(p_think[order[best]]), "rate": (best + 1) / len(gain),
+            "gain_captured": float(captured[best]) / total if total > 0 else 0.0}
+
+
+def escalate_examples(system, config, split: str, per_domain: int, seed: int):
+    """``(features (N, H), continuations (N, Ty), contexts (N, Tc))`` from the library domains' ``split``:
+    the state vector pooled as level 1 was trained to read it (``train shift``)."""
+    from dynalora.runtime.features import HiddenCapture
+    from dynalora.train.shift import build_examples, pooled_features
+
+    contexts, continuations, _ = build_examples(system.base.tokenizer, system.adapters, config, split, per_domain, seed)
+    capture = HiddenCapture(system.base.model, system.net.config.feature_layer, system.net.config.pool_window)
+    try:
+        return pooled_features(system.dyn, capture, contexts), continuations, contexts
+    finally:
+        capture.remove()
+
+
+def train_escalate(config: EscalateTrainConfig) -> dict:
+    from dynalora.hyper.stack import HyperStack, LevelNet, LevelNetConfig, linear_shapes
+    from dynalora.runtime.special_tokens import THINK_TOKEN, save_trigger_tokens
+    from dynalora.shift_system import load_shift_system
+    from dynalora.train.library import plot_losses
+    from dynalora.train.triggers import fit_token_row
+
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    started = time.perf_counter()
+    system = load_shift_system(config.library_dir, config.shift_dir, config.triggers_dir, config.model,
+                               max_batch=max(config.batch_size, 16), use_factors=False)
+    model, dyn, level1 = system.base.model, system.dyn, system.net
+    for p in list(model.parameters()) + list(level1.parameters()):
+        p.requires_grad_(False)
+    level2 = LevelNet(LevelNetConfig(feature_size=level1.config.feature_size,
+                                     target_shapes=linear_shapes(level1, config.targets), rank=config.rank,
+                                     width=config.width))
+    stack = HyperStack([level1, level2])
+    data = {split: escalate_examples(system, config, split, per_domain, seed)
+            for split, per_domain, seed in (("train", config.examples_per_domain, config.seed),
+                                            ("validation", config.validation_per_domain, config.seed + 1))}
+    feature_seconds = time.perf_counter() - started
+
+    features, continuations, _ = data["train"]
+    optimizer = torch.optim.AdamW(level2.parameters(), lr=config.lr, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(config.seed)
+    history = []
+    level2.train()
+    began = time.perf_counter()
+    for step in (progress := tqdm(range(config.steps), desc="train escalate")):
+        rows = torch.randint(0, len(features), (config.batch_size,), generator=generator)
+        loss = continuation_nll(dyn, stack, features[rows], continuations[rows], 2, config.level2_factors).mean()
+        if not math.isfinite(float(loss.detach())):
+            raise FloatingPointError(f"train escalate: non-finite loss at step {step}")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(level2.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        history.append(float(loss.detach()))
+        progress.set_postfix(nll=f"{history[-1]:.3f}")
+    train_seconds = time.perf_counter() - began
+    level2.eval()
+
+    vocab_size, embedding = system.vocab_size, model.get_input_embeddings().weight
+    think_id = system.base.tokenizer.convert_tokens_to_ids(THINK_TOKEN)
+    tables, think_inputs = {}, {}
+    for split, (split_features, split_continuations, contexts) in data.items():
+        tables[split] = nll_table(dyn, stack, split_features, split_continuations, config.level2_factors)
+        think_inputs[split] = last_hidden_and_log_z(model, contexts, vocab_size)
+    gain = {split: t["level1"] - t["level2"] for split, t in tables.items()}
+    target = (gain["train"] > config.think_margin).float()
+    positives, negatives = float(target.sum()), float((1 - target).sum())
+    balance = negatives / positives if positives and negatives else 1.0  # both classes weigh the same
+    row, think_losses = fit_token_row(embedding[think_id], *think_inputs["train"], target, balance,
+                                      config.think_steps, config.think_lr, desc="train <|think|> row")
+    with torch.no_grad():
+        embedding[think_id] = row
+    p_think = {split: torch.sigmoid(h @ row.float() - z) for split, (h, z) in think_inputs.items()}
+    chosen = choose_think_threshold(p_think["validation"], gain["validation"], config.max_rate)
+
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    level2.save(config.out_dir / "level2")
+    save_trigger_tokens(config.out_dir / "think_token.safetensors", model, {THINK_TOKEN: think_id})
+    plot_losses(history, config.out_dir / "loss.png", "level 2: continuation NLL at depth 2")
+    mean = lambda t: float(t.mean())  # noqa: E731
+    metadata = {
+        "config": config_record(config), "threshold": chosen["threshold"], "validation_choice": chosen,
+        "nll": {split: {name: mean(v) for name, v in t.items()} for split, t in tables.items()},
+        "think_targets_train": float(target.mean()),
+        "think_accuracy": {split: float(((p_think[split] >= chosen["threshold"]) == (gain[split] > config.think_margin))
+                                        .float().mean()) for split in data},
+        "parameters": sum(p.numel() for p in level2.parameters()),
+        "train_seconds": round(train_seconds, 1), "feature_seconds": round(feature_seconds, 1),
+        "seconds": round(time.perf_counter() - started, 1), "think_loss": [think_losses[0], think_losses[-1]],
+        "history": history, "split": {"train": "train", "threshold": "validation"}}
+    (config.out_dir / "escalate.json").write_text(json.dumps(metadata, indent=2))
+    system.capture.remove()
+    dyn.detach()
+    return metadata
