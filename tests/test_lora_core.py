@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from peft import PeftModel
 
+from dynalora.lora.state import StateError
 from dynalora.lora import DynamicLoraModel, InjectConfig, LoraBank, StateConfig, module_shapes_of
 from dynalora.models import tiny_model
 
@@ -114,6 +116,29 @@ def test_rows_of_a_batch_match_rows_run_alone(family, adapter_dirs):
         alone = logits(dyn, batch_tokens[row:row + 1])
         assert max_diff(batched[row:row + 1], alone) <= TOL, f"row {row}"
     assert not torch.allclose(batched[0], batched[2])
+
+
+def test_memory_weight_scales_the_memory_term_exactly_and_keeps_the_memory(family, adapter_dirs, tokens, tmp_path):
+    dyn = attach_bank(family, adapter_dirs[:1], generated_rank=2, memory_rank=3)
+    memory, generated = random_factors(dyn, 3, 1, scale=0.3), random_factors(dyn, 2, 2, scale=0.3)
+    dyn.state.update(0, blend=[0.7], generated=generated)
+    without = logits(dyn, tokens)
+    scaled = {m: (a, 0.4 * b) for m, (a, b) in memory.items()}
+    dyn.state.update(0, memory=scaled)
+    reference = logits(dyn, tokens)  # the memory with B scaled by 0.4
+    dyn.state.update(0, memory=memory)
+    dyn.state.set_memory_weight(0, 0.4)
+    assert max_diff(logits(dyn, tokens), reference) <= TOL
+    assert all(torch.equal(dyn.state.row_factors(0, "memory")[m][1], b) for m, (_, b) in memory.items())  # unscaled
+    dyn.state.save(tmp_path / "s.safetensors")
+    dyn.state.set_memory_weight(0, 0.0)
+    assert max_diff(logits(dyn, tokens), without) <= TOL  # off, and the generated factors untouched
+    dyn.state.load(tmp_path / "s.safetensors")
+    assert dyn.state.memory_weights[0] == pytest.approx(0.4) and max_diff(logits(dyn, tokens), reference) <= TOL
+    dyn.state.reset(0)
+    assert dyn.state.memory_weights[0] == 1.0 and not dyn.state.rows_scaled
+    with pytest.raises(StateError, match="memory weight"):
+        dyn.state.set_memory_weight(0, float("nan"))
 
 
 def test_updates_keep_every_buffer_in_place(adapter_dirs, family, tmp_path):

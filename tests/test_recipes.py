@@ -286,3 +286,44 @@ def test_escalate_pipeline_on_a_tiny_model(tmp_path, synthetic_domains, monkeypa
     plain = build_engine(EngineSpec(model="tiny:llama", bank=config.out_dir, hypernetwork="shift",
                                     shift_dir=tmp_path / "shift", triggers=["every:4"], min_gap=1))
     assert {e.level for e in plain.generate([[5, 6, 7, 8]], max_new_tokens=10).events if hasattr(e, "level")} == {1}
+
+
+def test_mix_pipeline_on_a_tiny_model(tmp_path, synthetic_domains):
+    """shift network + compressor → train mix (only the gate moves) → eval mix → the gate in the engine."""
+    from dynalora.eval.mix import MixEvalConfig, eval_mix
+    from dynalora.runtime.build import EngineSpec, build_engine
+    from dynalora.train.absorb import AbsorbTrainConfig, train_absorb
+    from dynalora.train.mix import MixTrainConfig, train_mix
+    from dynalora.train.shift import ShiftTrainConfig, train_shift
+
+    config = library_config(tmp_path, steps=4)
+    train_library(config)
+    train_shift(ShiftTrainConfig(library_dir=config.out_dir, out_dir=tmp_path / "shift", model="tiny:llama",
+                                 examples_per_domain=8, context_tokens=16, continuation_tokens=16, pool_window=8,
+                                 width=32, steps=2, batch_size=4))
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("".join(json.dumps({"context": f"Zorb{i} lives in Quell{i}. Zorb{i} bakes bread daily.",
+                                         "questions": [{"question": f"Where does Zorb{i} live?",
+                                                        "answer": f"Quell{i}"}]}) + "\n" for i in range(4)))
+    train_absorb(AbsorbTrainConfig(data=[facts], out_dir=tmp_path / "absorb", model="tiny:llama", rank=2,
+                                   chunk_tokens=16, steps=0, threads=1, device="cpu", bottleneck=8, init_step=0.5))
+    common = dict(facts=facts, library_dir=config.out_dir, shift_dir=tmp_path / "shift",
+                  compressor_dir=tmp_path / "absorb", model="tiny:llama", max_docs=4, examples_per_domain=4,
+                  context_tokens=16, continuation_tokens=16)
+    trained = train_mix(MixTrainConfig(out_dir=tmp_path / "mix", steps=4, batch_size=4, lr=0.05, width=8, **common))
+    assert trained["examples"] == {"domain": 12, "facts": 4} and len(trained["history"]) == 4
+    weights = [(h["w_shift"], h["w_memory"]) for h in trained["history"]]
+    assert weights[0] != weights[-1]  # the gate moved
+    result = eval_mix(MixEvalConfig(gate_dir=tmp_path / "mix", **common), out=tmp_path / "mix.json")
+    methods = result["methods"]
+    assert set(methods) == {"base", "shift_only", "absorb_only", "fixed_half", "both", "gate"}
+    assert methods["base"]["domain"] != methods["shift_only"]["domain"] != methods["both"]["domain"]
+    assert methods["absorb_only"]["facts"] != methods["base"]["facts"]  # the memory acts
+    # the engine: the gate's memory weight lands in the row's state at each trigger
+    engine = build_engine(EngineSpec(model="tiny:llama", bank=config.out_dir, hypernetwork="shift",
+                                     shift_dir=tmp_path / "shift", mix=tmp_path / "mix", triggers=["every:3"],
+                                     min_gap=1, window=40, compressor=tmp_path / "absorb"))
+    events = [e for e in engine.generate([list(range(5, 45))], max_new_tokens=8).events
+              if getattr(e, "kind", "") == "shift"]
+    assert events and all("memory weight" in e.detail for e in events)
+    assert engine.dyn.state.memory_weights[0] != 1.0

@@ -21,6 +21,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shift", type=Path, default=Path("checkpoints/shift"), help="shift network folder (--hyper shift)")
     p.add_argument("--escalate", type=Path, default=None,
                    help="with --hyper shift: the stacked levels above it (train escalate); <|think|> escalates")
+    p.add_argument("--mix", type=Path, default=None,
+                   help="with --hyper shift: the mix gate (train mix) weighing the shift LoRA and the memory LoRA")
     p.add_argument("--trigger", action="append", default=None, help=f"trigger policy, repeatable: {TRIGGER_SPECS}")
     p.add_argument("--kv-policy", default="keep", help="keep | recompute_last | recompute_all")
     p.add_argument("--state", type=Path, default=None, help="start from this saved LoRA state")
@@ -41,7 +43,7 @@ def engine_from_args(args):
 
     engine = build_engine(EngineSpec(model=args.model, bank=args.bank, trigger_tokens=args.trigger_tokens,
                                      hypernetwork=args.hyper, shift_dir=args.shift, escalate=args.escalate,
-                                     triggers=args.trigger or ["token"],
+                                     mix=args.mix, triggers=args.trigger or ["token"],
                                      kv_policy=args.kv_policy, window=args.window, compressor=args.compressor))
     if args.state:
         engine.dyn.state.load(args.state)

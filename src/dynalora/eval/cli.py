@@ -47,6 +47,16 @@ def cmd_escalate(args) -> int:
     return 0
 
 
+def cmd_mix(args) -> int:
+    from dynalora.eval.mix import MixEvalConfig, eval_mix
+
+    eval_mix(MixEvalConfig(facts=args.facts, library_dir=args.library, shift_dir=args.shift,
+                           compressor_dir=args.compressor, gate_dir=args.mix, model=args.model,
+                           max_docs=args.max_docs, examples_per_domain=args.examples_per_domain,
+                           threads=args.threads), out=args.out)
+    return 0
+
+
 def add_eval_commands(commands) -> None:
     from dynalora.eval.shift import METHODS
     from dynalora.eval.tasks import METHODS as TASK_METHODS
@@ -121,3 +131,18 @@ def add_eval_commands(commands) -> None:
     p.add_argument("--per-domain", type=int, default=40, help="examples per library domain")
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(handler=cmd_escalate)
+
+    p = sub.add_parser("mix", help="the learned mix gate vs shift only, absorb only, a fixed 50/50 mix (domain NLL and "
+                                   "absorbed-fact answers)")
+    p.add_argument("--facts", type=Path, required=True,
+                   help="fact documents JSONL (`dynalora data absorb --kind facts --split test`)")
+    p.add_argument("--out", type=Path, default=Path("results/eval_mix.json"))
+    p.add_argument("--library", type=Path, default=Path("checkpoints/library"))
+    p.add_argument("--shift", type=Path, default=Path("checkpoints/shift"))
+    p.add_argument("--compressor", type=Path, default=Path("checkpoints/absorb"))
+    p.add_argument("--mix", type=Path, default=Path("checkpoints/mix"), help="train mix's folder")
+    p.add_argument("--model", default=None)
+    p.add_argument("--max-docs", type=int, default=12)
+    p.add_argument("--examples-per-domain", type=int, default=24)
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(handler=cmd_mix)

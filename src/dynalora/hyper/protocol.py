@@ -43,12 +43,15 @@ class LoraUpdate:
     """New generated factors (``{}`` clears them)."""
     memory: Factors | None = None
     """New memory factors (``{}`` clears them)."""
+    memory_weight: float | None = None
+    """Scale of the row's memory term (the mix gate's; the memory itself is kept)."""
     level: int | None = None
     """The hypernetwork stack level that wrote it (1: the shift network alone; 2+: escalated)."""
 
     @property
     def is_identity(self) -> bool:
-        return self.blend is None and self.blend_delta is None and self.generated is None and self.memory is None
+        return (self.blend is None and self.blend_delta is None and self.generated is None and self.memory is None
+                and self.memory_weight is None)
 
     def resolved_blend(self, current: torch.Tensor) -> torch.Tensor | None:
         """The absolute blend this update asks for, given the current ``(K,)`` weights."""

@@ -9,7 +9,7 @@ from dynalora.lora.state import LoraState, ModuleSlot
 
 
 class DynamicLoraLinear(nn.Module):
-    """``y = W x + (x A_t ⊙ rank_weights[b]) B_t + bmm(bmm(x, A_row[b]), B_row[b])``.
+    """``y = W x + (x A_t ⊙ rank_weights[b]) B_t + bmm(bmm(x, A_row[b]) ⊙ row_scales[b], B_row[b])``.
 
     No loop over adapters or rows: the bank blend is one rank-(K·r) LoRA whose rank dimension is
     scaled per row, the per-row factors are one pair of batched matmuls. Each term is skipped when the
@@ -48,6 +48,8 @@ class DynamicLoraLinear(nn.Module):
             y = y + (mixed @ slot.bank_b_t).to(y.dtype)  # (B, T, out)
         if slot.rows_active:
             low = torch.bmm(x, slot.row_a_t[start:stop])  # (B, T, r_g + r_m)
+            if state.rows_scaled:  # the mix gate's memory weights
+                low = low * state.row_scales[start:stop, None, :]
             y = y + torch.bmm(low, slot.row_b_t[start:stop]).to(y.dtype)  # (B, T, out)
         return y.squeeze(0) if squeeze else y
 

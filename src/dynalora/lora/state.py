@@ -16,6 +16,7 @@ Generated and memory factors of a module share one buffer pair (rank slots ``[0,
 from __future__ import annotations
 
 import json
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,10 @@ class LoraState:
         self.blend_weights = torch.zeros(rows, count, dtype=dtype, device=device)  # (max_batch, K)
         self.rank_weights = torch.zeros(rows, count * self.bank_rank, dtype=dtype, device=device)  # (max_batch, K*r)
         self.bank_active = False
+        # per-row weight on the memory term (the mix gate's): applied as a scale on the rank dimension
+        self.memory_weights = torch.ones(rows, dtype=dtype, device=device)  # (max_batch,)
+        self.row_scales = torch.ones(rows, row_rank, dtype=dtype, device=device)  # (max_batch, r_g + r_m)
+        self.rows_scaled = False
         self.row_offset = 0  # a forward's batch row i reads state row row_offset + i (see use_rows)
         self.overrides: dict | None = None  # differentiable tensors for training (see functional)
         stacked = bank.stacked(dtype=dtype, device=device)
@@ -260,6 +265,21 @@ class LoraState:
         if parts:
             self._refresh_active(row)
 
+    @torch.no_grad()
+    def set_memory_weight(self, row: int, weight: float) -> None:
+        """Scale one row's memory term by ``weight`` (1: as absorbed, 0: off); the memory itself is kept, so
+        :meth:`row_factors` and later absorbs see it unscaled."""
+        self._check_row(row)
+        if not (math.isfinite(float(weight)) and float(weight) >= 0):
+            raise StateError(f"memory weight {weight!r}: must be a finite number ≥ 0")
+        self.memory_weights[row] = float(weight)
+        self._refresh_scales()
+
+    def _refresh_scales(self) -> None:
+        start, stop = self._rank_range("memory")
+        self.row_scales[:, start:stop] = self.memory_weights[:, None]
+        self.rows_scaled = bool((self.memory_weights != 1).any())
+
     def set_blend(self, row: int, weights) -> None:
         self.update(row, blend=weights)
 
@@ -278,10 +298,12 @@ class LoraState:
             self._check_row(row)
         self.blend_weights[rows].zero_()
         self.rank_weights[rows].zero_()
+        self.memory_weights[rows] = 1.0
         for slot in self.slots.values():
             slot.row_a_t[rows].zero_()
             slot.row_b_t[rows].zero_()
         self.bank_active = bool(self.blend_weights.any())
+        self._refresh_scales()
         self._refresh_active(row)
 
     def _refresh_active(self, row: int | None = None) -> None:
@@ -298,7 +320,7 @@ class LoraState:
     def tensors(self, row: int | None = None) -> dict[str, torch.Tensor]:
         """Copies of the state's tensors (one row, keeping a leading dim of 1, or all rows)."""
         rows = slice(None) if row is None else slice(row, row + 1)
-        out = {"blend_weights": self.blend_weights[rows].clone()}
+        out = {"blend_weights": self.blend_weights[rows].clone(), "memory_weights": self.memory_weights[rows].clone()}
         for module, slot in self.slots.items():
             out[f"rows.{module}.A_t"] = slot.row_a_t[rows].clone()
             out[f"rows.{module}.B_t"] = slot.row_b_t[rows].clone()
@@ -321,6 +343,8 @@ class LoraState:
         self._check_tensors(tensors, expected_rows=self.max_batch if target is None else 1, where="snapshot")
         self.blend_weights[rows].copy_(tensors["blend_weights"])
         self.rank_weights[rows].copy_(tensors["blend_weights"].repeat_interleave(self.bank_rank, dim=1))
+        self.memory_weights[rows] = tensors["memory_weights"].to(self.dtype)
+        self._refresh_scales()
         for module, slot in self.slots.items():
             slot.row_a_t[rows].copy_(tensors[f"rows.{module}.A_t"])
             slot.row_b_t[rows].copy_(tensors[f"rows.{module}.B_t"])
@@ -361,6 +385,7 @@ class LoraState:
                 tensors = {key: handle.get_tensor(key) for key in handle.keys()}
         except Exception as error:
             raise StateError(f"{path}: cannot be read as safetensors ({error})") from error
+        tensors.setdefault("memory_weights", torch.ones(self.max_batch))  # files from before the mix gate
         labels = json.loads(metadata.get("labels", "null"))
         if labels != self.labels:
             raise StateError(f"{path}: saved for bank {labels}, but this state's bank is {self.labels}")
@@ -372,6 +397,7 @@ class LoraState:
         self.device = torch.device(device)
         self.blend_weights = self.blend_weights.to(device)
         self.rank_weights = self.rank_weights.to(device)
+        self.memory_weights, self.row_scales = self.memory_weights.to(device), self.row_scales.to(device)
         for slot in self.slots.values():
             for name in ("bank_a_t", "bank_b_t", "row_a_t", "row_b_t"):
                 value = getattr(slot, name)

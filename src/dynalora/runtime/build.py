@@ -33,6 +33,9 @@ class EngineSpec:
     escalate: Path | None = None
     """With ``hypernetwork="shift"``: the levels above it (``dynalora train escalate``). ``<|think|>`` then
     runs the whole stack; its trained probability threshold is added as a trigger."""
+    mix: Path | None = None
+    """With ``hypernetwork="shift"``: the mix gate (``dynalora train mix``) that weighs the shift answer and the
+    row's memory at every trigger (useful with ``window``)."""
     triggers: list[str] = field(default_factory=lambda: ["token"])
     """Trigger policies, each one of: """ + TRIGGER_SPECS
     min_gap: int = 8
@@ -120,6 +123,10 @@ def build_engine(spec: EngineSpec) -> Engine:
     if shift_hyper is not None:
         shift_hyper.check_bank(dyn.state)
         engine.hypernetwork = shift_hyper
+        if spec.mix is not None:
+            from dynalora.hyper.mix_gate import MixGate, MixHypernetwork
+
+            engine.hypernetwork = MixHypernetwork(shift_hyper, MixGate.load(spec.mix))
     elif spec.hypernetwork == "prototype" and len(bank):
         from dynalora.hyper import NearestPrototype
 

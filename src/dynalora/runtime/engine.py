@@ -10,6 +10,7 @@ in its training text) but never shown to the user.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -209,6 +210,9 @@ class Engine:
             update = self.hypernetwork(features, state) or LoraUpdate()
             blend = update.resolved_blend(state.blend_weights[row])
             refusal = check_update(self.config.guard, state, row, blend, update.generated, update.memory)
+            weight = update.memory_weight
+            if refusal is None and weight is not None and not (math.isfinite(weight) and weight >= 0):
+                refusal = f"memory weight {weight!r} is not a finite number ≥ 0"
         except Exception as error:  # a failing hypernetwork must not stop generation
             update, blend, refusal = LoraUpdate(), None, f"hypernetwork raised {type(error).__name__}: {error}"
         if refusal:
@@ -218,6 +222,8 @@ class Engine:
             return LoraEvent("identity", row, position, reason, time.perf_counter() - started, old_blend, old_blend,
                              level=update.level)
         state.update(row, blend=blend, generated=update.generated, memory=update.memory)
+        if update.memory_weight is not None:
+            state.set_memory_weight(row, update.memory_weight)
         detail = []
         if self.config.kv_policy != "keep":
             count = None if self.config.kv_policy == "recompute_all" else self.config.recompute_tokens
@@ -225,6 +231,8 @@ class Engine:
             detail.append(f"recomputed {recomputed} cached positions")
         parts = [name for name, value in (("blend", blend), ("generated", update.generated),
                                           ("memory", update.memory)) if value is not None]
+        if update.memory_weight is not None:
+            parts.append(f"memory weight {update.memory_weight:.2f}")
         detail.insert(0, "updated " + ", ".join(parts))
         return LoraEvent("shift", row, position, reason, time.perf_counter() - started, old_blend,
                          state.blend_weights[row].tolist(), "; ".join(detail), level=update.level)

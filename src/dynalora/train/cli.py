@@ -108,6 +108,20 @@ def cmd_escalate(args) -> int:
     return 0
 
 
+def cmd_mix(args) -> int:
+    from dynalora.train.mix import MixTrainConfig, train_mix
+
+    result = train_mix(MixTrainConfig(facts=args.facts, library_dir=args.library, shift_dir=args.shift,
+                                      compressor_dir=args.compressor, out_dir=args.out_dir, model=args.model,
+                                      steps=args.steps, max_docs=args.max_docs,
+                                      examples_per_domain=args.examples_per_domain, threads=args.threads))
+    final = result["final"]
+    print(f"mix gate: {result['parameters']} parameters, {result['train_seconds']:.0f}s; last 20 steps: domain NLL "
+          f"{final['domain_nll']:.3f}, facts NLL {final['facts_nll']:.3f}, w_shift {final['w_shift']:.2f}, "
+          f"w_memory {final['w_memory']:.2f}")
+    return 0
+
+
 def add_train_commands(commands) -> None:
     train = commands.add_parser("train", help="training recipes (resumable, with progress bars and loss plots)")
     sub = train.add_subparsers(dest="train_command", required=True, metavar="RECIPE")
@@ -158,6 +172,20 @@ def add_train_commands(commands) -> None:
                    help="<|think|> targets: examples where level 2 beats level 1 by more (nats/token)")
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(handler=cmd_escalate)
+
+    p = sub.add_parser("mix", help="train the gate that weighs the shift LoRA and the memory LoRA per row")
+    p.add_argument("--facts", type=Path, required=True,
+                   help="fact documents JSONL (`dynalora data absorb --kind facts --split train`)")
+    p.add_argument("--library", type=Path, default=Path("checkpoints/library"))
+    p.add_argument("--shift", type=Path, default=Path("checkpoints/shift"))
+    p.add_argument("--compressor", type=Path, default=Path("checkpoints/absorb"))
+    p.add_argument("--out-dir", type=Path, default=Path("checkpoints/mix"))
+    p.add_argument("--model", default=None)
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--max-docs", type=int, default=40)
+    p.add_argument("--examples-per-domain", type=int, default=40)
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(handler=cmd_mix)
 
     p = sub.add_parser("xlora", help="train PEFT X-LoRA's classifier over the library (a baseline of eval shift)")
     p.add_argument("--library", type=Path, default=Path("checkpoints/library"))
