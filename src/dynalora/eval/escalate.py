@@ -113,6 +113,7 @@ def eval_escalate(config: EscalateEvalConfig, out: Path | None = None) -> dict:
     trained = json.loads((Path(config.escalate_dir) / "escalate.json").read_text())
     level2_factors, threshold = trained["config"]["level2_factors"], trained["threshold"]
     system = load_shift_system(config.library_dir, config.shift_dir, config.triggers_dir, config.model, max_batch=16)
+    system.capture.remove()  # the examples pool their own features, as train shift did
     load_trigger_tokens(Path(config.escalate_dir) / "think_token.safetensors", system.base.model, system.base.tokenizer)
     stack = load_stack(system.net, config.escalate_dir)
     features, continuations, contexts = escalate_examples(system, config, config.split, config.per_domain, config.seed)
@@ -124,7 +125,6 @@ def eval_escalate(config: EscalateEvalConfig, out: Path | None = None) -> dict:
     escalate = p_think >= threshold
     count, rate = int(escalate.sum()), float(escalate.float().mean())
     costs = compute_costs(system.dyn, stack, features[:1], continuations[:1], level2_factors, config.timing_repeats)
-    system.capture.remove()
     system.dyn.detach()
 
     tokens = continuations.shape[1]

@@ -157,6 +157,7 @@ def train_escalate(config: EscalateTrainConfig) -> dict:
     started = time.perf_counter()
     system = load_shift_system(config.library_dir, config.shift_dir, config.triggers_dir, config.model,
                                max_batch=max(config.batch_size, 16), use_factors=False)
+    system.capture.remove()  # the examples pool their own features, as train shift did
     model, dyn, level1 = system.base.model, system.dyn, system.net
     for p in list(model.parameters()) + list(level1.parameters()):
         p.requires_grad_(False)
@@ -222,6 +223,5 @@ def train_escalate(config: EscalateTrainConfig) -> dict:
         "seconds": round(time.perf_counter() - started, 1), "think_loss": [think_losses[0], think_losses[-1]],
         "history": history, "split": {"train": "train", "threshold": "validation"}}
     (config.out_dir / "escalate.json").write_text(json.dumps(metadata, indent=2))
-    system.capture.remove()
     dyn.detach()
     return metadata

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# How the shipped escalate checkpoint (checkpoints/escalate: level 2 over the shift network + the <|think|> row)
+# was made on the 2-core CPU machine, and its evaluation. Library domains' train split for training, validation
+# split for the think threshold, test split for the evaluation.
+set -euo pipefail
+D=${DYNALORA:-dynalora}
+$D train escalate --out-dir checkpoints/escalate --steps 150 --examples-per-domain 160
+$D eval escalate --escalate checkpoints/escalate --split test --per-domain 40 --out results/eval_escalate.json
