@@ -37,7 +37,6 @@ class MixTrainConfig:
     """Fictional-fact documents (``dynalora data absorb --kind facts --split train``)."""
     library_dir: Path = Path("checkpoints/library")
     shift_dir: Path = Path("checkpoints/shift")
-    triggers_dir: Path = Path("checkpoints/triggers")
     compressor_dir: Path = Path("checkpoints/absorb")
     out_dir: Path = Path("checkpoints/mix")
     model: str | None = None
