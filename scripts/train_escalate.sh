@@ -4,5 +4,5 @@
 # split for the think threshold, test split for the evaluation.
 set -euo pipefail
 D=${DYNALORA:-dynalora}
-$D train escalate --out-dir checkpoints/escalate --steps 100 --examples-per-domain 120
+$D train escalate --out-dir checkpoints/escalate --steps 150 --examples-per-domain 120
 $D eval escalate --escalate checkpoints/escalate --split test --per-domain 20 --out results/eval_escalate.json

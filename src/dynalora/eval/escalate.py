@@ -117,7 +117,7 @@ def eval_escalate(config: EscalateEvalConfig, out: Path | None = None) -> dict:
     load_trigger_tokens(Path(config.escalate_dir) / "think_token.safetensors", system.base.model, system.base.tokenizer)
     stack = load_stack(system.net, config.escalate_dir)
     features, continuations, contexts = escalate_examples(system, config, config.split, config.per_domain, config.seed)
-    nll = nll_table(system.dyn, stack, features, continuations, level2_factors)
+    nll = nll_table(system.dyn, stack, features, continuations, level2_factors, system.vocab_size)
     hidden, log_z = last_hidden_and_log_z(system.base.model, contexts, system.vocab_size)
     think_row = system.base.model.get_input_embeddings().weight[
         system.base.tokenizer.convert_tokens_to_ids(THINK_TOKEN)].float()

@@ -100,7 +100,7 @@ def cmd_escalate(args) -> int:
     result = train_escalate(EscalateTrainConfig(
         library_dir=args.library, shift_dir=args.shift, triggers_dir=args.triggers, out_dir=args.out_dir,
         model=args.model, steps=args.steps, examples_per_domain=args.examples_per_domain, rank=args.rank,
-        width=args.width, level2_factors=not args.blend_only, think_margin=args.think_margin, threads=args.threads))
+        width=args.width, level2_factors=not args.blend_only, think_share=args.think_share, threads=args.threads))
     print(f"level 2: {result['parameters']} parameters, {result['train_seconds']:.0f}s; <|think|> threshold "
           f"{result['threshold']:.3f} (validation rate {result['validation_choice']['rate']:.2f})")
     for split, nll in result["nll"].items():
@@ -113,12 +113,13 @@ def cmd_mix(args) -> int:
 
     result = train_mix(MixTrainConfig(facts=args.facts, library_dir=args.library, shift_dir=args.shift,
                                       compressor_dir=args.compressor, out_dir=args.out_dir, model=args.model,
-                                      steps=args.steps, max_docs=args.max_docs,
-                                      examples_per_domain=args.examples_per_domain, threads=args.threads))
+                                      steps=args.steps, lr=args.lr, initial_weight=args.initial_weight,
+                                      max_docs=args.max_docs, examples_per_domain=args.examples_per_domain,
+                                      threads=args.threads))
     final = result["final"]
     print(f"mix gate: {result['parameters']} parameters, {result['train_seconds']:.0f}s; last 20 steps: domain NLL "
           f"{final['domain_nll']:.3f}, facts NLL {final['facts_nll']:.3f}, w_shift {final['w_shift']:.2f}, "
-          f"w_memory {final['w_memory']:.2f}")
+          f"w_memory {final['w_memory_domain']:.2f} (domain rows) / {final['w_memory_facts']:.2f} (fact rows)")
     return 0
 
 
@@ -168,20 +169,23 @@ def add_train_commands(commands) -> None:
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--blend-only", action="store_true",
                    help="escalated, use level 1's blend only (default: its generated factors too)")
-    p.add_argument("--think-margin", type=float, default=0.02,
-                   help="<|think|> targets: examples where level 2 beats level 1 by more (nats/token)")
+    p.add_argument("--think-share", type=float, default=0.4,
+                   help="<|think|> targets: this share of training examples, where level 2 beats level 1 most")
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(handler=cmd_escalate)
 
     p = sub.add_parser("mix", help="train the gate that weighs the shift LoRA and the memory LoRA per row")
     p.add_argument("--facts", type=Path, required=True,
-                   help="fact documents JSONL (`dynalora data absorb --kind facts --split train`)")
+                   help="fact documents JSONL the compressor never trained on "
+                        "(`dynalora data absorb --kind facts --split validation --seed-offset 100`)")
     p.add_argument("--library", type=Path, default=Path("checkpoints/library"))
     p.add_argument("--shift", type=Path, default=Path("checkpoints/shift"))
     p.add_argument("--compressor", type=Path, default=Path("checkpoints/absorb"))
     p.add_argument("--out-dir", type=Path, default=Path("checkpoints/mix"))
     p.add_argument("--model", default=None)
-    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--initial-weight", type=float, default=0.5, help="both gate weights before training")
     p.add_argument("--max-docs", type=int, default=40)
     p.add_argument("--examples-per-domain", type=int, default=40)
     p.add_argument("--threads", type=int, default=2)

@@ -9,8 +9,13 @@ escalated, level 1's generated factors are used too (``level2_factors``), now un
 
 Then ``<|think|>``: on every training example, the gain of level 2 over level 1 (nats per token); the
 token's tied embedding row is fitted (:func:`~dynalora.train.triggers.fit_token_row`, as ``train
-triggers``) to fire, at the context's last token, where that gain exceeds ``think_margin``. Its firing
-threshold is chosen on validation examples: the most level-2 gain at an escalation rate ≤ ``max_rate``.
+triggers``) to fire, at the context's last token, on the ``think_share`` of training examples where that gain
+is largest (a share, not a fixed margin: level 2 beats level 1 on nearly every training example, and a row
+fitted to fire almost everywhere ranks nothing). Its firing threshold is chosen on validation examples: the
+most level-2 gain at an escalation rate ≤ ``max_rate``.
+
+NLLs are over the original vocabulary, as in every eval: the trigger tokens are control tokens the engine
+consumes, and their tied rows would otherwise take probability mass from the text.
 """
 
 from __future__ import annotations
@@ -51,8 +56,8 @@ class EscalateTrainConfig:
     steps: int = 150
     batch_size: int = 8
     lr: float = 1e-3
-    think_margin: float = 0.02
-    """An example is a ``<|think|>`` target where level 2 beats level 1 by more than this (nats/token)."""
+    think_share: float = 0.4
+    """The share of training examples, those where level 2 beats level 1 the most, ``<|think|>`` fires on."""
     think_steps: int = 300
     think_lr: float = 0.02
     max_rate: float = 0.5
@@ -61,9 +66,9 @@ class EscalateTrainConfig:
     threads: int = 2
 
     def __post_init__(self):
-        if self.rank < 1 or self.steps < 0 or not 0 < self.max_rate <= 1:
+        if self.rank < 1 or self.steps < 0 or not 0 < self.max_rate <= 1 or not 0 < self.think_share < 1:
             raise ValueError(f"EscalateTrainConfig: rank={self.rank} ≥ 1, steps={self.steps} ≥ 0, "
-                             f"max_rate={self.max_rate} in (0, 1]")
+                             f"max_rate={self.max_rate} in (0, 1], think_share={self.think_share} in (0, 1)")
 
 
 def level1_lora(out: dict, use_factors: bool) -> tuple[torch.Tensor, dict]:
@@ -76,15 +81,16 @@ def level1_lora(out: dict, use_factors: bool) -> tuple[torch.Tensor, dict]:
 
 
 def continuation_nll(dyn, stack, features: torch.Tensor, continuations: torch.Tensor, depth: int | None,
-                     use_factors: bool) -> torch.Tensor:
-    """Per-example NLL ``(N,)`` (nats/token) of ``continuations (N, T)`` under the LoRA the stack writes at
-    ``depth`` from ``features (N, H)``; ``depth=None``: the base model (zero LoRA)."""
+                     use_factors: bool, vocab_size: int) -> torch.Tensor:
+    """Per-example NLL ``(N,)`` (nats/token, over the first ``vocab_size`` tokens: the original vocabulary) of
+    ``continuations (N, T)`` under the LoRA the stack writes at ``depth`` from ``features (N, H)``;
+    ``depth=None``: the base model (zero LoRA)."""
     if depth is None:
-        logits = dyn(input_ids=continuations, use_cache=False).logits[:, :-1]  # (N, T-1, V)
+        logits = dyn(input_ids=continuations, use_cache=False).logits[:, :-1, :vocab_size]  # (N, T-1, V)
     else:
         blend, factors = level1_lora(stack(features, depth, with_factors=use_factors), use_factors)
         with dyn.state.functional(dyn.state.expand_blend(blend), factors):
-            logits = dyn(input_ids=continuations, use_cache=False).logits[:, :-1]  # (N, T-1, V)
+            logits = dyn(input_ids=continuations, use_cache=False).logits[:, :-1, :vocab_size]  # (N, T-1, V)
     return F.cross_entropy(logits.transpose(1, 2).float(), continuations[:, 1:], reduction="none").mean(-1)
 
 
@@ -105,13 +111,14 @@ def last_hidden_and_log_z(model, contexts: torch.Tensor, vocab_size: int, batch_
 
 
 @torch.no_grad()
-def nll_table(dyn, stack, features, continuations, level2_factors: bool, batch_size: int = 16) -> dict:
+def nll_table(dyn, stack, features, continuations, level2_factors: bool, vocab_size: int,
+              batch_size: int = 16) -> dict:
     """``{"base", "level1", "level2"}`` → per-example continuation NLL ``(N,)``."""
     settings = {"base": (None, False), "level1": (1, False), "level2": (2, level2_factors)}
     table = {}
     for name, (depth, use_factors) in settings.items():
         table[name] = torch.cat([continuation_nll(dyn, stack, features[i:i + batch_size],
-                                                  continuations[i:i + batch_size], depth, use_factors)
+                                                  continuations[i:i + batch_size], depth, use_factors, vocab_size)
                                  for i in tqdm(range(0, len(features), batch_size), desc=f"nll {name}",
                                                leave=False)])
     return table
@@ -178,7 +185,8 @@ def train_escalate(config: EscalateTrainConfig) -> dict:
     began = time.perf_counter()
     for step in (progress := tqdm(range(config.steps), desc="train escalate")):
         rows = torch.randint(0, len(features), (config.batch_size,), generator=generator)
-        loss = continuation_nll(dyn, stack, features[rows], continuations[rows], 2, config.level2_factors).mean()
+        loss = continuation_nll(dyn, stack, features[rows], continuations[rows], 2, config.level2_factors,
+                                system.vocab_size).mean()
         if not math.isfinite(float(loss.detach())):
             raise FloatingPointError(f"train escalate: non-finite loss at step {step}")
         loss.backward()
@@ -194,10 +202,12 @@ def train_escalate(config: EscalateTrainConfig) -> dict:
     think_id = system.base.tokenizer.convert_tokens_to_ids(THINK_TOKEN)
     tables, think_inputs = {}, {}
     for split, (split_features, split_continuations, contexts) in data.items():
-        tables[split] = nll_table(dyn, stack, split_features, split_continuations, config.level2_factors)
+        tables[split] = nll_table(dyn, stack, split_features, split_continuations, config.level2_factors,
+                                  vocab_size)
         think_inputs[split] = last_hidden_and_log_z(model, contexts, vocab_size)
     gain = {split: t["level1"] - t["level2"] for split, t in tables.items()}
-    target = (gain["train"] > config.think_margin).float()
+    cut = torch.quantile(gain["train"], 1 - config.think_share)
+    target = (gain["train"] > cut).float()
     positives, negatives = float(target.sum()), float((1 - target).sum())
     balance = negatives / positives if positives and negatives else 1.0  # both classes weigh the same
     row, think_losses = fit_token_row(embedding[think_id], *think_inputs["train"], target, balance,
@@ -216,7 +226,8 @@ def train_escalate(config: EscalateTrainConfig) -> dict:
         "config": config_record(config), "threshold": chosen["threshold"], "validation_choice": chosen,
         "nll": {split: {name: mean(v) for name, v in t.items()} for split, t in tables.items()},
         "think_targets_train": float(target.mean()),
-        "think_accuracy": {split: float(((p_think[split] >= chosen["threshold"]) == (gain[split] > config.think_margin))
+        "think_gain_cut": float(cut),
+        "think_accuracy": {split: float(((p_think[split] >= chosen["threshold"]) == (gain[split] > cut))
                                         .float().mean()) for split in data},
         "parameters": sum(p.numel() for p in level2.parameters()),
         "train_seconds": round(train_seconds, 1), "feature_seconds": round(feature_seconds, 1),
