@@ -135,3 +135,22 @@ def test_escalating_hypernetwork_runs_level_two_only_when_think_fires():
     torch.testing.assert_close(plain.blend, ShiftHypernetwork(level1, use_factors=False)(
         TriggerFeatures(0, 5, "x", hidden, hidden), dyn.state).blend)
     assert not torch.allclose(plain.blend, thought.blend)
+
+
+def test_continuation_nll_scores_the_original_vocabulary_only():
+    """Trigger tokens added after the vocabulary (a large row, as a fitted <|think|> gets) must not take
+    probability mass from the text the escalate NLL scores."""
+    from dynalora.models import tiny_model
+    from dynalora.train.escalate import continuation_nll
+
+    model = tiny_model("llama", vocab_size=256)
+    continuations = torch.randint(0, 256, (3, 12))
+    before = continuation_nll(model, None, None, continuations, None, False, vocab_size=256)
+    model.resize_token_embeddings(257, mean_resizing=False)
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        head[256] = 50 * head[:256].mean(0) + 50
+    after = continuation_nll(model, None, None, continuations, None, False, vocab_size=256)
+    with_trigger = continuation_nll(model, None, None, continuations, None, False, vocab_size=257)
+    assert torch.allclose(before, after, atol=1e-5)
+    assert (with_trigger > after + 0.01).all()
