@@ -243,3 +243,32 @@ def test_document_batches_keep_a_documents_questions_together():
     documents = [examples[i].document for b in batches for i in b]
     changes = sum(a != b for a, b in zip(documents, documents[1:]))
     assert changes == 2  # three documents, each a contiguous run
+
+
+def test_eval_absorb_end_to_end_and_a_zero_memory_weight_answers_as_no_context(tmp_path):
+    """Every method on a tiny model; with ``memory_weight=0`` the absorbed memory is switched off when answering,
+    so ``dynalora`` must answer exactly as ``no_context`` does (and, with weight 1, it must not)."""
+    import json
+
+    from dynalora.eval.absorb import AbsorbEvalConfig, eval_absorb
+    from dynalora.train.absorb import AbsorbTrainConfig, train_absorb
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"context": f"Zorb{i} lives in Quell{i}. Zorb{i} is a baker.",
+                                        "questions": [{"question": f"Where does Zorb{i} live?", "answer": f"Quell{i}"},
+                                                      {"question": f"What is Zorb{i}?", "answer": "a baker"}]})
+                            + "\n" for i in range(2)))
+    train_absorb(AbsorbTrainConfig(data=[docs], out_dir=tmp_path / "absorb", model="tiny:llama", rank=2,
+                                   chunk_tokens=16, max_chunks=8, steps=0, threads=1, device="cpu", bottleneck=8,
+                                   init_step=0.5))
+    common = dict(data=docs, compressor_dir=tmp_path / "absorb", model="tiny:llama", window=64, max_new_tokens=6,
+                  threads=1)
+    full = eval_absorb(AbsorbEvalConfig(gradient_steps=[1, 2], **common), out=tmp_path / "eval.json")
+    assert set(full["methods"]) == {"full_context", "no_context", "dynalora", "summary", "gradient_lora@1",
+                                    "gradient_lora@2"}
+    assert full["questions"] == 4 and full["adapter_bytes"] > 0 and full["kv_bytes_evicted"] > 0
+    assert json.loads((tmp_path / "eval.json").read_text())["memory_weight"] == 1.0
+    answers = lambda result, name: [e[name] for e in result["examples"]]  # noqa: E731
+    assert answers(full, "dynalora") != answers(full, "no_context")  # the memory acts at weight 1
+    off = eval_absorb(AbsorbEvalConfig(methods=["no_context", "dynalora"], memory_weight=0.0, **common))
+    assert answers(off, "dynalora") == answers(off, "no_context")

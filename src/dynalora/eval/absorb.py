@@ -52,6 +52,8 @@ class AbsorbEvalConfig:
     needle_multiples: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     locality: int = 0
     """Number of unrelated questions for the locality check (0: skip)."""
+    memory_weight: float = 1.0
+    """Scale on the absorbed memory when answering (1: as written; ``LoraState.set_memory_weight``)."""
     threads: int = 2
 
     def __post_init__(self):
@@ -60,6 +62,8 @@ class AbsorbEvalConfig:
             raise ValueError(f"AbsorbEvalConfig.methods: unknown {unknown}; choose from {list(METHODS)}")
         if not self.needle and self.data is None:
             raise ValueError("AbsorbEvalConfig.data: give a documents JSONL (or needle=True)")
+        if not self.memory_weight >= 0:
+            raise ValueError(f"AbsorbEvalConfig.memory_weight: {self.memory_weight} must be ≥ 0")
 
 
 class Answerer:
@@ -80,9 +84,10 @@ class Answerer:
         return texts
 
 
-def _copy_memory(state, factors: dict, rows: int) -> None:
+def _copy_memory(state, factors: dict, rows: int, weight: float = 1.0) -> None:
     for row in range(rows):
         state.update(row, memory=factors)
+        state.set_memory_weight(row, weight)
 
 
 def _fine_tune(dyn, context_ids: list[int], rank: int, modules: list[str], steps: list[int], lr: float, seed: int):
@@ -134,6 +139,7 @@ def eval_absorb(config: AbsorbEvalConfig, out: Path | None = None) -> dict:
                                                                   model.config.num_attention_heads) * \
         (model.config.hidden_size // model.config.num_attention_heads) * 2  # fp16 K and V
     result = {"window": config.window, "chunk_tokens": chunk_tokens, "memory_rank": rank,
+              "memory_weight": config.memory_weight,
               "adapter_bytes": memory_bytes, "kv_bytes_per_token": kv_per_token,
               "compressor": str(config.compressor_dir)}
     if config.data is not None:
@@ -145,7 +151,7 @@ def eval_absorb(config: AbsorbEvalConfig, out: Path | None = None) -> dict:
     if config.locality:
         result["locality"] = _eval_locality(unrelated_questions(config.locality), docs if config.data else
                                             needle_suite(config.window, (1,), 2, tokenizer), dyn, absorber, answerer,
-                                            tokenizer, chat_prompt)
+                                            tokenizer, chat_prompt, config.memory_weight)
     if config.needle:
         result["needle"] = _eval_needle(config, needle_suite(config.window, tuple(config.needle_multiples), 10,
                                                              tokenizer), dyn, absorber, tokenizer, chat_prompt)
@@ -182,7 +188,7 @@ def _eval_documents(config, docs, dyn, absorber, answerer, tokenizer, chunk_toke
         if "dynalora" in run:
             began = time.perf_counter()
             absorber.absorb_text(0, ids)
-            _copy_memory(state, state.row_factors(0, "memory"), state.max_batch)
+            _copy_memory(state, state.row_factors(0, "memory"), state.max_batch, config.memory_weight)
             record("dynalora", answerer.answer(bare), time.perf_counter() - began)
             state.reset()
         if "summary" in run:
@@ -239,7 +245,7 @@ def _eval_documents(config, docs, dyn, absorber, answerer, tokenizer, chunk_toke
     return result
 
 
-def _eval_locality(items, memory_docs, dyn, absorber, answerer, tokenizer, chat_prompt) -> dict:
+def _eval_locality(items, memory_docs, dyn, absorber, answerer, tokenizer, chat_prompt, memory_weight: float) -> dict:
     """Unrelated self-contained questions, with some other document's memory applied vs none."""
     state = dyn.state
     prompts = [chat_prompt(tokenizer, item["questions"][0]["question"], item["context"]) for item in items]
@@ -251,6 +257,7 @@ def _eval_locality(items, memory_docs, dyn, absorber, answerer, tokenizer, chat_
         state.reset()
         doc = memory_docs[index % len(memory_docs)]
         absorber.absorb_text(0, tokenizer(doc["context"], add_special_tokens=False)["input_ids"])
+        state.set_memory_weight(0, memory_weight)
         with_memory += answerer.answer([prompt])
     state.reset()
     scored = score_answers(with_memory, answers)
@@ -276,6 +283,7 @@ def _eval_needle(config, docs, dyn, absorber, tokenizer, chat_prompt) -> dict:
         for name, engine, ids in (("full_context", plain, prompt), ("truncated", plain, truncated),
                                   ("dynalora", streaming, prompt)):
             state.reset()
+            state.set_memory_weight(0, config.memory_weight)  # kept through the absorbs that follow
             outputs[name] = engine.generate([ids], max_new_tokens=12).texts[0]
         for name, text in outputs.items():
             hit = score_answers([text], [answer])["exact_match"]

@@ -33,7 +33,8 @@ def cmd_absorb(args) -> int:
 
     eval_absorb(AbsorbEvalConfig(data=args.data, compressor_dir=args.compressor, model=args.model, window=args.window,
                                  methods=args.methods, max_docs=args.max_docs, gradient_steps=args.gradient_steps,
-                                 needle=args.needle, locality=args.locality, threads=args.threads),
+                                 needle=args.needle, locality=args.locality, memory_weight=args.memory_weight,
+                                 threads=args.threads),
                 out=args.out)
     return 0
 
@@ -116,6 +117,8 @@ def add_eval_commands(commands) -> None:
                    help="cumulative fine-tuning steps at which gradient_lora is scored")
     p.add_argument("--needle", action="store_true", help="pass-key retrieval at 10 depths, 1/2/4/8x the window")
     p.add_argument("--locality", type=int, default=0, help="unrelated questions for the locality check")
+    p.add_argument("--memory-weight", type=float, default=1.0,
+                   help="scale on the absorbed memory when answering (1: as written, 0: off)")
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(handler=cmd_absorb)
 
