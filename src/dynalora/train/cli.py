@@ -100,7 +100,8 @@ def cmd_escalate(args) -> int:
     result = train_escalate(EscalateTrainConfig(
         library_dir=args.library, shift_dir=args.shift, triggers_dir=args.triggers, out_dir=args.out_dir,
         model=args.model, steps=args.steps, examples_per_domain=args.examples_per_domain, rank=args.rank,
-        width=args.width, level2_factors=not args.blend_only, think_share=args.think_share, threads=args.threads))
+        width=args.width, targets=args.targets, level2_factors=not args.blend_only, lr=args.lr,
+        validate_every=args.validate_every, think_share=args.think_share, threads=args.threads))
     print(f"level 2: {result['parameters']} parameters, {result['train_seconds']:.0f}s; <|think|> threshold "
           f"{result['threshold']:.3f} (validation rate {result['validation_choice']['rate']:.2f})")
     for split, nll in result["nll"].items():
@@ -167,6 +168,11 @@ def add_train_commands(commands) -> None:
     p.add_argument("--examples-per-domain", type=int, default=160)
     p.add_argument("--rank", type=int, default=4, help="rank of the LoRA level 2 writes for each level-1 layer")
     p.add_argument("--width", type=int, default=128)
+    p.add_argument("--targets", nargs="+", default=None,
+                   help="level-1 Linear layers level 2 writes for, e.g. encoder.3 blend_head (default: all)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--validate-every", type=int, default=0,
+                   help="validation NLL every N steps; keep the best step's level 2 (0: keep the last)")
     p.add_argument("--blend-only", action="store_true",
                    help="escalated, use level 1's blend only (default: its generated factors too)")
     p.add_argument("--think-share", type=float, default=0.4,

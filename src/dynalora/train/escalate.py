@@ -12,7 +12,8 @@ token's tied embedding row is fitted (:func:`~dynalora.train.triggers.fit_token_
 triggers``) to fire, at the context's last token, on the ``think_share`` of training examples where that gain
 is largest (a share, not a fixed margin: level 2 beats level 1 on nearly every training example, and a row
 fitted to fire almost everywhere ranks nothing). Its firing threshold is chosen on validation examples: the
-most level-2 gain at an escalation rate ≤ ``max_rate``.
+most level-2 gain at an escalation rate ≤ ``max_rate``. With ``validate_every``, level 2 is also stopped early
+on the same validation examples (the weights of the step with the lowest validation NLL are kept).
 
 NLLs are over the original vocabulary, as in every eval: the trigger tokens are control tokens the engine
 consumes, and their tied rows would otherwise take probability mass from the text.
@@ -56,6 +57,8 @@ class EscalateTrainConfig:
     steps: int = 150
     batch_size: int = 8
     lr: float = 1e-3
+    validate_every: int = 0
+    """Every this many steps, level 2's validation NLL; the best step's weights are kept (0: keep the last)."""
     think_share: float = 0.4
     """The share of training examples, those where level 2 beats level 1 the most, ``<|think|>`` fires on."""
     think_steps: int = 300
@@ -66,9 +69,11 @@ class EscalateTrainConfig:
     threads: int = 2
 
     def __post_init__(self):
-        if self.rank < 1 or self.steps < 0 or not 0 < self.max_rate <= 1 or not 0 < self.think_share < 1:
-            raise ValueError(f"EscalateTrainConfig: rank={self.rank} ≥ 1, steps={self.steps} ≥ 0, "
-                             f"max_rate={self.max_rate} in (0, 1], think_share={self.think_share} in (0, 1)")
+        if (self.rank < 1 or self.steps < 0 or self.validate_every < 0 or not 0 < self.max_rate <= 1
+                or not 0 < self.think_share < 1):
+            raise ValueError(f"EscalateTrainConfig: rank={self.rank} ≥ 1, steps={self.steps} ≥ 0, validate_every="
+                             f"{self.validate_every} ≥ 0, max_rate={self.max_rate} in (0, 1], think_share="
+                             f"{self.think_share} in (0, 1)")
 
 
 def level1_lora(out: dict, use_factors: bool) -> tuple[torch.Tensor, dict]:
@@ -178,6 +183,27 @@ def train_escalate(config: EscalateTrainConfig) -> dict:
     feature_seconds = time.perf_counter() - started
 
     features, continuations, _ = data["train"]
+
+    @torch.no_grad()
+    def validation_nll() -> float:
+        level2.eval()
+        val_features, val_continuations, _ = data["validation"]
+        value = float(torch.cat([continuation_nll(dyn, stack, val_features[i:i + 16], val_continuations[i:i + 16], 2,
+                                                  config.level2_factors, system.vocab_size)
+                                 for i in range(0, len(val_features), 16)]).mean())
+        level2.train()
+        return value
+
+    validation_history, best = [], None  # best: (nll, step, state)
+
+    def validate(step: int) -> None:
+        nonlocal best
+        validation_history.append({"step": step, "nll": validation_nll()})
+        if best is None or validation_history[-1]["nll"] < best[0]:
+            best = (validation_history[-1]["nll"], step, {k: v.detach().clone() for k, v in level2.state_dict().items()})
+
+    if config.validate_every:
+        validate(0)  # a fresh level 2 writes B = 0: level 1 exactly, the floor early stopping can fall back to
     optimizer = torch.optim.AdamW(level2.parameters(), lr=config.lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(config.seed)
     history = []
@@ -195,7 +221,12 @@ def train_escalate(config: EscalateTrainConfig) -> dict:
         optimizer.zero_grad(set_to_none=True)
         history.append(float(loss.detach()))
         progress.set_postfix(nll=f"{history[-1]:.3f}")
+        if config.validate_every and ((step + 1) % config.validate_every == 0 or step + 1 == config.steps):
+            validate(step + 1)
+            progress.set_postfix(nll=f"{history[-1]:.3f}", validation=f"{validation_history[-1]['nll']:.3f}")
     train_seconds = time.perf_counter() - began
+    if best is not None:
+        level2.load_state_dict(best[2])
     level2.eval()
 
     vocab_size, embedding = system.vocab_size, model.get_input_embeddings().weight
@@ -232,7 +263,8 @@ def train_escalate(config: EscalateTrainConfig) -> dict:
         "parameters": sum(p.numel() for p in level2.parameters()),
         "train_seconds": round(train_seconds, 1), "feature_seconds": round(feature_seconds, 1),
         "seconds": round(time.perf_counter() - started, 1), "think_loss": [think_losses[0], think_losses[-1]],
-        "history": history, "split": {"train": "train", "threshold": "validation"}}
+        "history": history, "validation_history": validation_history, "kept_step": best[1] if best else config.steps,
+        "split": {"train": "train", "threshold and kept step": "validation"}}
     (config.out_dir / "escalate.json").write_text(json.dumps(metadata, indent=2))
     dyn.detach()
     return metadata
