@@ -170,7 +170,21 @@ def test_rate_limits_keep_a_trigger_spamming_model_moving():
     result = engine.generate([PROMPT], max_new_tokens=30, logits_processor=always)
     assert len(hyper.calls) == 2
     assert len(result.lora_events("suppressed")) == 28
-    assert result.finish_reasons == ["length"] and result.token_ids[0] == []  # every token was a trigger
+    # each held-back trigger is dropped and the row takes its best ordinary token instead: 28 visible tokens
+    assert result.finish_reasons == ["length"] and len(result.token_ids[0]) == 28
+    assert not set(result.token_ids[0]) & set(ids.values())
+
+
+def test_a_trigger_no_policy_fires_on_is_dropped_and_the_row_goes_on_as_if_it_had_not_been_sampled():
+    """Held-back trigger tokens never enter the context: forcing them where nothing fires leaves the tokens of an
+    unforced run exactly (the replacement is the best ordinary token under the same logits)."""
+    hyper = CountingHypernetwork([0.2, 0.2, 0.2])
+    engine, ids = make_engine(hyper, policies=[])
+    plain = engine.generate([PROMPT], max_new_tokens=10)
+    forced = engine.generate([PROMPT], max_new_tokens=10,
+                             logits_processor=force_token(ids[SHIFT_TOKEN], {2: [0], 3: [0], 7: [0]}))
+    assert forced.token_ids == plain.token_ids and len(forced.token_ids[0]) == 10 and not hyper.calls
+    assert len(forced.lora_events("suppressed")) == 3
 
 
 def test_a_nan_update_is_rejected_and_generation_continues():
@@ -254,3 +268,15 @@ def test_masked_trigger_tokens_are_never_sampled_but_still_observed():
     result = engine.generate([PROMPT], max_new_tokens=6, logits_processor=force_token(ids[SHIFT_TOKEN], {2: [0]}))
     assert len(result.token_ids[0]) == 6 and ids[SHIFT_TOKEN] not in result.token_ids[0]
     assert len(hyper.calls) == 1  # p(<|shift|>) passed the threshold at step 2 although it was not sampled
+
+
+def test_loading_one_trigger_token_keeps_the_others_registered(tmp_path):
+    """An escalate checkpoint saves only ``<|think|>``; loading it must not make ``<|shift|>`` an ordinary token."""
+    from dynalora.runtime import THINK_TOKEN, load_trigger_tokens, save_trigger_tokens
+
+    model = tiny_model("llama")
+    ids = add_trigger_tokens(model, None)
+    think_file = save_trigger_tokens(tmp_path / "think.safetensors", model, {THINK_TOKEN: ids[THINK_TOKEN]})
+    assert load_trigger_tokens(think_file, model, None) == {THINK_TOKEN: ids[THINK_TOKEN]}
+    assert model.config.dynalora_trigger_tokens == ids
+    assert Engine(DynamicLoraModel.attach(model, random_bank(model), InjectConfig()), None).trigger_token_ids == ids

@@ -135,6 +135,12 @@ def test_escalating_hypernetwork_runs_level_two_only_when_think_fires():
     torch.testing.assert_close(plain.blend, ShiftHypernetwork(level1, use_factors=False)(
         TriggerFeatures(0, 5, "x", hidden, hidden), dyn.state).blend)
     assert not torch.allclose(plain.blend, thought.blend)
+    # with generated factors: only an escalated answer carries them; level 1 writes zeros (clearing level 2's)
+    with_factors = EscalatingHypernetwork(stack, use_factors=True)
+    plain = with_factors(TriggerFeatures(0, 5, "p(<|shift|>)=0.90", hidden, hidden), dyn.state)
+    thought = with_factors(TriggerFeatures(0, 5, "p(think)=0.70", hidden, hidden), dyn.state)
+    assert plain.generated and all(not a.any() and not b.any() for a, b in plain.generated.values())
+    assert thought.generated and all(a.any() and b.any() for a, b in thought.generated.values())
 
 
 def test_continuation_nll_scores_the_original_vocabulary_only():

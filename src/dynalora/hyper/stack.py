@@ -166,7 +166,10 @@ class EscalatingHypernetwork(ShiftHypernetwork):
 
     def propose(self, features: TriggerFeatures) -> tuple[dict, int]:
         depth = self.stack.depth if any(word in features.reason for word in self.think_reasons) else 1
-        return self.stack(features.pooled_hidden.float()[None], depth, with_factors=self.use_factors), depth
+        out = self.stack(features.pooled_hidden.float()[None], depth, with_factors=self.use_factors)
+        if depth == 1 and self.use_factors:  # level 1 answers with its blend alone (as shipped and evaluated);
+            out["factors"] = {m: (a * 0, b * 0) for m, (a, b) in out["factors"].items()}  # zeros clear level 2's
+        return out, depth
 
 
 def load_stack(level1: nn.Module, folder: str | Path) -> HyperStack:

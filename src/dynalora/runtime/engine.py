@@ -292,12 +292,28 @@ class Engine:
                 logits = logits.clone()
                 logits[:, list(trigger_ids)] = float("-inf")
             next_tokens = choose_next(logits, seen, sampling, generator)  # (B,)
+            length = cache.get_seq_length() + 1
+            decisions: dict[int, tuple[str | None, str | None]] = {}
             for b in range(count):
                 if finished[b]:
                     next_tokens[b] = pad
+                    continue
+                token = int(next_tokens[b])
+                obs = StepObservation(position=int(batch.mask[b].sum()), token_id=token,
+                                      token_nll=-float(log_probs[b, token]),
+                                      trigger_probs={t: float(log_probs[b, t].exp()) for t in trigger_ids},
+                                      context_length=length)
+                reason, held_back = row_triggers[b].observe(obs)
+                if token in trigger_ids and reason is None:
+                    # a trigger that does not fire is dropped, not kept in the context: the row goes on with
+                    # its best ordinary token (else a model that keeps asking would fill the window with them)
+                    held_back = held_back or f"token:{trigger_names[token]} (no policy fires on it)"
+                    ordinary = logits[b:b + 1].clone()  # (1, V)
+                    ordinary[:, list(trigger_ids)] = float("-inf")
+                    next_tokens[b] = choose_next(ordinary, seen[b:b + 1], sampling, generator)[0]
+                decisions[b] = (reason, held_back)
             seen.scatter_(1, next_tokens[:, None], True)
             batch.append(next_tokens)
-            length = cache.get_seq_length() + 1
             for b in range(count):
                 if finished[b]:
                     continue
@@ -308,12 +324,7 @@ class Engine:
                     text = self.decode(visible[b])
                     yield TokenEvent(row=b, position=position, token_id=token, text=text[len(shown_text[b]):])
                     shown_text[b] = text
-                obs = StepObservation(position=position, token_id=token, token_nll=-float(log_probs[b, token]),
-                                      trigger_probs={t: float(log_probs[b, t].exp()) for t in trigger_ids},
-                                      context_length=length)
-                reason, held_back = row_triggers[b].observe(obs)
-                if token in trigger_ids and reason is None and held_back is None:
-                    held_back = f"token:{trigger_names[token]} (no policy fires on it)"
+                reason, held_back = decisions[b]
                 if held_back:
                     yield LoraEvent("suppressed", b, position, held_back, 0.0, None, None)
                 if reason and self.config.update_delay:

@@ -26,12 +26,12 @@ def add_trigger_tokens(model, tokenizer, tokens=DEFAULT_TRIGGER_TOKENS) -> dict[
     are appended after the model's vocabulary)."""
     embeddings = model.get_input_embeddings()
     old_size = embeddings.weight.shape[0]
+    existing = dict(getattr(model.config, "dynalora_trigger_tokens", {}) or {})
     if tokenizer is not None:
         tokenizer.add_tokens(list(tokens), special_tokens=True)
         ids = {token: tokenizer.convert_tokens_to_ids(token) for token in tokens}
         new_size = max(len(tokenizer), old_size)
     else:
-        existing = getattr(model.config, "dynalora_trigger_tokens", {})
         ids = {token: existing.get(token, old_size + i) for i, token in enumerate(t for t in tokens)}
         new_size = max(old_size, max(ids.values()) + 1)
     if new_size > old_size:
@@ -43,7 +43,7 @@ def add_trigger_tokens(model, tokenizer, tokens=DEFAULT_TRIGGER_TOKENS) -> dict[
             output = model.get_output_embeddings()
             if output is not None and output.weight.data_ptr() != embeddings.weight.data_ptr():
                 output.weight[old_size:] = output.weight[:old_size].mean(dim=0)
-    model.config.dynalora_trigger_tokens = dict(ids)
+    model.config.dynalora_trigger_tokens = {**existing, **ids}  # adding one token keeps the others registered
     return ids
 
 
