@@ -117,11 +117,12 @@ def last_hidden_and_log_z(model, contexts: torch.Tensor, vocab_size: int, batch_
 
 @torch.no_grad()
 def nll_table(dyn, stack, features, continuations, level2_factors: bool, vocab_size: int,
-              batch_size: int = 16) -> dict:
-    """``{"base", "level1", "level2"}`` → per-example continuation NLL ``(N,)``."""
+              batch_size: int = 16, names: tuple[str, ...] = ("base", "level1", "level2")) -> dict:
+    """``{name: per-example continuation NLL (N,)}`` for ``names`` among base, level1 and level2."""
     settings = {"base": (None, False), "level1": (1, False), "level2": (2, level2_factors)}
     table = {}
-    for name, (depth, use_factors) in settings.items():
+    for name in names:
+        depth, use_factors = settings[name]
         table[name] = torch.cat([continuation_nll(dyn, stack, features[i:i + batch_size],
                                                   continuations[i:i + batch_size], depth, use_factors, vocab_size)
                                  for i in tqdm(range(0, len(features), batch_size), desc=f"nll {name}",
@@ -184,13 +185,10 @@ def train_escalate(config: EscalateTrainConfig) -> dict:
 
     features, continuations, _ = data["train"]
 
-    @torch.no_grad()
     def validation_nll() -> float:
         level2.eval()
-        val_features, val_continuations, _ = data["validation"]
-        value = float(torch.cat([continuation_nll(dyn, stack, val_features[i:i + 16], val_continuations[i:i + 16], 2,
-                                                  config.level2_factors, system.vocab_size)
-                                 for i in range(0, len(val_features), 16)]).mean())
+        value = float(nll_table(dyn, stack, *data["validation"][:2], config.level2_factors, system.vocab_size,
+                                names=("level2",))["level2"].mean())
         level2.train()
         return value
 
