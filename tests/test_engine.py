@@ -86,42 +86,57 @@ def test_batched_left_padded_rows_equal_hf_generate_per_row():
         assert result.token_ids[row] == reference, f"row {row}"
 
 
-def test_sampled_trigger_is_consumed_and_next_logits_use_the_new_lora():
+def without_triggers(logits: torch.Tensor, ids: dict) -> int:
+    """The best ordinary token of ``logits (V,)``: what the engine takes in place of a consumed trigger."""
+    masked = logits.clone()
+    masked[list(ids.values())] = float("-inf")
+    return int(masked.argmax())
+
+
+def test_a_fired_trigger_is_consumed_and_the_next_token_is_fed_under_the_new_lora():
+    """``keep``: the trigger's step takes the best ordinary token of the same logits, and that token is the first
+    one fed under the new LoRA (the cached positions keep the old one's view)."""
     hyper = CountingHypernetwork([1.0, 0.0, 0.0])
     engine, ids = make_engine(hyper)
     shift = ids[SHIFT_TOKEN]
     seen_logits = {}
     result = engine.generate([PROMPT], max_new_tokens=6, logits_processor=recording(seen_logits, shift, {3: [0]}))
-    assert shift not in result.token_ids[0] and len(result.token_ids[0]) == 5
+    tokens = result.token_ids[0]
+    assert shift not in tokens and len(tokens) == 6  # the trigger's step still gives a token
     assert len(hyper.calls) == 1 and hyper.calls[0].reason == f"token:{SHIFT_TOKEN}"
     assert [e.kind for e in result.lora_events()] == ["shift"]
-    # reference: the first 3 tokens under the zero state (kept in the cache), the trigger under the new LoRA
+    assert tokens[3] == without_triggers(seen_logits[3][0], ids)
     model, state = engine.model, engine.dyn.state
-    prefix = PROMPT + result.token_ids[0][:3]
     state.reset()
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=torch.tensor([prefix]), cache=cache, use_cache=True)
+        model(input_ids=torch.tensor([PROMPT + tokens[:3]]), cache=cache, use_cache=True)
         state.set_blend(0, [1.0, 0.0, 0.0])
-        expected = model(input_ids=torch.tensor([[shift]]), cache=cache, use_cache=True).logits[0, -1]
+        expected = model(input_ids=torch.tensor([[tokens[3]]]), cache=cache, use_cache=True).logits[0, -1]
     assert torch.allclose(seen_logits[4][0], expected, atol=1e-5)
 
 
 def test_recompute_all_equals_a_fresh_forward_under_the_new_lora():
+    """``recompute_all``: the trigger's step already takes its token from a fresh forward under the new LoRA."""
     engine, ids = make_engine(CountingHypernetwork([0.0, 1.0, 0.5]), kv_policy="recompute_all")
     shift = ids[SHIFT_TOKEN]
     seen = {}
     result = engine.generate([PROMPT], max_new_tokens=5, logits_processor=recording(seen, shift, {2: [0]}))
     assert "recomputed" in result.lora_events("shift")[0].detail
-    full = PROMPT + result.token_ids[0][:2] + [shift]
+    tokens = result.token_ids[0]
+    engine.dyn.state.set_blend(0, [0.0, 1.0, 0.5])
     with torch.no_grad():
-        fresh = engine.model(input_ids=torch.tensor([full])).logits[0, -1]
+        at_trigger = engine.model(input_ids=torch.tensor([PROMPT + tokens[:2]])).logits[0, -1]
+        fresh = engine.model(input_ids=torch.tensor([PROMPT + tokens[:3]])).logits[0, -1]
+    assert tokens[2] == without_triggers(at_trigger, ids)
     assert torch.allclose(seen[3][0], fresh, atol=1e-5)
     # with `keep` the same step differs: past positions kept the old LoRA's keys and values
     keep_engine, _ = make_engine(CountingHypernetwork([0.0, 1.0, 0.5]))
     keep_seen = {}
-    keep_engine.generate([PROMPT], max_new_tokens=5, logits_processor=recording(keep_seen, shift, {2: [0]}))
-    assert not torch.allclose(keep_seen[3][0], fresh, atol=1e-4)
+    kept = keep_engine.generate([PROMPT], max_new_tokens=5, logits_processor=recording(keep_seen, shift, {2: [0]}))
+    with torch.no_grad():
+        kept_fresh = engine.model(input_ids=torch.tensor([PROMPT + kept.token_ids[0][:3]])).logits[0, -1]
+    assert not torch.allclose(keep_seen[3][0], kept_fresh, atol=1e-4)
 
 
 def test_recompute_last_matches_manual_partial_recompute():
@@ -136,8 +151,10 @@ def test_recompute_last_matches_manual_partial_recompute():
     with torch.no_grad():
         model(input_ids=torch.tensor([tokens[:-3]]), cache=cache, use_cache=True)
         state.set_blend(0, [0.0, 0.0, 1.0])
-        model(input_ids=torch.tensor([tokens[-3:]]), cache=cache, use_cache=True)
-        expected = model(input_ids=torch.tensor([[shift]]), cache=cache, use_cache=True).logits[0, -1]
+        at_trigger = model(input_ids=torch.tensor([tokens[-3:]]), cache=cache, use_cache=True).logits[0, -1]
+        replaced = result.token_ids[0][2]
+        expected = model(input_ids=torch.tensor([[replaced]]), cache=cache, use_cache=True).logits[0, -1]
+    assert replaced == without_triggers(at_trigger, ids)
     assert torch.allclose(seen[3][0], expected, atol=1e-5)
 
 
@@ -149,7 +166,7 @@ def test_rows_trigger_independently_and_match_rows_run_alone():
     engine, ids = build()
     shift = ids[SHIFT_TOKEN]
     prompts = [PROMPT, [11, 12, 13], [200, 201, 202, 203, 204]]
-    schedule = {1: [0], 3: [2], 4: [0]}  # row 1 never triggers
+    schedule = {2: [0], 3: [2], 5: [0]}  # row 1 never triggers
     batched = engine.generate(prompts, max_new_tokens=8, logits_processor=force_token(shift, schedule))
     fired = {row: [e.position for e in batched.lora_events("shift") if e.row == row] for row in range(3)}
     assert len(fired[0]) == 2 and len(fired[2]) == 1 and fired[1] == []
@@ -170,8 +187,8 @@ def test_rate_limits_keep_a_trigger_spamming_model_moving():
     result = engine.generate([PROMPT], max_new_tokens=30, logits_processor=always)
     assert len(hyper.calls) == 2
     assert len(result.lora_events("suppressed")) == 28
-    # each held-back trigger is dropped and the row takes its best ordinary token instead: 28 visible tokens
-    assert result.finish_reasons == ["length"] and len(result.token_ids[0]) == 28
+    # every trigger, fired or held back, is consumed and the row takes its best ordinary token instead
+    assert result.finish_reasons == ["length"] and len(result.token_ids[0]) == 30
     assert not set(result.token_ids[0]) & set(ids.values())
 
 

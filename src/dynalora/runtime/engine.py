@@ -4,8 +4,9 @@
 ``Engine.generate`` collects them. When a row's trigger fires, the hypernetwork reads that row's
 features (captured by a hook in the forward pass that just ran), the update is checked by the guard
 and written in place, the KV cache is handled per ``kv_policy``, and generation goes on: the next
-forward of that row runs under the new LoRA. A trigger token the model samples is fed back to it (as
-in its training text) but never shown to the user.
+forward of that row runs under the new LoRA. A trigger token the model samples is consumed: never shown
+and never fed back (the trigger rows are fitted on text without them); the row takes its best ordinary
+token at that step instead, from the logits the KV policy gives under the new LoRA when the trigger fired.
 """
 
 from __future__ import annotations
@@ -293,25 +294,34 @@ class Engine:
                 logits[:, list(trigger_ids)] = float("-inf")
             next_tokens = choose_next(logits, seen, sampling, generator)  # (B,)
             length = cache.get_seq_length() + 1
-            decisions: dict[int, tuple[str | None, str | None]] = {}
+            decisions: dict[int, tuple[str | None, str | None, LoraEvent | None]] = {}
             for b in range(count):
                 if finished[b]:
                     next_tokens[b] = pad
                     continue
                 token = int(next_tokens[b])
-                obs = StepObservation(position=int(batch.mask[b].sum()), token_id=token,
-                                      token_nll=-float(log_probs[b, token]),
+                position = int(batch.mask[b].sum())  # where this step's token goes
+                obs = StepObservation(position=position, token_id=token, token_nll=-float(log_probs[b, token]),
                                       trigger_probs={t: float(log_probs[b, t].exp()) for t in trigger_ids},
                                       context_length=length)
                 reason, held_back = row_triggers[b].observe(obs)
-                if token in trigger_ids and reason is None:
-                    # a trigger that does not fire is dropped, not kept in the context: the row goes on with
-                    # its best ordinary token (else a model that keeps asking would fill the window with them)
-                    held_back = held_back or f"token:{trigger_names[token]} (no policy fires on it)"
-                    ordinary = logits[b:b + 1].clone()  # (1, V)
+                applied = None
+                if token in trigger_ids:
+                    # consumed: fired or not, a trigger never enters the context (the trigger rows were fitted,
+                    # and every evaluation runs, on contexts without one; one left there makes the next likelier).
+                    # The row takes its best ordinary token at this step: after a fired update, from the logits
+                    # the KV policy recomputed under the new LoRA, else from this step's.
+                    source = logits[b]
+                    if reason is None:
+                        held_back = held_back or f"token:{trigger_names[token]} (no policy fires on it)"
+                    elif not self.config.update_delay:
+                        self.fresh_logits.pop(b, None)  # only logits this update recomputes may be used
+                        applied = self._apply(b, position, reason, batch, cache)
+                        source = self.fresh_logits.pop(b, source)
+                    ordinary = source[None].clone()  # (1, V)
                     ordinary[:, list(trigger_ids)] = float("-inf")
                     next_tokens[b] = choose_next(ordinary, seen[b:b + 1], sampling, generator)[0]
-                decisions[b] = (reason, held_back)
+                decisions[b] = (reason, held_back, applied)
             seen.scatter_(1, next_tokens[:, None], True)
             batch.append(next_tokens)
             for b in range(count):
@@ -324,10 +334,12 @@ class Engine:
                     text = self.decode(visible[b])
                     yield TokenEvent(row=b, position=position, token_id=token, text=text[len(shown_text[b]):])
                     shown_text[b] = text
-                reason, held_back = decisions[b]
+                reason, held_back, applied = decisions[b]
                 if held_back:
                     yield LoraEvent("suppressed", b, position, held_back, 0.0, None, None)
-                if reason and self.config.update_delay:
+                if applied is not None:
+                    yield applied
+                elif reason and self.config.update_delay:
                     pending[b] = [self.config.update_delay, reason]
                 elif reason:
                     yield self._apply(b, position, reason, batch, cache)
