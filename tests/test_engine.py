@@ -106,6 +106,9 @@ def test_a_fired_trigger_is_consumed_and_the_next_token_is_fed_under_the_new_lor
     assert len(hyper.calls) == 1 and hyper.calls[0].reason == f"token:{SHIFT_TOKEN}"
     assert [e.kind for e in result.lora_events()] == ["shift"]
     assert tokens[3] == without_triggers(seen_logits[3][0], ids)
+    order = [(type(e).__name__, e.position) for e in result.events if hasattr(e, "position")]
+    at = result.lora_events("shift")[0].position
+    assert order.index(("LoraEvent", at)) == order.index(("TokenEvent", at)) - 1  # the update, then its step's token
     model, state = engine.model, engine.dyn.state
     state.reset()
     cache = DynamicCache(config=model.config)

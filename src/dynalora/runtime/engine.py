@@ -327,23 +327,23 @@ class Engine:
             for b in range(count):
                 if finished[b]:
                     continue
-                token = int(next_tokens[b])
+                token = int(next_tokens[b])  # never a trigger: those were consumed above
                 position = int(batch.mask[b].sum()) - 1
-                if token not in trigger_ids and token not in self.eos_ids:
+                reason, held_back, applied = decisions[b]
+                if applied is not None:  # a consumed trigger's update: it came before this token
+                    yield applied
+                if token not in self.eos_ids:
                     visible[b].append(token)
                     text = self.decode(visible[b])
                     yield TokenEvent(row=b, position=position, token_id=token, text=text[len(shown_text[b]):])
                     shown_text[b] = text
-                reason, held_back, applied = decisions[b]
                 if held_back:
                     yield LoraEvent("suppressed", b, position, held_back, 0.0, None, None)
-                if applied is not None:
-                    yield applied
-                elif reason and self.config.update_delay:
+                if reason and applied is None and self.config.update_delay:
                     pending[b] = [self.config.update_delay, reason]
-                elif reason:
+                elif reason and applied is None:
                     yield self._apply(b, position, reason, batch, cache)
-                elif b in pending:
+                elif not reason and b in pending:
                     pending[b][0] -= 1
                     if pending[b][0] <= 0:
                         delayed = pending.pop(b)[1]
