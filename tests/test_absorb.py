@@ -272,3 +272,31 @@ def test_eval_absorb_end_to_end_and_a_zero_memory_weight_answers_as_no_context(t
     assert answers(full, "dynalora") != answers(full, "no_context")  # the memory acts at weight 1
     off = eval_absorb(AbsorbEvalConfig(methods=["no_context", "dynalora"], memory_weight=0.0, **common))
     assert answers(off, "dynalora") == answers(off, "no_context")
+
+
+def test_eval_absorb_with_the_distill_writer_scores_each_step_count_and_a_sequence(tmp_path):
+    import json
+
+    from dynalora.eval.absorb import AbsorbEvalConfig, eval_absorb
+    from dynalora.runtime.memory_writers import DistillConfig
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"context": f"Zorb{i} lives in Quell{i}. Zorb{i} is a baker.",
+                                        "questions": [{"question": f"Where does Zorb{i} live?", "answer": f"Quell{i}"}],
+                                        "split": "validation"}) + "\n" for i in range(3)))
+    result = eval_absorb(AbsorbEvalConfig(
+        data=docs, model="tiny:llama", window=64, max_new_tokens=4, threads=1, absorber="distill",
+        distill=DistillConfig(rank=2, memory_rank=4, max_probes=1, cloze=1), steps=[0, 2], chunk_tokens=24,
+        methods=["no_context", "dynalora"], locality=3, sequence=3), out=tmp_path / "eval.json")
+    assert set(result["methods"]) == {"no_context", "dynalora@0", "dynalora@2"}
+    for name in ("dynalora@0", "dynalora@2"):
+        method = result["methods"][name]
+        assert method["cost_chunk_prefills"] > 0 and method["absorb_seconds_per_chunk"] > 0
+        assert result["locality"]["by_method"][name]["with_memory"]["exact_match"] is not None
+    # zero steps write B = 0: the memory is the identity, so answers are exactly those without it
+    assert [e["dynalora@0"] for e in result["examples"]] == [e["no_context"] for e in result["examples"]]
+    assert result["locality"]["by_method"]["dynalora@0"]["exact_match_drop_points"] == 0
+    sequence = result["sequence"]
+    assert sequence["method"] == "dynalora@2" and sorted(sequence["by_age"]) == [0, 1, 2]
+    assert len(set(sequence["state_bytes_by_document"])) == 1  # the memory never grows
+    assert result["memory_modules"] == 2 and result["distill"]["rank"] == 2

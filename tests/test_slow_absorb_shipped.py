@@ -39,7 +39,7 @@ def test_shipped_memory_of_the_right_document_lowers_answer_nll_more_than_anothe
     memories = []
     for document in documents:
         reports = absorber.absorb_text(0, tokenizer(document["context"], add_special_tokens=False)["input_ids"])
-        assert len(reports) >= 2 and all(r.memory_rank == absorber.compressor.config.rank for r in reports)
+        assert len(reports) >= 2 and all(r.memory_rank == absorber.dyn.state.config.memory_rank for r in reports)
         memories.append(state.row_factors(0, "memory"))
         state.reset()
     scores = {"none": [], "right": [], "wrong": []}

@@ -12,7 +12,7 @@ def cmd_demo(args) -> int:
     if not args.no_absorb:
         from dynalora.demo_absorb import run_absorb_demo
 
-        run_absorb_demo(args.checkpoints / "absorb", args.model)
+        run_absorb_demo(args.checkpoints / "absorb", args.model, writer=args.absorber, steps=args.absorb_steps)
     return 0
 
 
@@ -39,6 +39,12 @@ def add_demo_commands(commands) -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--plot", type=Path, default=Path("results/demo_timeline.png"), help="PNG blend timeline")
     p.add_argument("--no-absorb", action="store_true", help="skip the absorb part (a document read into memory)")
+    from dynalora.runtime.memory_writers import WRITERS, DistillConfig
+
+    p.add_argument("--absorber", default="compressor", choices=WRITERS,
+                   help="how the absorb part writes the memory LoRA (default: %(default)s)")
+    p.add_argument("--absorb-steps", type=int, default=DistillConfig.steps,
+                   help="distillation steps per chunk (distill writers; default: %(default)s)")
     p.set_defaults(handler=cmd_demo)
 
     p = commands.add_parser("plot", help="PNG timeline of the blend weights over one stream's tokens")

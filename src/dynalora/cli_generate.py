@@ -14,6 +14,7 @@ DIM, RESET, BOLD = "\033[2m", "\033[0m", "\033[1m"
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     from dynalora.runtime.build import TRIGGER_SPECS
+    from dynalora.runtime.memory_writers import WRITERS, DistillConfig
 
     add_model_arguments(p)
     p.add_argument("--trigger-tokens", type=Path, default=None, help="trained trigger token rows (safetensors)")
@@ -29,6 +30,12 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=None,
                    help="window budget in tokens: past it the oldest chunk is absorbed into the memory LoRA")
     p.add_argument("--compressor", type=Path, default=Path("checkpoints/absorb"), help="absorb compressor folder")
+    p.add_argument("--absorber", default="compressor", choices=WRITERS,
+                   help="how an evicted chunk is written into the memory LoRA (default: %(default)s)")
+    p.add_argument("--absorb-steps", type=int, default=DistillConfig.steps,
+                   help="distillation steps per absorbed chunk (distill writers; default: %(default)s)")
+    p.add_argument("--background-absorb", action="store_true",
+                   help="write absorbed chunks on a background thread while generation goes on")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -44,7 +51,9 @@ def engine_from_args(args):
     engine = build_engine(EngineSpec(model=args.model, bank=args.bank, trigger_tokens=args.trigger_tokens,
                                      hypernetwork=args.hyper, shift_dir=args.shift, escalate=args.escalate,
                                      mix=args.mix, triggers=args.trigger or ["token"],
-                                     kv_policy=args.kv_policy, window=args.window, compressor=args.compressor))
+                                     kv_policy=args.kv_policy, window=args.window, compressor=args.compressor,
+                                     absorber=args.absorber, absorb_steps=args.absorb_steps,
+                                     background_absorb=args.background_absorb))
     if args.state:
         engine.dyn.state.load(args.state)
     return engine

@@ -15,23 +15,28 @@ DEMO_DOCUMENT_OFFSET = 100
 """Test-split seed offset of the demo's document (the absorb evaluation uses offsets 0–7)."""
 
 
-def run_absorb_demo(compressor_dir: Path, model: str | None = None, questions: int = 6) -> dict:
+def run_absorb_demo(compressor_dir: Path, model: str | None = None, questions: int = 6, writer: str = "compressor",
+                    steps: int | None = None) -> dict:
     from dynalora.data.absorb import split_seeds
     from dynalora.data.facts import facts_document
     from dynalora.eval.absorb import Answerer
     from dynalora.eval.answers import exact_match
     from dynalora.models import load_base_model
     from dynalora.runtime.absorb import load_absorber
-    from dynalora.train.absorb import chat_prompt
+    from dynalora.runtime.chat import chat_prompt
+    from dynalora.runtime.memory_writers import DistillConfig
 
     base = load_base_model(model)
-    absorber = load_absorber(base.model, compressor_dir, max_batch=questions)
+    distill = DistillConfig() if steps is None else DistillConfig(steps=steps)
+    absorber = load_absorber(base.model, None if writer == "distill" else compressor_dir, max_batch=questions,
+                             writer=writer, tokenizer=base.tokenizer, distill=distill)
     state, tokenizer = absorber.dyn.state, base.tokenizer
     document = facts_document(split_seeds("test")[DEMO_DOCUMENT_OFFSET], words=150)
     asked = document["questions"][:questions]
     ids = tokenizer(document["context"], add_special_tokens=False)["input_ids"]
+    rank = absorber.dyn.state.config.memory_rank
     print(f"\n{BOLD}Absorb{RESET}: a document of {len(ids)} tokens (test seed) is read in chunks of "
-          f"{absorber.config.chunk_tokens} into a rank-{absorber.compressor.config.rank} memory LoRA and evicted:")
+          f"{absorber.config.chunk_tokens} into a rank-{rank} memory LoRA and evicted:")
     print(f"{DIM}{document['context']}{RESET}\n")
     answerer = Answerer(absorber.dyn, tokenizer, max_new_tokens=16)
     prompts = [chat_prompt(tokenizer, q["question"]) for q in asked]

@@ -31,10 +31,17 @@ def cmd_tasks(args) -> int:
 def cmd_absorb(args) -> int:
     from dynalora.eval.absorb import AbsorbEvalConfig, eval_absorb
 
+    from dynalora.runtime.memory_writers import DistillConfig
+
+    distill = DistillConfig(lr=args.distill_lr, rank=args.distill_rank, first_layer=args.distill_first_layer,
+                            chunk_weight=args.chunk_weight, probe_weight=args.probe_weight,
+                            locality_weight=args.locality_weight, max_probes=args.max_probes,
+                            cloze=args.cloze)
     eval_absorb(AbsorbEvalConfig(data=args.data, compressor_dir=args.compressor, model=args.model, window=args.window,
                                  methods=args.methods, max_docs=args.max_docs, gradient_steps=args.gradient_steps,
                                  needle=args.needle, locality=args.locality, memory_weight=args.memory_weight,
-                                 threads=args.threads),
+                                 absorber=args.absorber, distill=distill, steps=args.steps,
+                                 chunk_tokens=args.chunk_tokens, sequence=args.sequence, threads=args.threads),
                 out=args.out)
     return 0
 
@@ -119,6 +126,27 @@ def add_eval_commands(commands) -> None:
     p.add_argument("--locality", type=int, default=0, help="unrelated questions for the locality check")
     p.add_argument("--memory-weight", type=float, default=1.0,
                    help="scale on the absorbed memory when answering (1: as written, 0: off)")
+    from dynalora.runtime.memory_writers import WRITERS, DistillConfig
+
+    p.add_argument("--absorber", default="compressor", choices=WRITERS, help="the memory writer (default: %(default)s)")
+    p.add_argument("--steps", type=int, nargs="+", default=[DistillConfig.steps],
+                   help="distillation steps per chunk; each value is scored as dynalora@K (default: %(default)s)")
+    p.add_argument("--chunk-tokens", type=int, default=None,
+                   help="tokens absorbed at a time (default: the compressor's training chunk, or 128)")
+    p.add_argument("--distill-lr", type=float, default=DistillConfig.lr, help="distillation step size (Adam)")
+    p.add_argument("--distill-rank", type=int, default=DistillConfig.rank, help="rank written per chunk and kept")
+    p.add_argument("--distill-first-layer", type=float, default=DistillConfig.first_layer,
+                   help="adapt layers from this fraction of the depth up (default: %(default)s)")
+    p.add_argument("--chunk-weight", type=float, default=DistillConfig.chunk_weight,
+                   help="weight of the next-token loss on the chunk itself")
+    p.add_argument("--probe-weight", type=float, default=DistillConfig.probe_weight,
+                   help="weight of the KL to the teacher (chunk in context) on probes about the chunk")
+    p.add_argument("--locality-weight", type=float, default=DistillConfig.locality_weight,
+                   help="weight of the KL to the base model on its own answers to unrelated questions")
+    p.add_argument("--max-probes", type=int, default=DistillConfig.max_probes, help="topic probes per chunk")
+    p.add_argument("--cloze", type=int, default=DistillConfig.cloze, help="sentence-completion probes per chunk")
+    p.add_argument("--sequence", type=int, default=0,
+                   help="absorb this many documents one after another into one memory, then ask about each")
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(handler=cmd_absorb)
 

@@ -20,6 +20,7 @@ Factors have rank ``T`` (the chunk's tokens; padding tokens give zero rows); the
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,10 +125,12 @@ def chunk_signals(dyn, modules: list[str], input_ids: torch.Tensor,
     next-token loss → ``{module: (x (N, T, in), δ (N, T, out))}``: each target module's input and the
     loss gradient at its output, detached, zero on padding. No weight's gradient is computed or kept."""
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-    captured, hooks = {}, []
+    captured, hooks, thread = {}, [], threading.get_ident()
 
     def capture(name):
         def hook(_module, inputs, output):
+            if threading.get_ident() != thread:  # another thread's forward (the engine decoding beside it)
+                return None
             probe = torch.zeros_like(output, requires_grad=True)  # its gradient is ∂loss/∂output
             captured[name] = (inputs[0].detach(), probe)
             return output + probe

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,7 +108,7 @@ class LoraState:
         self.row_scales = torch.ones(rows, row_rank, dtype=dtype, device=device)  # (max_batch, r_g + r_m)
         self.rows_scaled = False
         self.row_offset = 0  # a forward's batch row i reads state row row_offset + i (see use_rows)
-        self.overrides: dict | None = None  # differentiable tensors for training (see functional)
+        self._local = threading.local()  # per-thread functional overrides: a background absorb trains beside decode
         stacked = bank.stacked(dtype=dtype, device=device)
         self.slots: dict[str, ModuleSlot] = {}
         for module in target_modules:
@@ -191,11 +192,16 @@ class LoraState:
 
         ``rank_weights (B, K*r)`` (see :func:`expand_blend`); ``row_factors[module] = (A_t (B, in, R),
         B_t (B, R, out))`` for any rank R. Used to train hypernetworks end to end through the frozen model."""
-        previous, self.overrides = self.overrides, {"rank_weights": rank_weights, "rows": row_factors or {}}
+        previous, self._local.overrides = self.overrides, {"rank_weights": rank_weights, "rows": row_factors or {}}
         try:
             yield self
         finally:
-            self.overrides = previous
+            self._local.overrides = previous
+
+    @property
+    def overrides(self) -> dict | None:
+        """This thread's differentiable tensors (see :meth:`functional`); ``None`` outside the block."""
+        return getattr(self._local, "overrides", None)
 
     def expand_blend(self, blend: torch.Tensor) -> torch.Tensor:
         """Blend weights ``(B, K)`` → rank weights ``(B, K*r)`` (differentiable)."""

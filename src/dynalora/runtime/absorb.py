@@ -1,9 +1,9 @@
 """Absorb: fold a chunk of tokens into a row's memory LoRA (fixed rank), so it can leave the window.
 
-The chunk is read by one forward of the base model alone (no LoRA, positions from 0, nothing else
-in context — the same view the compressor was trained on); the compressor turns it into factors of
-rank ``r``; :func:`merge_at_rank` folds them into the row's memory slot at the state's
-``memory_rank``. Memory and compute per absorb are constant in the conversation's length.
+A memory writer (:mod:`dynalora.runtime.memory_writers`: the one-pass compressor, test-time
+distillation, or both) turns the chunk into factors; :func:`merge_at_rank` folds them into the row's
+memory slot at the state's ``memory_rank``. Memory and compute per absorb are constant in the
+conversation's length.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 
 from dynalora.lora.inject import DynamicLoraModel
 from dynalora.lora.lowrank import merge_at_rank
+from dynalora.runtime.memory_writers import WRITERS, CompressorWriter, DistillConfig, DistillWriter
 
 
 @dataclass
@@ -52,37 +53,43 @@ class AbsorbReport:
 class Absorber:
     """Example::
 
-        absorber = Absorber(dyn, load_compressor("checkpoints/absorb"))
+        absorber = load_absorber(model, "checkpoints/absorb", writer="distill", tokenizer=tokenizer)
         absorber.absorb(0, tokenizer(document)["input_ids"][:128])   # row 0 now remembers it
+
+    ``writer`` is a memory writer (:mod:`dynalora.runtime.memory_writers`: ``write(dyn, ids, memory)`` →
+    the chunk's factors), or a compressor network, which is wrapped as the ``compressor`` writer.
     """
 
-    def __init__(self, dyn: DynamicLoraModel, compressor: torch.nn.Module, config: AbsorbConfig | None = None):
+    def __init__(self, dyn: DynamicLoraModel, writer, config: AbsorbConfig | None = None):
         state = dyn.state
         if state.config.memory_rank < 1:
             raise ValueError("the LoRA state has memory_rank=0: attach with StateConfig(memory_rank=r) to absorb")
-        missing = [m for m in compressor.modules_list if m not in state.slots]
+        if not hasattr(writer, "write"):
+            writer = CompressorWriter(writer)
+        missing = [m for m in writer.modules_list if m not in state.slots]
         if missing:
-            raise ValueError(f"the compressor writes {missing[:3]}..., which are not target modules of the state; "
+            raise ValueError(f"the memory writer writes {missing[:3]}..., which are not target modules of the state; "
                              f"attach with InjectConfig(target_modules=...) covering them")
-        self.dyn, self.compressor, self.config = dyn, compressor.eval(), config or AbsorbConfig()
+        self.dyn, self.writer, self.config = dyn, writer, config or AbsorbConfig()
 
-    @torch.no_grad()
-    def encode(self, token_ids: list[int]) -> dict:
-        """Factors ``{module: (A (r, in), B (out, r))}`` of one chunk (the base model alone reads it)."""
-        device = next(self.compressor.parameters()).device
-        factors = self.compressor.read(self.dyn, torch.tensor([token_ids], device=device))
-        dtype = self.dyn.state.dtype
-        return {m: (a[0].to(dtype), b[0].to(dtype)) for m, (a, b) in factors.items()}
+    def encode(self, token_ids: list[int], row: int = 0) -> dict:
+        """Factors ``{module: (A (r, in), B (out, r))}`` the writer makes of one chunk for ``row``."""
+        return self.writer.write(self.dyn, token_ids, self.dyn.state.row_factors(row, "memory"))
 
-    @torch.no_grad()
     def absorb(self, row: int, token_ids: list[int]) -> AbsorbReport:
         started = time.perf_counter()
-        state = self.dyn.state
-        merged, error = merge_at_rank(state.row_factors(row, "memory"), self.encode(token_ids),
-                                      state.config.memory_rank, self.config.decay)
-        state.update(row, memory=merged)
-        rank = max((a.shape[0] for a, _ in merged.values()), default=0)
+        rank, error = self.merge(row, self.encode(token_ids, row))
         return AbsorbReport(row, len(token_ids), rank, error, time.perf_counter() - started)
+
+    @torch.no_grad()
+    def merge(self, row: int, factors: dict) -> tuple[int, float]:
+        """Fold a chunk's factors into the row's memory at the fixed rank, in one validated in-place update
+        (a bad write raises and leaves the old memory). Returns the rank in use and the cut's error."""
+        state = self.dyn.state
+        merged, error = merge_at_rank(state.row_factors(row, "memory"), factors, state.config.memory_rank,
+                                      self.config.decay)
+        state.update(row, memory=merged)
+        return max((a.shape[0] for a, _ in merged.values()), default=0), error
 
     def absorb_text(self, row: int, token_ids: list[int]) -> list[AbsorbReport]:
         """Absorb a whole token sequence in chunks of ``chunk_tokens`` (e.g. a document before a question)."""
@@ -109,16 +116,60 @@ def trained_chunk_tokens(compressor_dir: str | Path) -> int:
     return json.loads(record.read_text())["config"]["chunk_tokens"]
 
 
-def load_absorber(model, compressor_dir: str | Path, max_batch: int = 1, window: int = 512,
-                  sink_tokens: int = 4) -> Absorber:
-    """A base model with a memory-only LoRA state on the compressor's modules, and its :class:`Absorber`
-    (``absorber.dyn`` is the wrapped model) — what the absorb evaluation, benchmark and demo run."""
+@dataclass
+class WriterPlan:
+    """A memory writer chosen by name, and what it needs of the LoRA state before the model is wrapped."""
+
+    writer: str
+    compressor: torch.nn.Module | None
+    distill: DistillConfig
+    target_kinds: list[str]
+    """Module names (last part) the state must cover."""
+    memory_rank: int
+    chunk_tokens: int
+
+    def build(self, dyn: DynamicLoraModel, tokenizer):
+        """The writer for a model wrapped with a state that covers :attr:`target_kinds`."""
+        start = CompressorWriter(self.compressor) if self.compressor is not None else None
+        return start if self.writer == "compressor" else DistillWriter(dyn, tokenizer, self.distill, start=start)
+
+
+def plan_writer(writer: str = "compressor", compressor_dir: str | Path | None = None, tokenizer=None,
+                distill: DistillConfig | None = None, chunk_tokens: int | None = None) -> WriterPlan:
+    """``writer``: one of :data:`WRITERS`; ``compressor_dir`` is needed by the two that use the compressor,
+    ``tokenizer`` by the two that distill. The memory's rank is the compressor's, or ``distill.memory_rank``; the
+    chunk length the compressor's training chunk, else 128."""
     from dynalora.hyper.compressor import load_compressor
+
+    if writer not in WRITERS:
+        raise ValueError(f"writer={writer!r}: choose one of {', '.join(WRITERS)}")
+    uses_compressor, distills = writer != "distill", writer != "compressor"
+    if uses_compressor and compressor_dir is None:
+        raise ValueError(f"writer={writer!r} needs compressor_dir (a folder from `dynalora train absorb`)")
+    if distills and tokenizer is None:
+        raise ValueError(f"writer={writer!r} needs the tokenizer (its probes are chat prompts)")
+    distill = distill or DistillConfig()
+    compressor = load_compressor(compressor_dir) if uses_compressor else None
+    kinds = set(distill.module_kinds) if distills else set()
+    if compressor is not None:
+        kinds |= {m.rsplit(".", 1)[-1] for m in compressor.modules_list}
+    if chunk_tokens is None:
+        chunk_tokens = trained_chunk_tokens(compressor_dir) if compressor is not None else AbsorbConfig.chunk_tokens
+    return WriterPlan(writer, compressor, distill, sorted(kinds),
+                      distill.memory_rank if distills else compressor.config.rank, chunk_tokens)
+
+
+def load_absorber(model, compressor_dir: str | Path | None = None, max_batch: int = 1, window: int = 512,
+                  sink_tokens: int = 4, writer: str = "compressor", tokenizer=None,
+                  distill: DistillConfig | None = None, chunk_tokens: int | None = None) -> Absorber:
+    """A base model with a memory-only LoRA state on the writer's modules, and its :class:`Absorber`
+    (``absorber.dyn`` is the wrapped model) — what the absorb evaluation, benchmark and demo run.
+    The writer's arguments are :func:`plan_writer`'s."""
     from dynalora.lora import InjectConfig, LoraBank, StateConfig, module_shapes_of
 
-    compressor = load_compressor(compressor_dir)
+    plan = plan_writer(writer, compressor_dir, tokenizer, distill, chunk_tokens)
     dyn = DynamicLoraModel.attach(model, LoraBank(module_shapes_of(model)), InjectConfig(
-        target_modules=sorted({m.rsplit(".", 1)[-1] for m in compressor.modules_list}),
-        state=StateConfig(max_batch=max_batch, generated_rank=0, memory_rank=compressor.config.rank)))
-    return Absorber(dyn, compressor, AbsorbConfig(window=window, sink_tokens=sink_tokens,
-                                                  chunk_tokens=trained_chunk_tokens(compressor_dir)))
+        target_modules=plan.target_kinds,
+        state=StateConfig(max_batch=max_batch, generated_rank=0, memory_rank=plan.memory_rank)))
+    return Absorber(dyn, plan.build(dyn, tokenizer), AbsorbConfig(window=window, sink_tokens=sink_tokens,
+                                                                  chunk_tokens=plan.chunk_tokens))

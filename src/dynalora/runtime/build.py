@@ -9,6 +9,7 @@ from dynalora.lora import DynamicLoraModel, InjectConfig, LoraBank, StateConfig,
 from dynalora.lora.bank import is_bank_folder
 from dynalora.models import load_base_model
 from dynalora.runtime.engine import Engine, EngineConfig
+from dynalora.runtime.memory_writers import DistillConfig
 from dynalora.runtime.special_tokens import THINK_TOKEN, add_trigger_tokens, load_trigger_tokens
 from dynalora.runtime.trigger_lora import merge_trigger_lora, trigger_lora_beside
 from dynalora.runtime.triggers import (EveryN, SpecialToken, Surprise, TokenProbability, TriggerConfig,
@@ -45,7 +46,13 @@ class EngineSpec:
     window: int | None = None
     """Window budget in tokens: past it the oldest chunk is absorbed into memory and evicted (None: off)."""
     compressor: Path = Path("checkpoints/absorb")
-    """The absorb compressor folder (used with ``window``)."""
+    """The absorb compressor folder (used with ``window`` by the writers that use it)."""
+    absorber: str = "compressor"
+    """The memory writer used with ``window``: compressor, distill or compressor+distill."""
+    absorb_steps: int = DistillConfig.steps
+    """Distillation steps per absorbed chunk (the distilling writers)."""
+    background_absorb: bool = False
+    """Write absorbed chunks on a background thread while generation goes on (``EngineConfig``)."""
 
 
 def parse_trigger(spec: str, token_ids: dict[str, int]) -> TriggerPolicy:
@@ -92,33 +99,35 @@ def build_engine(spec: EngineSpec) -> Engine:
                                 "(no library.json)")
     else:
         bank = LoraBank.load(spec.bank, shapes) if spec.bank else LoraBank(shapes)
-    compressor = None
+    plan = None
     inject = InjectConfig(state=StateConfig(max_batch=spec.max_batch))
     if spec.window is not None:
-        from dynalora.hyper.compressor import load_compressor
+        from dynalora.runtime.absorb import plan_writer
 
-        compressor = load_compressor(spec.compressor)
-        kinds = {name.rsplit(".", 1)[-1] for name in list(bank.modules) + compressor.modules_list}
+        plan = plan_writer(spec.absorber, None if spec.absorber == "distill" else spec.compressor, base.tokenizer,
+                           DistillConfig(steps=spec.absorb_steps))
+        kinds = {name.rsplit(".", 1)[-1] for name in bank.modules} | set(plan.target_kinds)
         inject = InjectConfig(target_modules=sorted(kinds | {"q_proj", "k_proj", "v_proj", "o_proj"}),
-                              state=StateConfig(max_batch=spec.max_batch, memory_rank=compressor.config.rank))
+                              state=StateConfig(max_batch=spec.max_batch, memory_rank=plan.memory_rank))
     policies = [parse_trigger(s, token_ids) for s in spec.triggers]
-    engine_config = EngineConfig(kv_policy=spec.kv_policy)
+    engine_config = EngineConfig(kv_policy=spec.kv_policy, background_absorb=spec.background_absorb)
     shift_hyper = None
     if spec.hypernetwork == "shift":
         shift_hyper, think_policy = _shift_hypernetwork(spec, base)
         policies += [think_policy] if think_policy else []
         net = shift_hyper.net
-        engine_config = EngineConfig(kv_policy=spec.kv_policy, feature_layer=net.config.feature_layer,
+        engine_config = EngineConfig(kv_policy=spec.kv_policy, background_absorb=spec.background_absorb,
+                                     feature_layer=net.config.feature_layer,
                                      pool_window=net.config.pool_window)
         inject.state.generated_rank = net.config.generated_rank if shift_hyper.use_factors else 0
     dyn = DynamicLoraModel.attach(base.model, bank, inject)
     triggers = TriggerConfig(policies, min_gap=spec.min_gap, max_per_sequence=spec.max_per_sequence)
     absorber = None
-    if compressor is not None:
-        from dynalora.runtime.absorb import AbsorbConfig, Absorber, trained_chunk_tokens
+    if plan is not None:
+        from dynalora.runtime.absorb import AbsorbConfig, Absorber
 
-        absorber = Absorber(dyn, compressor, AbsorbConfig(window=spec.window,
-                                                          chunk_tokens=trained_chunk_tokens(spec.compressor)))
+        absorber = Absorber(dyn, plan.build(dyn, base.tokenizer), AbsorbConfig(window=spec.window,
+                                                                               chunk_tokens=plan.chunk_tokens))
     engine = Engine(dyn, base.tokenizer, None, triggers, engine_config, absorber=absorber)
     if shift_hyper is not None:
         shift_hyper.check_bank(dyn.state)

@@ -22,6 +22,7 @@ from transformers import DynamicCache
 from dynalora.hyper.protocol import Hypernetwork, LoraUpdate, TriggerFeatures
 from dynalora.lora.inject import DynamicLoraModel
 from dynalora.runtime.absorb import Absorber
+from dynalora.runtime.absorb_worker import AbsorbWorker
 from dynalora.runtime.events import Event, FinishEvent, GenerationResult, LoraEvent, TokenEvent
 from dynalora.runtime.features import HiddenCapture
 from dynalora.runtime.guard import GuardConfig, check_update
@@ -50,6 +51,10 @@ class EngineConfig:
     """Apply a fired update this many tokens later, with the features of that moment: a trigger fires a
     few tokens into new text, when the pooled window still holds mostly the old text."""
     guard: GuardConfig = field(default_factory=GuardConfig)
+    background_absorb: bool = False
+    """With an absorber: write a chunk that leaves the window on a background thread while the row goes on
+    generating with it still in context; the new memory is merged, and the chunk evicted, at the first step
+    boundary after the write finishes (:mod:`dynalora.runtime.absorb_worker`)."""
 
     def __post_init__(self):
         if self.kv_policy not in KV_POLICIES:
@@ -105,6 +110,7 @@ class Engine:
         self.trigger_token_ids: dict[str, int] = dict(getattr(self.model.config, "dynalora_trigger_tokens", {}) or {})
         self.eos_ids = self._eos_ids()
         self.interrupted = False
+        self.worker = AbsorbWorker(absorber) if absorber is not None and self.config.background_absorb else None
 
     # -- helpers ----------------------------------------------------------------------------------
     def _eos_ids(self) -> set[int]:
@@ -257,6 +263,9 @@ class Engine:
         generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         pad = self._pad_id()
         self.evicted_tokens: dict[int, int] = {}  # row -> tokens absorbed and dropped during this stream
+        self.absorb_failed: set[int] = set()  # rows whose background write failed: no new one this stream
+        if self.worker is not None:
+            self.worker.collect(wait=True)  # an abandoned stream's writes are dropped: their tokens were not evicted
         if self.absorber is not None:  # a prompt longer than the window is absorbed before the prefill
             for b in range(count):
                 rows[b], events = self._evict_row(b, rows[b])
@@ -354,7 +363,11 @@ class Engine:
                     yield FinishEvent(row=b, reason=stop or ("interrupted" if self.interrupted else "length"))
             if all(finished):
                 break
-            evicted = self._evict(batch, finished) if self.absorber is not None else None
+            if self.worker is not None:
+                evicted, events = self._absorb_in_background(batch, finished)
+                yield from events
+            else:
+                evicted = self._evict(batch, finished) if self.absorber is not None else None
             if evicted:
                 batch, events = evicted
                 yield from events
@@ -363,6 +376,8 @@ class Engine:
                 logits = self._forward_prompt(batch, cache, want_all=False)[:, -1]
             else:
                 logits = self._forward(batch, 1, cache)
+        if self.worker is not None:  # writes still in flight are dropped: their tokens never left the context
+            self.worker.collect(wait=True)
 
     def _evict(self, batch: _Batch, finished: list[bool]) -> tuple[_Batch, list[LoraEvent]] | None:
         """Absorb and drop the oldest chunk of every unfinished row past the window.
@@ -377,6 +392,43 @@ class Engine:
                 rows[b], row_events = self._evict_row(b, row)
                 events += row_events
         return (_Batch(rows, self._pad_id()), events) if events else None
+
+    def _absorb_in_background(self, batch: _Batch, finished: list[bool]) -> tuple[tuple | None, list[LoraEvent]]:
+        """Merge every finished background write (evicting its chunk) and start one for every row past the
+        window that has none in flight. Returns ``((new batch, absorb events) | None, other events)``."""
+        config, state = self.absorber.config, self.dyn.state
+        rows = [batch.row_tokens(b) for b in range(len(finished))]
+        absorbed, events = [], []
+        for job, factors, error in self.worker.collect():
+            b, size = job.row, len(job.token_ids)
+            if finished[b]:
+                continue
+            blend, seconds = state.blend_weights[b].tolist(), time.perf_counter() - job.started
+            if error is None:
+                try:
+                    rank, cut = self.absorber.merge(b, factors)
+                except Exception as merge_error:  # noqa: BLE001 - a bad write must not stop generation
+                    error = merge_error
+            if error is not None:
+                self.absorb_failed.add(b)
+                events.append(LoraEvent("absorb_failed", b, len(rows[b]), "window", seconds, blend, blend,
+                                        f"{type(error).__name__}: {error}; the memory is unchanged and the "
+                                        f"{size} tokens stay in the window"))
+                continue
+            rows[b] = rows[b][:config.sink_tokens] + rows[b][config.sink_tokens + size:]
+            self.evicted_tokens[b] = self.evicted_tokens.get(b, 0) + size
+            absorbed.append(LoraEvent("absorb", b, len(rows[b]), "window (background)", seconds, blend, blend,
+                                      f"absorbed {size} tokens into memory in {seconds:.2f} s while generating "
+                                      f"(rank {rank}, rank-cut error {cut:.3f}); {len(rows[b])} tokens kept"))
+        for b, row in enumerate(rows):
+            if not finished[b] and len(row) > config.window and not self.worker.busy(b) and b not in self.absorb_failed:
+                chunk = row[config.sink_tokens:config.sink_tokens + config.chunk_tokens]
+                self.worker.start(b, chunk)
+                blend = state.blend_weights[b].tolist()
+                events.append(LoraEvent("absorb_start", b, len(row), "window", 0.0, blend, blend,
+                                        f"writing {len(chunk)} tokens into memory in the background; they stay in "
+                                        "the window until it is done"))
+        return ((_Batch(rows, self._pad_id()), absorbed) if absorbed else None), events
 
     def _evict_row(self, row: int, token_ids: list[int]) -> tuple[list[int], list[LoraEvent]]:
         """One row through the absorber: its kept tokens and an ``absorb`` event per chunk evicted."""
@@ -427,3 +479,5 @@ class Engine:
 
     def close(self) -> None:
         self.capture.remove()
+        if self.worker is not None:
+            self.worker.close()

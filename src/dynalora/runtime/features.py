@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
@@ -35,6 +37,7 @@ class HiddenCapture:
         self.recent: torch.Tensor | None = None  # (B, W, H)
         self.valid: torch.Tensor | None = None  # (B, W) bool
         self._pending_mask: torch.Tensor | None = None
+        self._thread = threading.get_ident()  # forwards of other threads (a background absorb) are not captured
         self._handle = layers[self.layer_index].register_forward_hook(self._hook)
 
     def expect(self, mask: torch.Tensor) -> None:
@@ -42,7 +45,7 @@ class HiddenCapture:
         self._pending_mask = mask.bool()
 
     def _hook(self, module, inputs, output):
-        if not self.enabled:
+        if not self.enabled or threading.get_ident() != self._thread:
             return
         hidden = (output[0] if isinstance(output, tuple) else output).detach()  # (B, T_new, H)
         mask = self._pending_mask

@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from dynalora.runtime.chat import answer_tokens, chat_prompt, end_of_turn_id  # noqa: F401 (chat_prompt re-exported)
 from dynalora.train.data import config_record
 
-ANSWER_INSTRUCTION = "Answer in a few words."
 COMPRESSORS = ("gradient", "perceiver")
 
 
@@ -114,29 +114,6 @@ class AbsorbExample:
     locality: bool = False
     document: int = 0
     """Index of the document the question is about (batches group a document's questions)."""
-
-
-def chat_prompt(tokenizer, question: str, context: str | None = None) -> list[int]:
-    """The chat-template prompt for a question (with the document before it when ``context`` is given)."""
-    content = f"{question} {ANSWER_INSTRUCTION}" if context is None else f"{context}\n\n{question} {ANSWER_INSTRUCTION}"
-    return list(tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                              tokenize=True, return_dict=True)["input_ids"])
-
-
-def end_of_turn_id(tokenizer) -> int | None:
-    """The token that ends an assistant turn: ``<|im_end|>`` in ChatML templates, else EOS."""
-    try:
-        end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    except (KeyError, ValueError):  # a tokenizer without it
-        end = None
-    if isinstance(end, int) and end != getattr(tokenizer, "unk_token_id", None):
-        return end
-    return getattr(tokenizer, "eos_token_id", None)
-
-
-def answer_tokens(tokenizer, answer: str, end_id: int | None) -> list[int]:
-    """The answer as the assistant says it, then the end-of-turn token (so the student learns to stop)."""
-    return tokenizer(answer, add_special_tokens=False)["input_ids"] + ([end_id] if end_id is not None else [])
 
 
 def chunk_ids(tokenizer, text: str, chunk_tokens: int) -> list[list[int]]:

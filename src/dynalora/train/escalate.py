@@ -198,7 +198,8 @@ def train_escalate(config: EscalateTrainConfig) -> dict:
         nonlocal best
         validation_history.append({"step": step, "nll": validation_nll()})
         if best is None or validation_history[-1]["nll"] < best[0]:
-            best = (validation_history[-1]["nll"], step, {k: v.detach().clone() for k, v in level2.state_dict().items()})
+            weights = {k: v.detach().clone() for k, v in level2.state_dict().items()}
+            best = (validation_history[-1]["nll"], step, weights)
 
     if config.validate_every:
         validate(0)  # a fresh level 2 writes B = 0: level 1 exactly, the floor early stopping can fall back to

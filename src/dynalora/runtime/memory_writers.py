@@ -1,0 +1,299 @@
+"""Memory writers: how an absorbed chunk becomes memory LoRA factors (one of :data:`WRITERS`).
+
+* ``compressor`` — the one-pass hypernetwork (:mod:`dynalora.hyper.gradient_compressor`): one forward and
+  backward of the base model over the chunk, then the learned transform. No steps.
+* ``distill`` — test-time distillation: a fresh rank-``r`` LoRA on the upper layers' ``o_proj`` /
+  ``down_proj`` is trained for ``steps`` Adam steps so that the model *without* the chunk (the student,
+  with the row's earlier memory plus the new factors) matches the model *with* the chunk in context (the
+  teacher): next-token loss on the chunk itself, KL to the teacher's top-``k`` next-token distribution on
+  probes about the chunk (:mod:`dynalora.runtime.absorb_probes`), and optionally KL to the base model on
+  the model's own answers to unrelated questions (locality). The lower layers are frozen and unadapted, so
+  their outputs for every training text are computed once (:class:`UpperLayers`).
+* ``compressor+distill`` — the compressor's factors (cut to rank ``r``) as the start, then ``steps`` steps;
+  with ``steps=0`` it is the compressor alone.
+
+A writer returns the chunk's own factors; :class:`dynalora.runtime.absorb.Absorber` merges them into the
+row's memory at its fixed rank, so the memory never grows.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from dynalora.lora.lowrank import truncate
+from dynalora.lora.state import Factors
+from dynalora.runtime.absorb_probes import chunk_probes
+from dynalora.runtime.chat import chat_prompt, end_of_turn_id
+from dynalora.runtime.upper_layers import LayerInputs, UpperLayers, decoder_parts
+
+WRITERS = ("compressor", "distill", "compressor+distill")
+LOCALITY_PROMPTS = (
+    ("Arven Holt is a potter who lives in Quensby. What is Arven Holt's job?"),
+    ("The Lirra river flows past the town of Dunmore. Which river flows past Dunmore?"),
+    ("What is the capital of France?"),
+    ("Write one sentence about the sea."),
+)
+"""Unrelated questions whose answers a memory must leave alone (the base model's own answers, cached)."""
+
+
+@dataclass
+class DistillConfig:
+    steps: int = 16
+    """Adam steps per absorbed chunk (0: the start factors as they are)."""
+    lr: float = 3e-3
+    """Adam step size."""
+    rank: int = 16
+    """Rank of the factors written for one chunk."""
+    memory_rank: int = 64
+    """Rank the row's memory keeps (chunks are merged into it at this fixed rank, by SVD past it)."""
+    first_layer: float = 0.5
+    """Adapt layers from this fraction of the depth up (0.5: the upper half; their inputs are computed once)."""
+    module_kinds: list[str] = field(default_factory=lambda: ["o_proj", "down_proj"])
+    """Module names (last part) written in those layers."""
+    chunk_weight: float = 1.0
+    """Weight of the next-token loss on the chunk itself (the student reads it without context)."""
+    probe_weight: float = 1.0
+    """Weight of the KL to the teacher (chunk in context) on probes about the chunk."""
+    locality_weight: float = 0.0
+    """Weight of the KL to the base model on its own answers to unrelated questions."""
+    max_probes: int = 8
+    """Probes per chunk (the most mentioned names first)."""
+    restate: bool = False
+    cloze: int = 0
+    """Sentence-completion probes per chunk (the sentence up to a name → the name)."""
+    """Add a probe that restates the whole chunk in shuffled sentence order (costs about a chunk per step)."""
+    top_k: int = 32
+    """Teacher tokens kept per position for the KL terms (the rest of the vocabulary is one bucket)."""
+    init_scale: float = 1.0
+    """A fresh ``A`` is Gaussian with standard deviation ``init_scale / √in`` (``B`` starts at zero)."""
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.memory_rank < self.rank:
+            raise ValueError(f"DistillConfig.memory_rank={self.memory_rank} must be ≥ rank={self.rank}")
+        if self.steps < 0 or self.rank < 1 or self.lr <= 0 or self.top_k < 1 or self.max_probes < 0:
+            raise ValueError(f"DistillConfig: steps ≥ 0, rank ≥ 1, lr > 0, top_k ≥ 1, max_probes ≥ 0 (got steps="
+                             f"{self.steps}, rank={self.rank}, lr={self.lr}, top_k={self.top_k}, "
+                             f"max_probes={self.max_probes})")
+        if not 0 <= self.first_layer < 1:
+            raise ValueError(f"DistillConfig.first_layer={self.first_layer}: a fraction of the depth in [0, 1)")
+        if min(self.chunk_weight, self.probe_weight, self.locality_weight) < 0:
+            raise ValueError("DistillConfig: chunk_weight, probe_weight and locality_weight must be ≥ 0")
+
+
+class CompressorWriter:
+    """The one-pass compressor as a writer (factors of rank = the chunk's tokens; the merge cuts them)."""
+
+    def __init__(self, compressor: torch.nn.Module):
+        self.compressor = compressor.eval()
+        self.modules_list = list(compressor.modules_list)
+        self.rank = compressor.config.rank
+
+    @torch.no_grad()
+    def write(self, dyn, token_ids: list[int], memory: Factors | None = None) -> Factors:
+        device = next(self.compressor.parameters()).device
+        factors = self.compressor.read(dyn, torch.tensor([token_ids], device=device))
+        return {m: (a[0].to(dyn.state.dtype), b[0].to(dyn.state.dtype)) for m, (a, b) in factors.items()}
+
+
+def _pad_right(rows: list[list[int]], pad_id: int, device) -> torch.Tensor:
+    """Right padding needs no mask for causal scoring: a pad only follows the positions that are scored."""
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=device)  # (N, L)
+
+
+@dataclass
+class _Texts:
+    """One group of student texts: the upper layers' inputs, which positions are scored, and the targets."""
+
+    inputs: LayerInputs
+    select: torch.Tensor
+    """(N, L) bool: positions whose next-token prediction is scored."""
+    labels: torch.Tensor | None = None
+    """(S,) next tokens at the scored positions (cross-entropy)."""
+    top_ids: torch.Tensor | None = None
+    """(S, k) teacher's top tokens at the scored positions (KL)."""
+    top_probs: torch.Tensor | None = None
+    """(S, k) their probabilities."""
+
+
+class DistillWriter:
+    """Example::
+
+        writer = DistillWriter(dyn, tokenizer, DistillConfig(steps=16))
+        factors = writer.write(dyn, chunk_ids)        # {module: (A (r, in), B (out, r))}
+    """
+
+    def __init__(self, dyn, tokenizer, config: DistillConfig | None = None, start: CompressorWriter | None = None):
+        self.config, self.tokenizer, self.start = config or DistillConfig(), tokenizer, start
+        layers, _, _ = decoder_parts(dyn.model)
+        self.upper = UpperLayers(dyn.model, math.floor(self.config.first_layer * len(layers)))
+        prefixes = {name.rsplit(".", 2)[0] for name in dyn.state.modules}
+        wanted = set(self.config.module_kinds)
+        self.modules_list = [m for m in dyn.state.modules if m.rsplit(".", 1)[-1] in wanted
+                             and _layer_index(m) is not None and _layer_index(m) >= self.upper.first_layer]
+        if not self.modules_list:
+            raise ValueError(f"DistillConfig.module_kinds={self.config.module_kinds}: no such target module from "
+                             f"layer {self.upper.first_layer} up (the state targets {sorted(prefixes)[:3]}...)")
+        self.rank = self.config.rank
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._locality: _Texts | None = None
+
+    # -- the training texts ------------------------------------------------------------------------
+    def _probe_texts(self, dyn, token_ids: list[int], memory: Factors, device) -> _Texts | None:
+        text = self.tokenizer.decode(token_ids)
+        probes = chunk_probes(text, self.config.max_probes, self.config.seed, self.config.restate, self.config.cloze)
+        if not probes or self.config.probe_weight == 0:
+            return None
+        end = end_of_turn_id(self.tokenizer)
+        answers = [self.tokenizer(a, add_special_tokens=False)["input_ids"] + ([end] if end is not None else [])
+                   for _, a in probes]
+        students = [chat_prompt(self.tokenizer, q) + a for (q, _), a in zip(probes, answers)]
+        teachers = [chat_prompt(self.tokenizer, q, text) + a for (q, _), a in zip(probes, answers)]
+        with torch.no_grad(), dyn.state.functional(None, _as_rows(memory, len(teachers))):
+            teacher_ids = _pad_right(teachers, self.pad_id, device)
+            logits = dyn.model(input_ids=teacher_ids, use_cache=False).logits  # (N, L, V)
+        scored = [logits[i, len(t) - len(a) - 1:len(t) - 1] for i, (t, a) in enumerate(zip(teachers, answers))]
+        log_probs = torch.cat(scored).float().log_softmax(-1)  # (S, V)
+        top = log_probs.topk(self.config.top_k, dim=-1)
+        student_ids = _pad_right(students, self.pad_id, device)
+        select = torch.zeros_like(student_ids, dtype=torch.bool)
+        for i, (s, a) in enumerate(zip(students, answers)):
+            select[i, len(s) - len(a) - 1:len(s) - 1] = True
+        return _Texts(self._capture(dyn, student_ids, memory), select, top_ids=top.indices,
+                      top_probs=top.values.exp())
+
+    def _chunk_texts(self, dyn, token_ids: list[int], memory: Factors, device) -> _Texts:
+        ids = torch.tensor([token_ids], device=device)  # (1, T)
+        select = torch.ones_like(ids, dtype=torch.bool)
+        select[0, -1] = False
+        return _Texts(self._capture(dyn, ids, memory), select, labels=ids[0, 1:])
+
+    def _capture(self, dyn, ids: torch.Tensor, memory: Factors) -> LayerInputs:
+        """The lower layers' output for ``ids (N, L)`` under the row's memory (exact if it has lower modules)."""
+        with dyn.state.functional(None, _as_rows(memory, ids.shape[0])):
+            return self.upper.capture(ids)
+
+    @torch.no_grad()
+    def _locality_texts(self, dyn, device) -> _Texts:
+        """The base model's own greedy answers to :data:`LOCALITY_PROMPTS` and its distribution on them,
+        computed once per writer (the memory must leave these alone)."""
+        if self._locality is None:
+            from dynalora.runtime.engine import Engine
+
+            prompts = [chat_prompt(self.tokenizer, q) for q in LOCALITY_PROMPTS]
+            with dyn.state.functional(None, {}):
+                answers = [Engine(dyn, self.tokenizer).generate([p], max_new_tokens=24).token_ids[0]
+                           for p in prompts]
+                rows = [p + a for p, a in zip(prompts, answers)]
+                ids = _pad_right(rows, self.pad_id, device)
+                select = torch.zeros_like(ids, dtype=torch.bool)
+                for i, (p, a) in enumerate(zip(prompts, answers)):
+                    select[i, len(p) - 1:len(p) + len(a) - 1] = True
+                log_probs = dyn.model(input_ids=ids, use_cache=False).logits[select].float().log_softmax(-1)
+            top = log_probs.topk(self.config.top_k, dim=-1)
+            self._locality = _Texts(self._capture(dyn, ids, {}), select, top_ids=top.indices,
+                                    top_probs=top.values.exp())
+        return self._locality
+
+    # -- the steps ---------------------------------------------------------------------------------
+    def _start(self, dyn, token_ids: list[int], device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        rank, shapes = self.config.rank, dyn.bank.module_shapes
+        factors = {}
+        if self.start is not None:
+            for m, (a, b) in self.start.write(dyn, token_ids).items():
+                if m in self.modules_list:
+                    a, b, _ = truncate(a.float(), b.float(), rank)
+                    factors[m] = (a, b)
+        generator = torch.Generator().manual_seed(self.config.seed)
+        params = {}
+        for m in self.modules_list:
+            in_features, out_features = shapes[m]
+            a, b = factors.get(m, (torch.empty(0, in_features), torch.empty(out_features, 0)))
+            fresh = rank - a.shape[0]  # a compressor's cut may leave fewer than `rank` directions
+            a = torch.cat([a, torch.randn(fresh, in_features, generator=generator)
+                           * self.config.init_scale / math.sqrt(in_features)])
+            b = torch.cat([b, torch.zeros(out_features, fresh)], dim=1)
+            params[m] = (a.to(device).requires_grad_(), b.to(device).requires_grad_())
+        return params
+
+    def write(self, dyn, token_ids: list[int], memory: Factors | None = None) -> Factors:
+        """The chunk's factors ``{module: (A (r, in), B (out, r))}``; ``memory`` is the row's current memory
+        (the student keeps it on while it learns the chunk; it is not changed here)."""
+        memory = {m: (a.float(), b.float()) for m, (a, b) in (memory or {}).items() if a.shape[0] > 0}
+        device = dyn.state.device
+        params = self._start(dyn, token_ids, device)
+        if self.config.steps > 0:
+            groups = []
+            if self.config.chunk_weight > 0 and len(token_ids) > 1:
+                groups.append((self.config.chunk_weight, self._chunk_texts(dyn, token_ids, memory, device)))
+            probes = self._probe_texts(dyn, token_ids, memory, device)
+            if probes is not None:
+                groups.append((self.config.probe_weight, probes))
+            if self.config.locality_weight > 0:
+                groups.append((self.config.locality_weight, self._locality_texts(dyn, device)))
+            optimizer = torch.optim.Adam([t for pair in params.values() for t in pair], lr=self.config.lr)
+            with torch.enable_grad(), frozen(dyn.model):
+                for _ in range(self.config.steps):
+                    loss = sum(weight * self._loss(dyn, texts, memory, params) for weight, texts in groups)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+        dtype = dyn.state.dtype
+        return {m: (a.detach().to(dtype), b.detach().to(dtype)) for m, (a, b) in params.items()}
+
+    def _loss(self, dyn, texts: _Texts, memory: Factors, params) -> torch.Tensor:
+        rows = texts.select.shape[0]
+        factors = {}
+        for m in set(memory) | set(params):
+            parts = [pair for pair in (memory.get(m), params.get(m)) if pair is not None]
+            a = torch.cat([p[0] for p in parts])  # (R, in)
+            b = torch.cat([p[1] for p in parts], dim=1)  # (out, R)
+            factors[m] = (a, b)
+        with dyn.state.functional(None, _as_rows(factors, rows)):
+            logits = self.upper.logits(texts.inputs, texts.select).float()  # (S, V)
+        if texts.labels is not None:
+            return F.cross_entropy(logits, texts.labels)
+        return top_k_kl(texts.top_probs, logits.log_softmax(-1).gather(-1, texts.top_ids))
+
+
+def top_k_kl(teacher_probs: torch.Tensor, student_log_probs: torch.Tensor) -> torch.Tensor:
+    """Mean KL(teacher ‖ student) over positions on the teacher's top-k tokens plus one bucket for the rest
+    (exactly 0 when the two agree). ``teacher_probs (S, k)``, ``student_log_probs (S, k)`` on the same tokens."""
+    eps = 1e-6
+    teacher_rest = (1 - teacher_probs.sum(-1)).clamp(min=eps)  # (S,)
+    student_rest = (1 - student_log_probs.exp().sum(-1)).clamp(min=eps)  # (S,)
+    kl = (teacher_probs * (teacher_probs.clamp(min=eps).log() - student_log_probs)).sum(-1)  # (S,)
+    return (kl + teacher_rest * (teacher_rest.log() - student_rest.log())).mean()
+
+
+@contextmanager
+def frozen(model: torch.nn.Module):
+    """The model's weights take no gradient inside the block (no weight gradient is computed or stored)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+def _as_rows(factors: dict, rows: int) -> dict:
+    """``{m: (A (r, in), B (out, r))}`` → ``LoraState.functional``'s ``{m: (A_t (rows, in, r), B_t (rows, r, out))}``
+    (a view per row, no copy)."""
+    return {m: (a.T[None].expand(rows, -1, -1), b.T[None].expand(rows, -1, -1)) for m, (a, b) in factors.items()}
+
+
+def _layer_index(module: str) -> int | None:
+    """``model.layers.12.mlp.down_proj`` → 12 (the first integer part of the name)."""
+    for part in module.split("."):
+        if part.isdigit():
+            return int(part)
+    return None

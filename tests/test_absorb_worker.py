@@ -1,0 +1,111 @@
+"""Background absorb in the engine: generation goes on while a chunk is written; the new memory arrives
+whole at a step boundary; a failed write leaves the old memory and the tokens."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from dynalora.lora import DynamicLoraModel, InjectConfig, LoraBank, StateConfig, module_shapes_of
+from dynalora.lora.lowrank import merge_at_rank
+from dynalora.models import ByteTokenizer, tiny_model
+from dynalora.runtime import Engine, EngineConfig, SamplingConfig, TokenEvent
+from dynalora.runtime.absorb import AbsorbConfig, Absorber
+from dynalora.runtime.memory_writers import DistillConfig, DistillWriter
+
+
+class GatedWriter:
+    """Writes fixed factors, but only once the test opens the gate (or raises, when told to)."""
+
+    def __init__(self, dyn, fail: bool = False):
+        self.modules_list = [m for m in dyn.state.modules if "layers.1" in m]
+        generator = torch.Generator().manual_seed(1)
+        shapes = dyn.bank.module_shapes
+        self.factors = {m: (torch.randn(2, shapes[m][0], generator=generator),
+                            torch.randn(shapes[m][1], 2, generator=generator)) for m in self.modules_list}
+        self.gate, self.fail, self.calls = threading.Event(), fail, 0
+
+    def write(self, dyn, token_ids, memory=None):
+        self.calls += 1
+        assert self.gate.wait(timeout=30)
+        if self.fail:
+            raise RuntimeError("writer broke")
+        return self.factors
+
+
+def make_engine(writer_factory):
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    dyn = DynamicLoraModel.attach(model, LoraBank(module_shapes_of(model)), InjectConfig(
+        target_modules=["o_proj", "down_proj"], state=StateConfig(max_batch=1, generated_rank=0, memory_rank=4)))
+    writer = writer_factory(dyn)
+    absorber = Absorber(dyn, writer, AbsorbConfig(window=32, sink_tokens=2, chunk_tokens=8))
+    engine = Engine(dyn, ByteTokenizer(), None, config=EngineConfig(background_absorb=True), absorber=absorber)
+    engine.eos_ids = set()
+    return dyn, writer, engine
+
+
+def memory_of(dyn):
+    return {m: (a.clone(), b.clone()) for m, (a, b) in dyn.state.row_factors(0, "memory").items()}
+
+
+def test_generation_goes_on_under_the_old_memory_until_the_write_lands_whole():
+    dyn, writer, engine = make_engine(GatedWriter)
+    prompt = list(range(40, 70))  # 30 tokens: the window of 32 is passed at the third new token
+    kinds, seen_while_writing = [], []
+    for event in engine.stream([prompt], max_new_tokens=24, sampling=SamplingConfig()):
+        kinds.append(event.kind)
+        if isinstance(event, TokenEvent) and "absorb_start" in kinds and "absorb" not in kinds:
+            seen_while_writing.append(memory_of(dyn))
+            if len(seen_while_writing) == 5:  # five tokens decoded while the write was in flight
+                writer.gate.set()
+                engine.worker.jobs[0].future.result(timeout=30)  # done: the next step boundary merges it
+    assert kinds.count("absorb_start") >= 1 and kinds.count("absorb") >= 1
+    assert len(seen_while_writing) >= 5 and all(m == {} for m in seen_while_writing)  # the old (empty) memory
+    first = kinds.index("absorb")
+    assert kinds.index("absorb_start") < first
+    expected, _ = merge_at_rank({}, writer.factors, 4)
+    engine.worker.close()
+    # after the first merge the memory holds the writer's factors (later ones merge more on top)
+    if kinds.count("absorb") == 1:
+        for m, (a, b) in memory_of(dyn).items():
+            torch.testing.assert_close(b @ a, expected[m][1] @ expected[m][0])
+    assert dyn.state.row_factors(0, "memory")
+
+
+def test_a_failed_write_leaves_the_old_memory_and_keeps_the_tokens():
+    dyn, writer, engine = make_engine(lambda d: GatedWriter(d, fail=True))
+    writer.gate.set()
+    prompt = list(range(40, 70))
+    result = engine.generate([prompt], max_new_tokens=12, sampling=SamplingConfig())
+    engine.worker.close()
+    failed = result.lora_events("absorb_failed")
+    assert len(failed) == 1 and "writer broke" in failed[0].detail and writer.calls == 1
+    assert not result.lora_events("absorb") and dyn.state.row_factors(0, "memory") == {}
+    assert len(result.token_ids[0]) == 12 and sum(engine.evicted_tokens.values()) == 0
+
+
+def test_a_distill_write_on_another_thread_and_decoding_do_not_disturb_each_other():
+    """LoRA overrides and capture hooks are per thread: forwards of the engine's thread during a write see the
+    plain state, and the write equals the same write done inline."""
+    config = DistillConfig(steps=4, lr=0.03, rank=2, memory_rank=4, max_probes=1)
+    dyn, writer, engine = make_engine(lambda d: DistillWriter(d, ByteTokenizer(), config))
+    prompt = list(b"Zorba Quint lives in Mellowby and bakes rye bread.")
+    ids, chunk = torch.tensor([prompt]), prompt[2:18]
+    with torch.no_grad():
+        reference = dyn(input_ids=ids).logits
+    inline = writer.write(dyn, chunk, {})
+    written = {}
+    thread = threading.Thread(target=lambda: written.update(writer.write(dyn, chunk, {})))
+    thread.start()
+    outputs = []
+    while thread.is_alive() or not outputs:
+        with torch.no_grad():
+            outputs.append(dyn(input_ids=ids).logits)
+    thread.join()
+    engine.close()
+    assert all(torch.equal(out, reference) for out in outputs)
+    assert set(written) == set(inline)
+    for m in inline:
+        torch.testing.assert_close(written[m][1] @ written[m][0], inline[m][1] @ inline[m][0], rtol=1e-5, atol=1e-6)
