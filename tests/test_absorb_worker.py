@@ -26,7 +26,7 @@ class GatedWriter:
                             torch.randn(shapes[m][1], 2, generator=generator)) for m in self.modules_list}
         self.gate, self.fail, self.calls = threading.Event(), fail, 0
 
-    def write(self, dyn, token_ids, memory=None):
+    def write(self, dyn, token_ids, memory=None, replay=()):
         self.calls += 1
         assert self.gate.wait(timeout=30)
         if self.fail:

@@ -160,3 +160,23 @@ def test_engine_eviction_with_the_distill_writer_equals_a_fresh_forward():
     result = engine.generate([prompt], max_new_tokens=12, sampling=SamplingConfig())
     assert result.token_ids[0] == expected
     assert len(result.lora_events("absorb")) == 2
+
+
+def test_absorber_hands_the_writer_the_chunks_its_memory_holds_and_forgets_them_on_reset():
+    dyn, writer, absorber = make_distill(DistillConfig(steps=1, rank=2, memory_rank=4, max_probes=1, replay_chunks=1))
+    rehearsed = []
+    original = writer._probe_texts
+
+    def spy(dyn_, chunks, memory, device):
+        rehearsed.extend(list(c) for c in chunks)
+        return original(dyn_, chunks, memory, device)
+
+    writer._probe_texts = spy
+    chunks = [list(TEXT.encode())[i:i + 24] for i in (0, 24, 48)]
+    for chunk in chunks:
+        absorber.absorb(0, chunk)
+    assert absorber.replay(0) == chunks and absorber.replay(1) == []
+    # each absorb probes its own chunk, then rehearses the last chunk the memory already held
+    assert rehearsed == [chunks[0], chunks[1], chunks[0], chunks[2], chunks[1]]
+    dyn.state.reset(0)
+    assert absorber.replay(0) == []

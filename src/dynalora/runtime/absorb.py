@@ -20,6 +20,10 @@ from dynalora.lora.lowrank import merge_at_rank
 from dynalora.runtime.memory_writers import WRITERS, CompressorWriter, DistillConfig, DistillWriter
 
 
+REPLAY_LIMIT = 8
+"""Chunks an :class:`Absorber` remembers per row for writers that rehearse (token ids only)."""
+
+
 @dataclass
 class AbsorbConfig:
     window: int = 512
@@ -71,24 +75,34 @@ class Absorber:
             raise ValueError(f"the memory writer writes {missing[:3]}..., which are not target modules of the state; "
                              f"attach with InjectConfig(target_modules=...) covering them")
         self.dyn, self.writer, self.config = dyn, writer, config or AbsorbConfig()
+        self.history: dict[int, list[list[int]]] = {}
+        """Row → the last ``REPLAY_LIMIT`` chunks its memory holds (token ids; a writer may rehearse them)."""
+
+    def replay(self, row: int) -> list[list[int]]:
+        """The chunks the row's memory holds, oldest first (none once the memory was reset)."""
+        if not self.dyn.state.row_factors(row, "memory"):
+            self.history.pop(row, None)
+        return list(self.history.get(row, []))
 
     def encode(self, token_ids: list[int], row: int = 0) -> dict:
         """Factors ``{module: (A (r, in), B (out, r))}`` the writer makes of one chunk for ``row``."""
-        return self.writer.write(self.dyn, token_ids, self.dyn.state.row_factors(row, "memory"))
+        return self.writer.write(self.dyn, token_ids, self.dyn.state.row_factors(row, "memory"), self.replay(row))
 
     def absorb(self, row: int, token_ids: list[int]) -> AbsorbReport:
         started = time.perf_counter()
-        rank, error = self.merge(row, self.encode(token_ids, row))
+        rank, error = self.merge(row, self.encode(token_ids, row), token_ids)
         return AbsorbReport(row, len(token_ids), rank, error, time.perf_counter() - started)
 
     @torch.no_grad()
-    def merge(self, row: int, factors: dict) -> tuple[int, float]:
+    def merge(self, row: int, factors: dict, token_ids: list[int]) -> tuple[int, float]:
         """Fold a chunk's factors into the row's memory at the fixed rank, in one validated in-place update
         (a bad write raises and leaves the old memory). Returns the rank in use and the cut's error."""
         state = self.dyn.state
+        history = self.replay(row)
         merged, error = merge_at_rank(state.row_factors(row, "memory"), factors, state.config.memory_rank,
                                       self.config.decay)
         state.update(row, memory=merged)
+        self.history[row] = (history + [list(token_ids)])[-REPLAY_LIMIT:]
         return max((a.shape[0] for a, _ in merged.values()), default=0), error
 
     def absorb_text(self, row: int, token_ids: list[int]) -> list[AbsorbReport]:

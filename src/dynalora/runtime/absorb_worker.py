@@ -36,7 +36,7 @@ class AbsorbWorker:
         worker.start(row, chunk_ids)            # returns at once
         ...                                     # decode steps
         for job, factors, error in worker.collect():
-            absorber.merge(job.row, factors)    # at a step boundary
+            absorber.merge(job.row, factors, job.token_ids)    # at a step boundary
     """
 
     def __init__(self, absorber: Absorber):
@@ -51,13 +51,13 @@ class AbsorbWorker:
         if row in self.jobs:
             raise RuntimeError(f"row {row} already has an absorb in flight")
         memory = {m: (a.clone(), b.clone()) for m, (a, b) in self.absorber.dyn.state.row_factors(row, "memory").items()}
-        future = self._executor.submit(self._write, list(token_ids), memory)
+        future = self._executor.submit(self._write, list(token_ids), memory, self.absorber.replay(row))
         self.jobs[row] = AbsorbJob(row, list(token_ids), time.perf_counter(), future)
         return self.jobs[row]
 
-    def _write(self, token_ids: list[int], memory: dict) -> dict:
+    def _write(self, token_ids: list[int], memory: dict, replay: list[list[int]]) -> dict:
         with torch.no_grad():
-            return self.absorber.writer.write(self.absorber.dyn, token_ids, memory)
+            return self.absorber.writer.write(self.absorber.dyn, token_ids, memory, replay)
 
     def collect(self, wait: bool = False) -> list[tuple[AbsorbJob, dict | None, BaseException | None]]:
         """Finished jobs (all in-flight ones with ``wait``) as ``(job, factors, None)`` or ``(job, None, error)``."""

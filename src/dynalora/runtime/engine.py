@@ -406,7 +406,7 @@ class Engine:
             blend, seconds = state.blend_weights[b].tolist(), time.perf_counter() - job.started
             if error is None:
                 try:
-                    rank, cut = self.absorber.merge(b, factors)
+                    rank, cut = self.absorber.merge(b, factors, job.token_ids)
                 except Exception as merge_error:  # noqa: BLE001 - a bad write must not stop generation
                     error = merge_error
             if error is not None:

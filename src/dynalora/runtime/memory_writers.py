@@ -66,6 +66,9 @@ class DistillConfig:
     restate: bool = False
     cloze: int = 0
     """Sentence-completion probes per chunk (the sentence up to a name → the name)."""
+    replay_chunks: int = 0
+    """Earlier chunks of the row rehearsed at each absorb (their probes, teacher with them in context): a
+    bounded replay buffer of token ids, so a new chunk does not overwrite what the memory holds."""
     """Add a probe that restates the whole chunk in shuffled sentence order (costs about a chunk per step)."""
     top_k: int = 32
     """Teacher tokens kept per position for the KL terms (the rest of the vocabulary is one bucket)."""
@@ -76,6 +79,8 @@ class DistillConfig:
     def __post_init__(self):
         if self.memory_rank < self.rank:
             raise ValueError(f"DistillConfig.memory_rank={self.memory_rank} must be ≥ rank={self.rank}")
+        if self.replay_chunks < 0 or self.cloze < 0:
+            raise ValueError(f"DistillConfig: replay_chunks ≥ 0 and cloze ≥ 0 (got {self.replay_chunks}, {self.cloze})")
         if self.steps < 0 or self.rank < 1 or self.lr <= 0 or self.top_k < 1 or self.max_probes < 0:
             raise ValueError(f"DistillConfig: steps ≥ 0, rank ≥ 1, lr > 0, top_k ≥ 1, max_probes ≥ 0 (got steps="
                              f"{self.steps}, rank={self.rank}, lr={self.lr}, top_k={self.top_k}, "
@@ -95,7 +100,7 @@ class CompressorWriter:
         self.rank = compressor.config.rank
 
     @torch.no_grad()
-    def write(self, dyn, token_ids: list[int], memory: Factors | None = None) -> Factors:
+    def write(self, dyn, token_ids: list[int], memory: Factors | None = None, replay: list[list[int]] = ()) -> Factors:
         device = next(self.compressor.parameters()).device
         factors = self.compressor.read(dyn, torch.tensor([token_ids], device=device))
         return {m: (a[0].to(dyn.state.dtype), b[0].to(dyn.state.dtype)) for m, (a, b) in factors.items()}
@@ -145,27 +150,29 @@ class DistillWriter:
         self._locality: _Texts | None = None
 
     # -- the training texts ------------------------------------------------------------------------
-    def _probe_texts(self, dyn, token_ids: list[int], memory: Factors, device) -> _Texts | None:
-        text = self.tokenizer.decode(token_ids)
-        probes = chunk_probes(text, self.config.max_probes, self.config.seed, self.config.restate, self.config.cloze)
-        if not probes or self.config.probe_weight == 0:
-            return None
+    def _probe_texts(self, dyn, chunks: list[list[int]], memory: Factors, device) -> _Texts | None:
+        """Probes about every chunk in one batch: the teacher reads each with its chunk in context (and the
+        row's memory), the student without it."""
+        students, teachers, answer_lengths = [], [], []
         end = end_of_turn_id(self.tokenizer)
-        answers = [self.tokenizer(a, add_special_tokens=False)["input_ids"] + ([end] if end is not None else [])
-                   for _, a in probes]
-        students = [chat_prompt(self.tokenizer, q) + a for (q, _), a in zip(probes, answers)]
-        teachers = [chat_prompt(self.tokenizer, q, text) + a for (q, _), a in zip(probes, answers)]
+        for token_ids in chunks:
+            text = self.tokenizer.decode(token_ids)
+            for question, answer in chunk_probes(text, self.config.max_probes, self.config.seed, self.config.restate,
+                                                 self.config.cloze):
+                answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"] + ([end] if end is not None
+                                                                                              else [])
+                students.append(chat_prompt(self.tokenizer, question) + answer_ids)
+                teachers.append(chat_prompt(self.tokenizer, question, text) + answer_ids)
+                answer_lengths.append(len(answer_ids))
+        if not students or self.config.probe_weight == 0:
+            return None
+        teacher_ids, student_ids = _pad_right(teachers, self.pad_id, device), _pad_right(students, self.pad_id, device)
+        teacher_select, student_select = _answer_positions(teacher_ids, teachers, answer_lengths), \
+            _answer_positions(student_ids, students, answer_lengths)
         with torch.no_grad(), dyn.state.functional(None, _as_rows(memory, len(teachers))):
-            teacher_ids = _pad_right(teachers, self.pad_id, device)
-            logits = dyn.model(input_ids=teacher_ids, use_cache=False).logits  # (N, L, V)
-        scored = [logits[i, len(t) - len(a) - 1:len(t) - 1] for i, (t, a) in enumerate(zip(teachers, answers))]
-        log_probs = torch.cat(scored).float().log_softmax(-1)  # (S, V)
-        top = log_probs.topk(self.config.top_k, dim=-1)
-        student_ids = _pad_right(students, self.pad_id, device)
-        select = torch.zeros_like(student_ids, dtype=torch.bool)
-        for i, (s, a) in enumerate(zip(students, answers)):
-            select[i, len(s) - len(a) - 1:len(s) - 1] = True
-        return _Texts(self._capture(dyn, student_ids, memory), select, top_ids=top.indices,
+            logits = self.upper.logits(self.upper.capture(teacher_ids), teacher_select)  # (S, V)
+        top = logits.float().log_softmax(-1).topk(self.config.top_k, dim=-1)
+        return _Texts(self._capture(dyn, student_ids, memory), student_select, top_ids=top.indices,
                       top_probs=top.values.exp())
 
     def _chunk_texts(self, dyn, token_ids: list[int], memory: Factors, device) -> _Texts:
@@ -222,9 +229,11 @@ class DistillWriter:
             params[m] = (a.to(device).requires_grad_(), b.to(device).requires_grad_())
         return params
 
-    def write(self, dyn, token_ids: list[int], memory: Factors | None = None) -> Factors:
+    def write(self, dyn, token_ids: list[int], memory: Factors | None = None, replay: list[list[int]] = ()) -> Factors:
         """The chunk's factors ``{module: (A (r, in), B (out, r))}``; ``memory`` is the row's current memory
-        (the student keeps it on while it learns the chunk; it is not changed here)."""
+        (the student keeps it on while it learns the chunk; it is not changed here). ``replay``: chunks the
+        memory already holds (oldest first); the last ``replay_chunks`` are rehearsed with their probes, so
+        the new factors do not overwrite what the memory knew."""
         memory = {m: (a.float(), b.float()) for m, (a, b) in (memory or {}).items() if a.shape[0] > 0}
         device = dyn.state.device
         params = self._start(dyn, token_ids, device)
@@ -232,7 +241,8 @@ class DistillWriter:
             groups = []
             if self.config.chunk_weight > 0 and len(token_ids) > 1:
                 groups.append((self.config.chunk_weight, self._chunk_texts(dyn, token_ids, memory, device)))
-            probes = self._probe_texts(dyn, token_ids, memory, device)
+            rehearsed = list(replay)[len(replay) - self.config.replay_chunks:] if self.config.replay_chunks else []
+            probes = self._probe_texts(dyn, [token_ids] + rehearsed, memory, device)
             if probes is not None:
                 groups.append((self.config.probe_weight, probes))
             if self.config.locality_weight > 0:
@@ -283,6 +293,14 @@ def frozen(model: torch.nn.Module):
     finally:
         for p in trainable:
             p.requires_grad_(True)
+
+
+def _answer_positions(ids: torch.Tensor, rows: list[list[int]], answer_lengths: list[int]) -> torch.Tensor:
+    """(N, L) bool: the positions whose next token is an answer token (the last ``answer_length`` of each row)."""
+    select = torch.zeros_like(ids, dtype=torch.bool)
+    for i, (row, length) in enumerate(zip(rows, answer_lengths)):
+        select[i, len(row) - length - 1:len(row) - 1] = True
+    return select
 
 
 def _as_rows(factors: dict, rows: int) -> dict:
