@@ -180,3 +180,23 @@ def test_absorber_hands_the_writer_the_chunks_its_memory_holds_and_forgets_them_
     assert rehearsed == [chunks[0], chunks[1], chunks[0], chunks[2], chunks[1]]
     dyn.state.reset(0)
     assert absorber.replay(0) == []
+
+
+def test_relevance_gate_turns_the_memory_on_only_for_prompts_that_name_what_it_absorbed():
+    from dynalora.runtime import Engine, SamplingConfig
+
+    dyn, writer, _ = make_distill(DistillConfig(steps=2, lr=0.03, rank=2, max_probes=1))
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        Absorber(dyn, writer, AbsorbConfig(window=64, sink_tokens=2, chunk_tokens=32, relevance_gate=True))
+    absorber = Absorber(dyn, writer, AbsorbConfig(window=64, sink_tokens=2, chunk_tokens=32, relevance_gate=True),
+                        ByteTokenizer())
+    absorber.absorb(0, list(TEXT.encode())[:40])
+    assert absorber.relevance(0, "Where does Zorba Quint live?") == 1.0
+    assert absorber.relevance(0, "Where does Arven Holt live?") == 0.0
+    engine = Engine(dyn, ByteTokenizer(), None, absorber=absorber)
+    engine.generate([list(b"Who is Arven Holt?")], max_new_tokens=4, sampling=SamplingConfig())
+    assert float(dyn.state.memory_weights[0]) == 0.0  # unrelated: the memory was off while it answered
+    engine.generate([list(b"Who is Zorba Quint?")], max_new_tokens=4, sampling=SamplingConfig())
+    assert float(dyn.state.memory_weights[0]) == 1.0
+    dyn.state.reset(0)
+    assert absorber.relevance(0, "Where does Zorba Quint live?") == 0.0  # a reset memory absorbed nothing

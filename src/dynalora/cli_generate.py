@@ -36,6 +36,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="distillation steps per absorbed chunk (distill writers; default: %(default)s)")
     p.add_argument("--background-absorb", action="store_true",
                    help="write absorbed chunks on a background thread while generation goes on")
+    p.add_argument("--relevance-gate", action="store_true",
+                   help="memory on only for prompts that name something it absorbed")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -53,7 +55,8 @@ def engine_from_args(args):
                                      mix=args.mix, triggers=args.trigger or ["token"],
                                      kv_policy=args.kv_policy, window=args.window, compressor=args.compressor,
                                      absorber=args.absorber, absorb_steps=args.absorb_steps,
-                                     background_absorb=args.background_absorb))
+                                     background_absorb=args.background_absorb,
+                                     relevance_gate=args.relevance_gate))
     if args.state:
         engine.dyn.state.load(args.state)
     return engine

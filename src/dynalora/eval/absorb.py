@@ -59,13 +59,15 @@ class AbsorbEvalConfig:
     """Scale on the absorbed memory when answering (1: as written; ``LoraState.set_memory_weight``)."""
     absorber: str = "compressor"
     """The memory writer: compressor, distill or compressor+distill (:mod:`dynalora.runtime.memory_writers`)."""
+    relevance_gate: bool = False
+    """Memory on only for questions that name something it absorbed (``AbsorbConfig.relevance_gate``)."""
     distill: DistillConfig = field(default_factory=DistillConfig)
     """The distilling writers' settings (``distill.steps`` is replaced by each of ``steps``)."""
     sequence: int = 0
     """Long conversation: this many documents absorbed one after another into one memory, then questions
     about each (retention by age; memory bytes and absorb time per chunk). 0: skip."""
     chunk_tokens: int | None = None
-    """Tokens absorbed at a time (default: the compressor's training chunk, or 128 for ``distill``)."""
+    """Tokens absorbed at a time (default: the compressor's training chunk, or 3/4 of the window for ``distill``)."""
     steps: list[int] = field(default_factory=lambda: [16])
     """Distillation steps per chunk; a distilling writer is scored as ``dynalora@k`` for each k."""
     threads: int = 2
@@ -102,10 +104,13 @@ class Answerer:
         self.dyn, self.tokenizer, self.max_new_tokens = dyn, tokenizer, max_new_tokens
         self.engine = Engine(dyn, tokenizer, absorber=absorber)
 
-    def answer(self, prompts: list[list[int]]) -> list[str]:
+    def answer(self, prompts: list[list[int]], memory_weights: list[float] | None = None) -> list[str]:
+        """Greedy answers; ``memory_weights`` (one per prompt) scales each row's memory while it answers."""
         texts = []
         rows = self.dyn.state.max_batch
         for start in range(0, len(prompts), rows):
+            for row, weight in enumerate((memory_weights or [])[start:start + rows]):
+                self.dyn.state.set_memory_weight(row, weight)
             result = self.engine.generate(prompts[start:start + rows], max_new_tokens=self.max_new_tokens)
             texts += [t.strip() for t in result.texts]
         return texts
@@ -155,7 +160,8 @@ def eval_absorb(config: AbsorbEvalConfig, out: Path | None = None) -> dict:
     tokenizer, model = base.tokenizer, base.model
     absorber = load_absorber(model, None if config.absorber == "distill" else config.compressor_dir, max_batch=16,
                              window=config.window, sink_tokens=config.sink_tokens, writer=config.absorber,
-                             tokenizer=tokenizer, distill=config.distill, chunk_tokens=config.chunk_tokens)
+                             tokenizer=tokenizer, distill=config.distill, chunk_tokens=config.chunk_tokens,
+                             relevance_gate=config.relevance_gate)
     dyn, chunk_tokens, rank = absorber.dyn, absorber.config.chunk_tokens, absorber.dyn.state.config.memory_rank
     runs = _writer_runs(config, absorber, tokenizer)
     answerer = Answerer(dyn, tokenizer, config.max_new_tokens)
@@ -165,6 +171,7 @@ def eval_absorb(config: AbsorbEvalConfig, out: Path | None = None) -> dict:
                                                                   model.config.num_attention_heads) * \
         (model.config.hidden_size // model.config.num_attention_heads) * 2  # fp16 K and V
     result = {"window": config.window, "chunk_tokens": chunk_tokens, "memory_rank": rank,
+              "relevance_gate": config.relevance_gate,
               "memory_weight": config.memory_weight, "absorber": config.absorber,
               "memory_modules": len(absorber.writer.modules_list),
               "adapter_bytes": memory_bytes, "kv_bytes_per_token": kv_per_token,
@@ -203,8 +210,8 @@ def _writer_runs(config: AbsorbEvalConfig, absorber, tokenizer) -> dict:
     if config.absorber == "compressor":
         return {"dynalora": absorber}
     start = absorber.writer.start
-    return {name: Absorber(absorber.dyn, DistillWriter(absorber.dyn, tokenizer, settings, start=start), absorber.config)
-            for name, settings in config.writer_runs}
+    return {name: Absorber(absorber.dyn, DistillWriter(absorber.dyn, tokenizer, settings, start=start), absorber.config,
+                           tokenizer) for name, settings in config.writer_runs}
 
 
 def _eval_sequence(docs: list[dict], dyn, run: tuple, answerer, tokenizer, memory_weight: float) -> dict:
@@ -258,6 +265,7 @@ def _eval_documents(config, docs, dyn, runs, answerer, tokenizer, rank, unrelate
     absorb_times: dict[str, list[float]] = {}
     local_prompts = [chat_prompt(tokenizer, item["questions"][0]["question"], item["context"]) for item in unrelated]
     local_answers = [item["questions"][0]["answer"] for item in unrelated]
+    local_texts = [f"{item['context']} {item['questions'][0]['question']}" for item in unrelated]
     local_predictions: dict[str, list[tuple[int, str]]] = {}
 
     def record(name, texts, spent):
@@ -286,9 +294,11 @@ def _eval_documents(config, docs, dyn, runs, answerer, tokenizer, rank, unrelate
                 reports = absorber.absorb_text(0, ids)
                 absorb_times.setdefault(name, []).extend(r.seconds for r in reports)
                 _copy_memory(state, state.row_factors(0, "memory"), state.max_batch, config.memory_weight)
-                record(name, answerer.answer(bare), time.perf_counter() - began)
+                gate = lambda texts: [config.memory_weight * absorber.relevance(0, t) for t in texts]  # noqa: E731
+                record(name, answerer.answer(bare, gate(questions)), time.perf_counter() - began)
                 if mine:
-                    texts = answerer.answer([local_prompts[i] for i in mine])
+                    texts = answerer.answer([local_prompts[i] for i in mine],
+                                            gate([local_texts[i] for i in mine]))
                     local_predictions.setdefault(name, []).extend(zip(mine, texts))
                 state.reset()
         if "summary" in run:

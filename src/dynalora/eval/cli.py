@@ -33,7 +33,8 @@ def cmd_absorb(args) -> int:
 
     from dynalora.runtime.memory_writers import DistillConfig
 
-    distill = DistillConfig(lr=args.distill_lr, rank=args.distill_rank, first_layer=args.distill_first_layer,
+    distill = DistillConfig(lr=args.distill_lr, rank=args.distill_rank, memory_rank=args.memory_rank,
+                            first_layer=args.distill_first_layer, replay_chunks=args.replay_chunks,
                             chunk_weight=args.chunk_weight, probe_weight=args.probe_weight,
                             locality_weight=args.locality_weight, max_probes=args.max_probes,
                             cloze=args.cloze)
@@ -41,7 +42,8 @@ def cmd_absorb(args) -> int:
                                  methods=args.methods, max_docs=args.max_docs, gradient_steps=args.gradient_steps,
                                  needle=args.needle, locality=args.locality, memory_weight=args.memory_weight,
                                  absorber=args.absorber, distill=distill, steps=args.steps,
-                                 chunk_tokens=args.chunk_tokens, sequence=args.sequence, threads=args.threads),
+                                 chunk_tokens=args.chunk_tokens, sequence=args.sequence,
+                                 relevance_gate=args.relevance_gate, threads=args.threads),
                 out=args.out)
     return 0
 
@@ -132,9 +134,13 @@ def add_eval_commands(commands) -> None:
     p.add_argument("--steps", type=int, nargs="+", default=[DistillConfig.steps],
                    help="distillation steps per chunk; each value is scored as dynalora@K (default: %(default)s)")
     p.add_argument("--chunk-tokens", type=int, default=None,
-                   help="tokens absorbed at a time (default: the compressor's training chunk, or 128)")
+                   help="tokens absorbed at a time (default: the compressor's training chunk, or 3/4 of the window)")
     p.add_argument("--distill-lr", type=float, default=DistillConfig.lr, help="distillation step size (Adam)")
-    p.add_argument("--distill-rank", type=int, default=DistillConfig.rank, help="rank written per chunk and kept")
+    p.add_argument("--distill-rank", type=int, default=DistillConfig.rank, help="rank written per chunk")
+    p.add_argument("--memory-rank", type=int, default=DistillConfig.memory_rank,
+                   help="rank the memory keeps (distill writers; default: %(default)s)")
+    p.add_argument("--replay-chunks", type=int, default=DistillConfig.replay_chunks,
+                   help="earlier chunks rehearsed at each absorb (default: %(default)s)")
     p.add_argument("--distill-first-layer", type=float, default=DistillConfig.first_layer,
                    help="adapt layers from this fraction of the depth up (default: %(default)s)")
     p.add_argument("--chunk-weight", type=float, default=DistillConfig.chunk_weight,
@@ -145,6 +151,8 @@ def add_eval_commands(commands) -> None:
                    help="weight of the KL to the base model on its own answers to unrelated questions")
     p.add_argument("--max-probes", type=int, default=DistillConfig.max_probes, help="topic probes per chunk")
     p.add_argument("--cloze", type=int, default=DistillConfig.cloze, help="sentence-completion probes per chunk")
+    p.add_argument("--relevance-gate", action="store_true",
+                   help="memory on only for questions that name something it absorbed")
     p.add_argument("--sequence", type=int, default=0,
                    help="absorb this many documents one after another into one memory, then ask about each")
     p.add_argument("--threads", type=int, default=2)

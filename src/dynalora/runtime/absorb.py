@@ -17,6 +17,7 @@ import torch
 
 from dynalora.lora.inject import DynamicLoraModel
 from dynalora.lora.lowrank import merge_at_rank
+from dynalora.runtime.absorb_probes import names_in, sentences_of
 from dynalora.runtime.memory_writers import WRITERS, CompressorWriter, DistillConfig, DistillWriter
 
 
@@ -34,6 +35,9 @@ class AbsorbConfig:
     """Tokens absorbed and evicted at a time (the compressor's training chunk length)."""
     decay: float = 1.0
     """Older memory is multiplied by this at every merge (1: plain sum, then the rank cut)."""
+    relevance_gate: bool = False
+    """Switch a row's memory off for a prompt that names nothing the memory absorbed (names: runs of
+    capitalised words and numbers, :func:`names_in`); on when it does. Needs the absorber's tokenizer."""
 
     def __post_init__(self):
         if self.sink_tokens < 0 or self.chunk_tokens < 1:
@@ -64,7 +68,7 @@ class Absorber:
     the chunk's factors), or a compressor network, which is wrapped as the ``compressor`` writer.
     """
 
-    def __init__(self, dyn: DynamicLoraModel, writer, config: AbsorbConfig | None = None):
+    def __init__(self, dyn: DynamicLoraModel, writer, config: AbsorbConfig | None = None, tokenizer=None):
         state = dyn.state
         if state.config.memory_rank < 1:
             raise ValueError("the LoRA state has memory_rank=0: attach with StateConfig(memory_rank=r) to absorb")
@@ -77,12 +81,27 @@ class Absorber:
         self.dyn, self.writer, self.config = dyn, writer, config or AbsorbConfig()
         self.history: dict[int, list[list[int]]] = {}
         """Row → the last ``REPLAY_LIMIT`` chunks its memory holds (token ids; a writer may rehearse them)."""
+        self.tokenizer = tokenizer
+        self.names: dict[int, set[str]] = {}
+        """Row → the names in everything its memory absorbed (for the relevance gate)."""
+        if self.config.relevance_gate and tokenizer is None:
+            raise ValueError("AbsorbConfig.relevance_gate needs the tokenizer: Absorber(..., tokenizer=...)")
 
     def replay(self, row: int) -> list[list[int]]:
         """The chunks the row's memory holds, oldest first (none once the memory was reset)."""
         if not self.dyn.state.row_factors(row, "memory"):
             self.history.pop(row, None)
+            self.names.pop(row, None)
         return list(self.history.get(row, []))
+
+    def relevance(self, row: int, text: str) -> float:
+        """The relevance gate's memory weight for a prompt: 1 if it names something the row's memory absorbed
+        (or the gate is off), else 0."""
+        if not self.config.relevance_gate:
+            return 1.0
+        self.replay(row)  # forgets the names of a memory that was reset
+        asked = {name for sentence in sentences_of(text) for name in names_in(sentence)}
+        return 1.0 if asked & self.names.get(row, set()) else 0.0
 
     def encode(self, token_ids: list[int], row: int = 0) -> dict:
         """Factors ``{module: (A (r, in), B (out, r))}`` the writer makes of one chunk for ``row``."""
@@ -103,6 +122,9 @@ class Absorber:
                                       self.config.decay)
         state.update(row, memory=merged)
         self.history[row] = (history + [list(token_ids)])[-REPLAY_LIMIT:]
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(token_ids)
+            self.names.setdefault(row, set()).update(n for s in sentences_of(text) for n in names_in(s))
         return max((a.shape[0] for a, _ in merged.values()), default=0), error
 
     def absorb_text(self, row: int, token_ids: list[int]) -> list[AbsorbReport]:
@@ -149,10 +171,11 @@ class WriterPlan:
 
 
 def plan_writer(writer: str = "compressor", compressor_dir: str | Path | None = None, tokenizer=None,
-                distill: DistillConfig | None = None, chunk_tokens: int | None = None) -> WriterPlan:
+                distill: DistillConfig | None = None, chunk_tokens: int | None = None, window: int = 512) -> WriterPlan:
     """``writer``: one of :data:`WRITERS`; ``compressor_dir`` is needed by the two that use the compressor,
-    ``tokenizer`` by the two that distill. The memory's rank is the compressor's, or ``distill.memory_rank``; the
-    chunk length the compressor's training chunk, else 128."""
+    ``tokenizer`` by the two that distill. The memory's rank is the compressor's, or ``distill.memory_rank``.
+    The chunk length is the compressor's training chunk, or for ``distill`` three quarters of the window
+    (it learns a text best whole: on validation documents one chunk answered far more than 128-token ones)."""
     from dynalora.hyper.compressor import load_compressor
 
     if writer not in WRITERS:
@@ -168,22 +191,24 @@ def plan_writer(writer: str = "compressor", compressor_dir: str | Path | None = 
     if compressor is not None:
         kinds |= {m.rsplit(".", 1)[-1] for m in compressor.modules_list}
     if chunk_tokens is None:
-        chunk_tokens = trained_chunk_tokens(compressor_dir) if compressor is not None else AbsorbConfig.chunk_tokens
+        chunk_tokens = trained_chunk_tokens(compressor_dir) if compressor is not None else window * 3 // 4
     return WriterPlan(writer, compressor, distill, sorted(kinds),
                       distill.memory_rank if distills else compressor.config.rank, chunk_tokens)
 
 
 def load_absorber(model, compressor_dir: str | Path | None = None, max_batch: int = 1, window: int = 512,
                   sink_tokens: int = 4, writer: str = "compressor", tokenizer=None,
-                  distill: DistillConfig | None = None, chunk_tokens: int | None = None) -> Absorber:
+                  distill: DistillConfig | None = None, chunk_tokens: int | None = None,
+                  relevance_gate: bool = False) -> Absorber:
     """A base model with a memory-only LoRA state on the writer's modules, and its :class:`Absorber`
     (``absorber.dyn`` is the wrapped model) — what the absorb evaluation, benchmark and demo run.
     The writer's arguments are :func:`plan_writer`'s."""
     from dynalora.lora import InjectConfig, LoraBank, StateConfig, module_shapes_of
 
-    plan = plan_writer(writer, compressor_dir, tokenizer, distill, chunk_tokens)
+    plan = plan_writer(writer, compressor_dir, tokenizer, distill, chunk_tokens, window)
     dyn = DynamicLoraModel.attach(model, LoraBank(module_shapes_of(model)), InjectConfig(
         target_modules=plan.target_kinds,
         state=StateConfig(max_batch=max_batch, generated_rank=0, memory_rank=plan.memory_rank)))
     return Absorber(dyn, plan.build(dyn, tokenizer), AbsorbConfig(window=window, sink_tokens=sink_tokens,
-                                                                  chunk_tokens=plan.chunk_tokens))
+                                                                  chunk_tokens=plan.chunk_tokens,
+                                                                  relevance_gate=relevance_gate), tokenizer)

@@ -53,6 +53,8 @@ class EngineSpec:
     """Distillation steps per absorbed chunk (the distilling writers)."""
     background_absorb: bool = False
     """Write absorbed chunks on a background thread while generation goes on (``EngineConfig``)."""
+    relevance_gate: bool = False
+    """Memory on only for prompts that name something it absorbed (``AbsorbConfig.relevance_gate``)."""
 
 
 def parse_trigger(spec: str, token_ids: dict[str, int]) -> TriggerPolicy:
@@ -105,7 +107,7 @@ def build_engine(spec: EngineSpec) -> Engine:
         from dynalora.runtime.absorb import plan_writer
 
         plan = plan_writer(spec.absorber, None if spec.absorber == "distill" else spec.compressor, base.tokenizer,
-                           DistillConfig(steps=spec.absorb_steps))
+                           DistillConfig(steps=spec.absorb_steps), window=spec.window)
         kinds = {name.rsplit(".", 1)[-1] for name in bank.modules} | set(plan.target_kinds)
         inject = InjectConfig(target_modules=sorted(kinds | {"q_proj", "k_proj", "v_proj", "o_proj"}),
                               state=StateConfig(max_batch=spec.max_batch, memory_rank=plan.memory_rank))
@@ -126,8 +128,8 @@ def build_engine(spec: EngineSpec) -> Engine:
     if plan is not None:
         from dynalora.runtime.absorb import AbsorbConfig, Absorber
 
-        absorber = Absorber(dyn, plan.build(dyn, base.tokenizer), AbsorbConfig(window=spec.window,
-                                                                               chunk_tokens=plan.chunk_tokens))
+        absorber = Absorber(dyn, plan.build(dyn, base.tokenizer), AbsorbConfig(
+            window=spec.window, chunk_tokens=plan.chunk_tokens, relevance_gate=spec.relevance_gate), base.tokenizer)
     engine = Engine(dyn, base.tokenizer, None, triggers, engine_config, absorber=absorber)
     if shift_hyper is not None:
         shift_hyper.check_bank(dyn.state)

@@ -270,6 +270,9 @@ class Engine:
             for b in range(count):
                 rows[b], events = self._evict_row(b, rows[b])
                 yield from events
+            if self.absorber.config.relevance_gate:  # memory on only for prompts that name what it absorbed
+                for b in range(count):
+                    self.dyn.state.set_memory_weight(b, self.absorber.relevance(b, self.decode(rows[b])))
         batch = _Batch(rows, pad)
         row_triggers = [RowTriggers(self.triggers) for _ in range(count)]
         trigger_ids = set(self.trigger_token_ids.values())
