@@ -111,7 +111,8 @@ def test_config_errors_name_the_field():
                                                                    "model.layers.1.mlp.down_proj": [6, 4]}))
 
 
-def test_absorb_demo_runs_on_a_tiny_model(tmp_path):
+@pytest.mark.parametrize("writer", ["compressor", "distill"])
+def test_absorb_demo_runs_on_a_tiny_model(tmp_path, writer):
     import json
 
     from dynalora.demo_absorb import run_absorb_demo
@@ -119,8 +120,8 @@ def test_absorb_demo_runs_on_a_tiny_model(tmp_path):
     _, compressor = make(memory_rank=4, trained=True)
     compressor.save(tmp_path / "absorb")
     (tmp_path / "absorb" / "train_absorb.json").write_text(json.dumps({"config": {"chunk_tokens": 32}}))
-    result = run_absorb_demo(tmp_path / "absorb", "tiny:llama", questions=2)
-    assert result["questions"] == 2 and result["document_tokens"] > 32  # more than one chunk was absorbed
+    result = run_absorb_demo(tmp_path / "absorb", "tiny:llama", questions=2, writer=writer, steps=1)
+    assert result["questions"] == 2 and result["document_tokens"] > 384  # more than one chunk was absorbed
     assert all(0 <= hits <= 2 for hits in result["correct"].values()) and result["absorb_seconds"] > 0
 
 

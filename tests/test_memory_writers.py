@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from dynalora.lora import DynamicLoraModel, InjectConfig, LoraBank, StateConfig, module_shapes_of
 from dynalora.models import ByteTokenizer, tiny_model
 from dynalora.runtime.absorb import AbsorbConfig, Absorber, load_absorber
-from dynalora.runtime.absorb_probes import chunk_probes, names_in
+from dynalora.runtime.absorb_probes import chunk_probes, mentioned_names, names_in
 from dynalora.runtime.memory_writers import DistillConfig, DistillWriter
 from dynalora.runtime.upper_layers import UpperLayers
 
@@ -38,6 +38,7 @@ def test_upper_layers_reproduce_the_full_forward_exactly(family):
 def test_probes_ask_about_the_names_a_chunk_mentions():
     assert names_in("Zorba Quint lives in Mellowby.") == ["Zorba Quint", "Mellowby"]
     assert names_in("The town has 4,310 people.") == ["4,310"]  # "The" only starts the sentence
+    assert mentioned_names("Who is Zorba Quint's baker? It is in Mellowby.") == {"Zorba Quint", "Mellowby"}
     probes = chunk_probes(TEXT, max_probes=8)
     assert probes[0] == ("What does the text say about Zorba Quint?",
                          "Zorba Quint lives in Mellowby. Zorba Quint bakes rye bread.")

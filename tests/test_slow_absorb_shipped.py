@@ -1,4 +1,5 @@
-"""The shipped compressor (checkpoints/absorb) on SmolLM2 with a test-seed document it never saw (slow)."""
+"""The shipped compressor (checkpoints/absorb) and the distill writer on SmolLM2 with test-seed documents
+neither saw (slow)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from dynalora.data.absorb import split_seeds
 from dynalora.data.facts import facts_document
 from dynalora.models import load_base_model
 from dynalora.runtime.absorb import load_absorber
-from dynalora.train.absorb import answer_log_probs, answer_tokens, chat_prompt, end_of_turn_id
+from dynalora.runtime.chat import answer_tokens, chat_prompt, end_of_turn_id
+from dynalora.train.absorb import answer_log_probs
 
 pytestmark = pytest.mark.slow
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "absorb"
@@ -31,15 +33,16 @@ def gold_nll(absorber, tokenizer, questions) -> float:
     return -log_probs.gather(1, targets[:, None]).mean().item()
 
 
-def test_shipped_memory_of_the_right_document_lowers_answer_nll_more_than_another_documents():
+@pytest.mark.parametrize("writer", ["compressor", "distill"])
+def test_memory_of_the_right_document_lowers_answer_nll_more_than_another_documents(writer):
     base = load_base_model()
-    absorber = load_absorber(base.model, SHIPPED, max_batch=12)
+    absorber = load_absorber(base.model, SHIPPED, max_batch=12, writer=writer, tokenizer=base.tokenizer)
     state, tokenizer = absorber.dyn.state, base.tokenizer
     documents = [facts_document(split_seeds("test")[TEST_OFFSET + i], words=150) for i in range(2)]
     memories = []
     for document in documents:
         reports = absorber.absorb_text(0, tokenizer(document["context"], add_special_tokens=False)["input_ids"])
-        assert len(reports) >= 2 and all(r.memory_rank == absorber.dyn.state.config.memory_rank for r in reports)
+        assert reports and all(r.memory_rank <= absorber.dyn.state.config.memory_rank for r in reports)
         memories.append(state.row_factors(0, "memory"))
         state.reset()
     scores = {"none": [], "right": [], "wrong": []}

@@ -41,7 +41,7 @@ def add_demo_commands(commands) -> None:
     p.add_argument("--no-absorb", action="store_true", help="skip the absorb part (a document read into memory)")
     from dynalora.runtime.memory_writers import WRITERS, DistillConfig
 
-    p.add_argument("--absorber", default="compressor", choices=WRITERS,
+    p.add_argument("--absorber", default="distill", choices=WRITERS,
                    help="how the absorb part writes the memory LoRA (default: %(default)s)")
     p.add_argument("--absorb-steps", type=int, default=DistillConfig.steps,
                    help="distillation steps per chunk (distill writers; default: %(default)s)")

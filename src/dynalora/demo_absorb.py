@@ -2,7 +2,8 @@
 
 The document is an invented-facts one from the **test** seeds (never trained on; not one of the eight
 that ``dynalora eval absorb`` scores). Each question is asked twice with only the question in the
-window: by the base model, and with the memory LoRA the shipped compressor wrote from the evicted text.
+window: by the base model, and with the memory LoRA a writer (``distill`` by default, or the shipped
+compressor) wrote from the evicted text.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def run_absorb_demo(compressor_dir: Path, model: str | None = None, questions: i
         print(f"{BOLD}> {qa['question']}{RESET}  (answer: {qa['answer']})\n"
               f"  base: {plain[:60]!r}\n  with the memory {mark}: {remembered[:60]!r}")
     print(f"\nright from the evicted text: {hits['memory']}/{len(asked)} with the memory, {hits['base']}/{len(asked)} "
-          "without (results/eval_absorb.json has the measured rates over eight test documents)")
+          f"without ({writer} writer; results/eval_absorb{'_distill' if writer != 'compressor' else ''}.json has "
+          "the measured rates over eight test documents)")
     state.reset()
     return {"document_tokens": len(ids), "questions": len(asked), "correct": hits, "absorb_seconds": seconds}

@@ -68,7 +68,7 @@ class AbsorbEvalConfig:
     about each (retention by age; memory bytes and absorb time per chunk). 0: skip."""
     chunk_tokens: int | None = None
     """Tokens absorbed at a time (default: the compressor's training chunk, or 3/4 of the window for ``distill``)."""
-    steps: list[int] = field(default_factory=lambda: [16])
+    steps: list[int] = field(default_factory=lambda: [DistillConfig.steps])
     """Distillation steps per chunk; a distilling writer is scored as ``dynalora@k`` for each k."""
     threads: int = 2
 

@@ -17,7 +17,7 @@ import torch
 
 from dynalora.lora.inject import DynamicLoraModel
 from dynalora.lora.lowrank import merge_at_rank
-from dynalora.runtime.absorb_probes import names_in, sentences_of
+from dynalora.runtime.absorb_probes import mentioned_names
 from dynalora.runtime.memory_writers import WRITERS, CompressorWriter, DistillConfig, DistillWriter
 
 
@@ -100,8 +100,7 @@ class Absorber:
         if not self.config.relevance_gate:
             return 1.0
         self.replay(row)  # forgets the names of a memory that was reset
-        asked = {name for sentence in sentences_of(text) for name in names_in(sentence)}
-        return 1.0 if asked & self.names.get(row, set()) else 0.0
+        return 1.0 if mentioned_names(text) & self.names.get(row, set()) else 0.0
 
     def encode(self, token_ids: list[int], row: int = 0) -> dict:
         """Factors ``{module: (A (r, in), B (out, r))}`` the writer makes of one chunk for ``row``."""
@@ -123,8 +122,7 @@ class Absorber:
         state.update(row, memory=merged)
         self.history[row] = (history + [list(token_ids)])[-REPLAY_LIMIT:]
         if self.tokenizer is not None:
-            text = self.tokenizer.decode(token_ids)
-            self.names.setdefault(row, set()).update(n for s in sentences_of(text) for n in names_in(s))
+            self.names.setdefault(row, set()).update(mentioned_names(self.tokenizer.decode(token_ids)))
         return max((a.shape[0] for a, _ in merged.values()), default=0), error
 
     def absorb_text(self, row: int, token_ids: list[int]) -> list[AbsorbReport]:

@@ -61,6 +61,11 @@ def cloze_probes(sentences: list[str]) -> list[tuple[str, str]]:
     return list(dict.fromkeys(probes))
 
 
+def mentioned_names(text: str) -> set[str]:
+    """Every name in a text, possessives folded ("Banam Stanna's" names Banam Stanna): the relevance gate's keys."""
+    return {re.sub(r"'s?$", "", name) for sentence in sentences_of(text) for name in names_in(sentence)}
+
+
 def chunk_probes(text: str, max_probes: int = 8, seed: int = 0, restate: bool = False,
                  cloze: int = 0) -> list[tuple[str, str]]:
     """Up to ``max_probes`` ``(question, answer)`` pairs about ``text``: the most mentioned names first,

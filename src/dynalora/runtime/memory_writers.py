@@ -43,9 +43,9 @@ LOCALITY_PROMPTS = (
 
 @dataclass
 class DistillConfig:
-    steps: int = 16
+    steps: int = 8
     """Adam steps per absorbed chunk (0: the start factors as they are)."""
-    lr: float = 3e-3
+    lr: float = 0.02
     """Adam step size."""
     rank: int = 16
     """Rank of the factors written for one chunk."""
@@ -61,10 +61,10 @@ class DistillConfig:
     """Weight of the KL to the teacher (chunk in context) on probes about the chunk."""
     locality_weight: float = 0.0
     """Weight of the KL to the base model on its own answers to unrelated questions."""
-    max_probes: int = 8
-    """Probes per chunk (the most mentioned names first)."""
+    max_probes: int = 3
+    """Topic probes per chunk (the most mentioned names first)."""
     restate: bool = False
-    cloze: int = 0
+    cloze: int = 8
     """Sentence-completion probes per chunk (the sentence up to a name → the name)."""
     replay_chunks: int = 0
     """Earlier chunks of the row rehearsed at each absorb (their probes, teacher with them in context): a
@@ -194,14 +194,18 @@ class DistillWriter:
             from dynalora.runtime.engine import Engine
 
             prompts = [chat_prompt(self.tokenizer, q) for q in LOCALITY_PROMPTS]
+            engine = Engine(dyn, self.tokenizer)
+            try:
+                with dyn.state.functional(None, {}):
+                    answers = [engine.generate([p], max_new_tokens=24).token_ids[0] for p in prompts]
+            finally:
+                engine.close()  # its capture hook must not stay on the model
+            rows = [p + a for p, a in zip(prompts, answers)]
+            ids = _pad_right(rows, self.pad_id, device)
+            select = torch.zeros_like(ids, dtype=torch.bool)
+            for i, (p, a) in enumerate(zip(prompts, answers)):
+                select[i, len(p) - 1:len(p) + len(a) - 1] = True
             with dyn.state.functional(None, {}):
-                answers = [Engine(dyn, self.tokenizer).generate([p], max_new_tokens=24).token_ids[0]
-                           for p in prompts]
-                rows = [p + a for p, a in zip(prompts, answers)]
-                ids = _pad_right(rows, self.pad_id, device)
-                select = torch.zeros_like(ids, dtype=torch.bool)
-                for i, (p, a) in enumerate(zip(prompts, answers)):
-                    select[i, len(p) - 1:len(p) + len(a) - 1] = True
                 log_probs = dyn.model(input_ids=ids, use_cache=False).logits[select].float().log_softmax(-1)
             top = log_probs.topk(self.config.top_k, dim=-1)
             self._locality = _Texts(self._capture(dyn, ids, {}), select, top_ids=top.indices,

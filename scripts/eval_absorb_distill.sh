@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The distill writer's README numbers (test seeds; its defaults were chosen on 3 validation-seed documents,
+# `dynalora data absorb --kind facts --split validation --count 6 --words 150`, 33 questions).
+# About 25 minutes on the 2-core CPU machine. Usage: scripts/eval_absorb_distill.sh [work folder]
+set -euo pipefail
+D=${DYNALORA:-dynalora}
+WORK=${1:-/tmp/absorb-eval}
+mkdir -p "$WORK"
+$D data absorb --kind facts --split test --count 8 --words 150 --out "$WORK/facts_test.jsonl"
+$D data absorb --kind facts --split test --count 9 --words 150 --out "$WORK/facts_test9.jsonl"
+# quality vs steps, cost in chunk prefills, locality (24 unrelated questions)
+$D eval absorb --data "$WORK/facts_test.jsonl" --absorber distill --steps 0 1 2 4 8 16 --locality 24 \
+    --methods full_context no_context dynalora --out results/eval_absorb_distill.json
+# locality, the two ways: the relevance gate, and the locality KL term
+$D eval absorb --data "$WORK/facts_test.jsonl" --absorber distill --locality 24 --relevance-gate \
+    --methods dynalora --out results/eval_absorb_distill_gate.json
+$D eval absorb --data "$WORK/facts_test.jsonl" --absorber distill --locality 24 --locality-weight 1 \
+    --methods dynalora --out results/eval_absorb_distill_locality_kl.json
+# a long conversation: 9 documents absorbed one after another into one memory, then questions about each
+$D eval absorb --data "$WORK/facts_test9.jsonl" --absorber distill --sequence 9 --methods no_context \
+    --out results/eval_absorb_distill_sequence.json
