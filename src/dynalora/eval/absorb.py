@@ -303,8 +303,8 @@ def _eval_documents(config, docs, dyn, runs, answerer, tokenizer, rank, unrelate
                 state.reset()
         if "summary" in run:
             began = time.perf_counter()
-            chunk_tokens = config_chunk = next(iter(runs.values())).config.chunk_tokens
-            budget = max(16, (config.window - max(len(p) for p in bare) - 16) // max(1, -(-len(ids) // config_chunk)))
+            chunk_tokens = next(iter(runs.values())).config.chunk_tokens  # every run absorbs chunks of this size
+            budget = max(16, (config.window - max(len(p) for p in bare) - 16) // max(1, -(-len(ids) // chunk_tokens)))
             chunks = [tokenizer.decode(ids[i:i + chunk_tokens]) for i in range(0, len(ids), chunk_tokens)]
             prompts = [chat_prompt(tokenizer, SUMMARY_INSTRUCTION, chunk) for chunk in chunks]
             summaries = []

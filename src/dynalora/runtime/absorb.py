@@ -37,7 +37,7 @@ class AbsorbConfig:
     """Older memory is multiplied by this at every merge (1: plain sum, then the rank cut)."""
     relevance_gate: bool = False
     """Switch a row's memory off for a prompt that names nothing the memory absorbed (names: runs of
-    capitalised words and numbers, :func:`names_in`); on when it does. Needs the absorber's tokenizer."""
+    capitalised words and numbers, :func:`mentioned_names`); on when it does. Needs the absorber's tokenizer."""
 
     def __post_init__(self):
         if self.sink_tokens < 0 or self.chunk_tokens < 1:

@@ -367,8 +367,9 @@ class Engine:
             if all(finished):
                 break
             if self.worker is not None:
-                evicted, events = self._absorb_in_background(batch, finished)
+                kept, events = self._absorb_in_background(batch, finished)
                 yield from events
+                evicted = (kept, []) if kept is not None else None
             else:
                 evicted = self._evict(batch, finished) if self.absorber is not None else None
             if evicted:
@@ -396,9 +397,10 @@ class Engine:
                 events += row_events
         return (_Batch(rows, self._pad_id()), events) if events else None
 
-    def _absorb_in_background(self, batch: _Batch, finished: list[bool]) -> tuple[tuple | None, list[LoraEvent]]:
+    def _absorb_in_background(self, batch: _Batch, finished: list[bool]) -> tuple[_Batch | None, list[LoraEvent]]:
         """Merge every finished background write (evicting its chunk) and start one for every row past the
-        window that has none in flight. Returns ``((new batch, absorb events) | None, other events)``."""
+        window that has none in flight. Returns the batch after eviction (``None``: nothing was evicted) and
+        the events in order: finished writes first, then the ones started."""
         config, state = self.absorber.config, self.dyn.state
         rows = [batch.row_tokens(b) for b in range(len(finished))]
         absorbed, events = [], []
@@ -431,7 +433,7 @@ class Engine:
                 events.append(LoraEvent("absorb_start", b, len(row), "window", 0.0, blend, blend,
                                         f"writing {len(chunk)} tokens into memory in the background; they stay in "
                                         "the window until it is done"))
-        return ((_Batch(rows, self._pad_id()), absorbed) if absorbed else None), events
+        return (_Batch(rows, self._pad_id()) if absorbed else None), absorbed + events
 
     def _evict_row(self, row: int, token_ids: list[int]) -> tuple[list[int], list[LoraEvent]]:
         """One row through the absorber: its kept tokens and an ``absorb`` event per chunk evicted."""
