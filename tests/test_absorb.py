@@ -292,7 +292,6 @@ def test_eval_absorb_with_the_distill_writer_scores_each_step_count_and_a_sequen
     for name in ("dynalora@0", "dynalora@2"):
         method = result["methods"][name]
         assert method["cost_chunk_prefills"] > 0 and method["absorb_seconds_per_chunk"] > 0
-        assert result["locality"]["by_method"][name]["with_memory"]["exact_match"] is not None
     # zero steps write B = 0: the memory is the identity, so answers are exactly those without it
     assert [e["dynalora@0"] for e in result["examples"]] == [e["no_context"] for e in result["examples"]]
     assert result["locality"]["by_method"]["dynalora@0"]["exact_match_drop_points"] == 0

@@ -225,14 +225,15 @@ def _eval_sequence(docs: list[dict], dyn, run: tuple, answerer, tokenizer, memor
         reports = absorber.absorb_text(0, tokenizer(doc["context"], add_special_tokens=False)["input_ids"])
         seconds_by_doc.append(sum(r.seconds for r in reports) / len(reports))
         state_bytes.append(sum(t.numel() * t.element_size() for t in state.tensors().values()))
+    def exact_match(with_context: bool) -> list[float]:
+        return [score_answers(answerer.answer([chat_prompt(tokenizer, q["question"], d["context"] if with_context
+                                                           else None) for q in d["questions"]]),
+                              [q["answer"] for q in d["questions"]])["exact_match"] for d in docs]
+
     _copy_memory(state, state.row_factors(0, "memory"), state.max_batch, memory_weight)
-    with_memory = [score_answers(answerer.answer([chat_prompt(tokenizer, q["question"]) for q in d["questions"]]),
-                                 [q["answer"] for q in d["questions"]])["exact_match"] for d in docs]
+    with_memory = exact_match(False)
     state.reset()
-    bounds = {kind: [score_answers(answerer.answer([chat_prompt(tokenizer, q["question"], d["context"] if kind ==
-                                                                "full_context" else None) for q in d["questions"]]),
-                                   [q["answer"] for q in d["questions"]])["exact_match"] for d in docs]
-              for kind in ("full_context", "no_context")}
+    bounds = {"full_context": exact_match(True), "no_context": exact_match(False)}
     by_age = {}
     for index, (em, top, bottom) in enumerate(zip(with_memory, bounds["full_context"], bounds["no_context"])):
         by_age[len(docs) - 1 - index] = {"exact_match": em, "full_context": top, "no_context": bottom,

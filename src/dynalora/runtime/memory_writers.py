@@ -202,14 +202,11 @@ class DistillWriter:
                 engine.close()  # its capture hook must not stay on the model
             rows = [p + a for p, a in zip(prompts, answers)]
             ids = _pad_right(rows, self.pad_id, device)
-            select = torch.zeros_like(ids, dtype=torch.bool)
-            for i, (p, a) in enumerate(zip(prompts, answers)):
-                select[i, len(p) - 1:len(p) + len(a) - 1] = True
+            select = _answer_positions(ids, rows, [len(a) for a in answers])
+            inputs = self._capture(dyn, ids, {})  # the base's lower layers: the teacher's and the student's
             with dyn.state.functional(None, {}):
-                log_probs = dyn.model(input_ids=ids, use_cache=False).logits[select].float().log_softmax(-1)
-            top = log_probs.topk(self.config.top_k, dim=-1)
-            self._locality = _Texts(self._capture(dyn, ids, {}), select, top_ids=top.indices,
-                                    top_probs=top.values.exp())
+                top = self.upper.logits(inputs, select).float().log_softmax(-1).topk(self.config.top_k, dim=-1)
+            self._locality = _Texts(inputs, select, top_ids=top.indices, top_probs=top.values.exp())
         return self._locality
 
     # -- the steps ---------------------------------------------------------------------------------
