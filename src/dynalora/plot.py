@@ -38,3 +38,39 @@ def plot_blend_timeline(blends: list[list[float]], labels: list[str], starts: li
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_step_sizes(log_lr, modules: list[str], path: str | Path) -> Path:
+    """Meta-learned step sizes (``log_lr (steps, M, 2)``) as four heat maps: per step (rows) and module
+    (columns, in depth order), for ``A`` and ``B`` of each module kind, on one log colour scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    values = np.exp(np.asarray(log_lr, dtype=float))  # (S, M, 2)
+    kinds = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    low, high = np.log10(values.min()), np.log10(values.max())
+    fig, axes = plt.subplots(len(kinds), 2, figsize=(10, 1.6 + 1.6 * len(kinds)), squeeze=False,
+                             layout="constrained")
+    for row, kind in enumerate(kinds):
+        columns = [i for i, m in enumerate(modules) if m.endswith(kind)]
+        layers = [next((p for p in modules[i].split(".") if p.isdigit()), "?") for i in columns]
+        for factor, name in enumerate(("A", "B")):
+            ax = axes[row][factor]
+            image = ax.imshow(np.log10(values[:, columns, factor]), aspect="auto", cmap="viridis", vmin=low,
+                              vmax=high)
+            ax.set_title(f"{kind} {name}", fontsize=9)
+            ax.set_xticks(range(len(columns)), layers, fontsize=6)
+            ax.set_yticks(range(values.shape[0]), [str(k + 1) for k in range(values.shape[0])], fontsize=6)
+            ax.set_ylabel("step", fontsize=8)
+    axes[-1][0].set_xlabel("layer", fontsize=8)
+    axes[-1][1].set_xlabel("layer", fontsize=8)
+    fig.colorbar(image, ax=axes, label="log10 step size")
+    fig.suptitle("distill writer: meta-learned step sizes", fontsize=10)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -37,7 +37,7 @@ def cmd_absorb(args) -> int:
                             first_layer=args.distill_first_layer, replay_chunks=args.replay_chunks,
                             chunk_weight=args.chunk_weight, probe_weight=args.probe_weight,
                             locality_weight=args.locality_weight, max_probes=args.max_probes,
-                            cloze=args.cloze)
+                            cloze=args.cloze, step_sizes=args.step_sizes)
     eval_absorb(AbsorbEvalConfig(data=args.data, compressor_dir=args.compressor, model=args.model, window=args.window,
                                  methods=args.methods, max_docs=args.max_docs, gradient_steps=args.gradient_steps,
                                  needle=args.needle, locality=args.locality, memory_weight=args.memory_weight,
@@ -136,6 +136,9 @@ def add_eval_commands(commands) -> None:
     p.add_argument("--chunk-tokens", type=int, default=None,
                    help="tokens absorbed at a time (default: the compressor's training chunk, or 3/4 of the window)")
     p.add_argument("--distill-lr", type=float, default=DistillConfig.lr, help="distillation step size (Adam)")
+    p.add_argument("--step-sizes", default=None,
+                   help="a folder from `dynalora train absorb-steps`: meta-learned step sizes per step and module "
+                        "(and the factors' start) in place of --distill-lr")
     p.add_argument("--distill-rank", type=int, default=DistillConfig.rank, help="rank written per chunk")
     p.add_argument("--memory-rank", type=int, default=DistillConfig.memory_rank,
                    help="rank the memory keeps (distill writers; default: %(default)s)")

@@ -18,17 +18,21 @@ row's memory at its fixed rank, so the memory never grows.
 
 from __future__ import annotations
 
+import copy
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from dynalora.lora.lowrank import truncate
 from dynalora.lora.state import Factors
 from dynalora.runtime.absorb_probes import chunk_probes
 from dynalora.runtime.chat import chat_prompt, end_of_turn_id
+from dynalora.runtime.distill_steps import Adam, StepSizes
+from dynalora.runtime.padding import length_buckets, pad_rows
 from dynalora.runtime.upper_layers import LayerInputs, UpperLayers, decoder_parts
 
 WRITERS = ("compressor", "distill", "compressor+distill")
@@ -46,7 +50,10 @@ class DistillConfig:
     steps: int = 8
     """Adam steps per absorbed chunk (0: the start factors as they are)."""
     lr: float = 0.02
-    """Adam step size."""
+    """Adam step size (every step, module and factor; unused with ``step_sizes``)."""
+    step_sizes: str | None = None
+    """A folder from ``dynalora train absorb-steps``: meta-learned step sizes per step, module and factor, and
+    the fresh ``A`` factors' start (:class:`~dynalora.runtime.distill_steps.StepSizes`); None: ``lr`` everywhere."""
     rank: int = 16
     """Rank of the factors written for one chunk."""
     memory_rank: int = 64
@@ -64,12 +71,12 @@ class DistillConfig:
     max_probes: int = 3
     """Topic probes per chunk (the most mentioned names first)."""
     restate: bool = False
+    """Add a probe that restates the whole chunk in shuffled sentence order (costs about a chunk per step)."""
     cloze: int = 8
     """Sentence-completion probes per chunk (the sentence up to a name → the name)."""
     replay_chunks: int = 0
     """Earlier chunks of the row rehearsed at each absorb (their probes, teacher with them in context): a
     bounded replay buffer of token ids, so a new chunk does not overwrite what the memory holds."""
-    """Add a probe that restates the whole chunk in shuffled sentence order (costs about a chunk per step)."""
     top_k: int = 32
     """Teacher tokens kept per position for the KL terms (the rest of the vocabulary is one bucket)."""
     init_scale: float = 1.0
@@ -104,12 +111,6 @@ class CompressorWriter:
         device = next(self.compressor.parameters()).device
         factors = self.compressor.read(dyn, torch.tensor([token_ids], device=device))
         return {m: (a[0].to(dyn.state.dtype), b[0].to(dyn.state.dtype)) for m, (a, b) in factors.items()}
-
-
-def _pad_right(rows: list[list[int]], pad_id: int, device) -> torch.Tensor:
-    """Right padding needs no mask for causal scoring: a pad only follows the positions that are scored."""
-    width = max(len(r) for r in rows)
-    return torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=device)  # (N, L)
 
 
 @dataclass
@@ -148,32 +149,74 @@ class DistillWriter:
         self.rank = self.config.rank
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._locality: _Texts | None = None
+        self.step_sizes = StepSizes.load(self.config.step_sizes) if self.config.step_sizes else \
+            StepSizes.constant(self.modules_list, self.config.steps, self.config.lr)
+        self._schedule_rows = self.step_sizes.for_modules(self.modules_list)  # (M,) rows of the schedule
 
     # -- the training texts ------------------------------------------------------------------------
-    def _probe_texts(self, dyn, chunks: list[list[int]], memory: Factors, device) -> _Texts | None:
-        """Probes about every chunk in one batch: the teacher reads each with its chunk in context (and the
-        row's memory), the student without it."""
-        students, teachers, answer_lengths = [], [], []
+    def _probe_texts(self, dyn, chunks: list[list[int]], memory: Factors, device) -> list[_Texts]:
+        """Probes about every chunk, in batches of similar length (padding would double the tokens: a topic
+        probe's answer is many sentences, a cloze probe's one name): the teacher reads each with its chunk in
+        context (and the row's memory), the student without it."""
+        if self.config.probe_weight == 0:
+            return []
+        students, answer_lengths, top_ids, top_probs = [], [], [], []
         end = end_of_turn_id(self.tokenizer)
         for token_ids in chunks:
             text = self.tokenizer.decode(token_ids)
+            teachers, lengths = [], []
             for question, answer in chunk_probes(text, self.config.max_probes, self.config.seed, self.config.restate,
                                                  self.config.cloze):
                 answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"] + ([end] if end is not None
                                                                                               else [])
                 students.append(chat_prompt(self.tokenizer, question) + answer_ids)
                 teachers.append(chat_prompt(self.tokenizer, question, text) + answer_ids)
-                answer_lengths.append(len(answer_ids))
-        if not students or self.config.probe_weight == 0:
-            return None
-        teacher_ids, student_ids = _pad_right(teachers, self.pad_id, device), _pad_right(students, self.pad_id, device)
-        teacher_select, student_select = _answer_positions(teacher_ids, teachers, answer_lengths), \
-            _answer_positions(student_ids, students, answer_lengths)
-        with torch.no_grad(), dyn.state.functional(None, _as_rows(memory, len(teachers))):
-            logits = self.upper.logits(self.upper.capture(teacher_ids), teacher_select)  # (S, V)
-        top = logits.float().log_softmax(-1).topk(self.config.top_k, dim=-1)
-        return _Texts(self._capture(dyn, student_ids, memory), student_select, top_ids=top.indices,
-                      top_probs=top.values.exp())
+                lengths.append(len(answer_ids))
+            if teachers:
+                top = self._teacher_top(dyn, teachers, lengths, memory, device)
+                top_ids += list(top.indices.split(lengths))
+                top_probs += list(top.values.exp().split(lengths))
+                answer_lengths += lengths
+        texts = []
+        for bucket in length_buckets([len(r) for r in students]):
+            rows = [students[i] for i in bucket]
+            ids = pad_rows(rows, self.pad_id, device)[0]
+            texts.append(_Texts(self._capture(dyn, ids, memory),
+                                _answer_positions(ids, rows, [answer_lengths[i] for i in bucket]),
+                                top_ids=torch.cat([top_ids[i] for i in bucket]),
+                                top_probs=torch.cat([top_probs[i] for i in bucket])))
+        return texts
+
+    @torch.no_grad()
+    def _teacher_top(self, dyn, rows: list[list[int]], answer_lengths: list[int], memory: Factors, device):
+        """The teacher's top-k next tokens ``(S, k)`` at the answer positions of ``rows`` (in order), which share
+        one prefix (the chat prompt up to the chunk): the prefix is read once and its KV cache serves every
+        row, so the chunk costs one prefill however many probes ask about it (in the engine it is the row's
+        own cache)."""
+        shared = min(_common_prefix_length(rows), min(len(r) - n - 1 for r, n in zip(rows, answer_lengths)))
+        prefix = None
+        if shared > 0:
+            prefix = DynamicCache(config=dyn.model.config)
+            with dyn.state.functional(None, _as_rows(memory, 1)):
+                dyn.model(input_ids=torch.tensor([rows[0][:shared]], device=device), cache=prefix, use_cache=True)
+        tops = [None] * len(rows)
+        for bucket in length_buckets([len(r) for r in rows]):
+            suffixes = [rows[i][shared:] for i in bucket]
+            ids = pad_rows(suffixes, self.pad_id, device)[0]  # (N, L)
+            cache = None
+            if prefix is not None:
+                cache = copy.deepcopy(prefix)
+                cache.batch_repeat_interleave(len(bucket))
+            positions = torch.arange(shared, shared + ids.shape[1], device=device)[None].expand(len(bucket), -1)
+            with dyn.state.functional(None, _as_rows(memory, len(bucket))):
+                hidden = dyn.model(input_ids=ids, cache=cache, position_ids=positions, use_cache=cache is not None,
+                                   output_hidden_states=True, logits_to_keep=1).hidden_states[-1]  # (N, L, H) normed
+            select = _answer_positions(ids, suffixes, [answer_lengths[i] for i in bucket])
+            top = self.upper.head(hidden[select]).float().log_softmax(-1).topk(self.config.top_k, dim=-1)
+            for i, values, indices in zip(bucket, top.values.split([answer_lengths[i] for i in bucket]),
+                                          top.indices.split([answer_lengths[i] for i in bucket])):
+                tops[i] = (values, indices)
+        return torch.return_types.topk((torch.cat([t[0] for t in tops]), torch.cat([t[1] for t in tops])))
 
     def _chunk_texts(self, dyn, token_ids: list[int], memory: Factors, device) -> _Texts:
         ids = torch.tensor([token_ids], device=device)  # (1, T)
@@ -201,7 +244,7 @@ class DistillWriter:
             finally:
                 engine.close()  # its capture hook must not stay on the model
             rows = [p + a for p, a in zip(prompts, answers)]
-            ids = _pad_right(rows, self.pad_id, device)
+            ids = pad_rows(rows, self.pad_id, device)[0]
             select = _answer_positions(ids, rows, [len(a) for a in answers])
             inputs = self._capture(dyn, ids, {})  # the base's lower layers: the teacher's and the student's
             with dyn.state.functional(None, {}):
@@ -224,8 +267,13 @@ class DistillWriter:
             in_features, out_features = shapes[m]
             a, b = factors.get(m, (torch.empty(0, in_features), torch.empty(out_features, 0)))
             fresh = rank - a.shape[0]  # a compressor's cut may leave fewer than `rank` directions
-            a = torch.cat([a, torch.randn(fresh, in_features, generator=generator)
-                           * self.config.init_scale / math.sqrt(in_features)])
+            learned = self.step_sizes.start.get(m)
+            if learned is not None and learned.shape[0] >= fresh:
+                new_rows = learned[:fresh].detach().float().clone()  # (fresh, in): the meta-learned start
+            else:
+                new_rows = torch.randn(fresh, in_features, generator=generator) \
+                    * self.config.init_scale / math.sqrt(in_features)
+            a = torch.cat([a, new_rows])
             b = torch.cat([b, torch.zeros(out_features, fresh)], dim=1)
             params[m] = (a.to(device).requires_grad_(), b.to(device).requires_grad_())
         return params
@@ -235,6 +283,14 @@ class DistillWriter:
         (the student keeps it on while it learns the chunk; it is not changed here). ``replay``: chunks the
         memory already holds (oldest first); the last ``replay_chunks`` are rehearsed with their probes, so
         the new factors do not overwrite what the memory knew."""
+        params = self.fit(dyn, token_ids, memory, replay)
+        dtype = dyn.state.dtype
+        return {m: (a.detach().to(dtype), b.detach().to(dtype)) for m, (a, b) in params.items()}
+
+    def fit(self, dyn, token_ids: list[int], memory: Factors | None = None, replay: list[list[int]] = (),
+            after_step=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`write`'s steps, returning the fp32 factors; ``after_step(step, params, directions)`` is called
+        after each step with the update directions (meta-learning the step sizes reads them)."""
         memory = {m: (a.float(), b.float()) for m, (a, b) in (memory or {}).items() if a.shape[0] > 0}
         device = dyn.state.device
         params = self._start(dyn, token_ids, device)
@@ -244,19 +300,22 @@ class DistillWriter:
                 groups.append((self.config.chunk_weight, self._chunk_texts(dyn, token_ids, memory, device)))
             rehearsed = list(replay)[len(replay) - self.config.replay_chunks:] if self.config.replay_chunks else []
             probes = self._probe_texts(dyn, [token_ids] + rehearsed, memory, device)
-            if probes is not None:
-                groups.append((self.config.probe_weight, probes))
+            positions = sum(int(texts.select.sum()) for texts in probes)
+            groups += [(self.config.probe_weight * int(texts.select.sum()) / positions, texts) for texts in probes]
             if self.config.locality_weight > 0:
                 groups.append((self.config.locality_weight, self._locality_texts(dyn, device)))
-            optimizer = torch.optim.Adam([t for pair in params.values() for t in pair], lr=self.config.lr)
+            tensors = [t for m in self.modules_list for t in params[m]]  # A, B of each module in order
+            optimizer = Adam(tensors)
             with torch.enable_grad(), frozen(dyn.model):
-                for _ in range(self.config.steps):
-                    loss = sum(weight * self._loss(dyn, texts, memory, params) for weight, texts in groups)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-        dtype = dyn.state.dtype
-        return {m: (a.detach().to(dtype), b.detach().to(dtype)) for m, (a, b) in params.items()}
+                for step in range(self.config.steps):
+                    for t in tensors:
+                        t.grad = None
+                    sum(weight * self._loss(dyn, texts, memory, params) for weight, texts in groups).backward()
+                    sizes = self.step_sizes.at(step)[self._schedule_rows].reshape(-1).tolist()  # (M·2,) A, B
+                    directions = optimizer.step(tensors, sizes)
+                    if after_step is not None:
+                        after_step(step, params, directions)
+        return params
 
     def _loss(self, dyn, texts: _Texts, memory: Factors, params) -> torch.Tensor:
         rows = texts.select.shape[0]
@@ -302,6 +361,14 @@ def _answer_positions(ids: torch.Tensor, rows: list[list[int]], answer_lengths: 
     for i, (row, length) in enumerate(zip(rows, answer_lengths)):
         select[i, len(row) - length - 1:len(row) - 1] = True
     return select
+
+
+def _common_prefix_length(rows: list[list[int]]) -> int:
+    length = min(len(r) for r in rows)
+    for i in range(length):
+        if any(r[i] != rows[0][i] for r in rows):
+            return i
+    return length
 
 
 def _as_rows(factors: dict, rows: int) -> dict:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dynalora.runtime.chat import answer_tokens, chat_prompt, end_of_turn_id  # noqa: F401 (chat_prompt re-exported)
+from dynalora.runtime.padding import pad_rows
 from dynalora.train.data import config_record
 
 COMPRESSORS = ("gradient", "perceiver")
@@ -150,24 +151,12 @@ def build_examples(tokenizer, docs: list[dict], config: AbsorbTrainConfig, seed:
     return examples
 
 
-def _pad(rows: list[list[int]], pad_id: int, device, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded ``(N, T)`` ids and mask (right-padded, or left-padded so every row ends at the last column)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        span = slice(width - len(row), width) if left else slice(0, len(row))
-        ids[i, span] = torch.tensor(row)
-        mask[i, span] = 1
-    return ids.to(device), mask.to(device)
-
-
 def answer_log_probs(model, sequences: list[list[int]], answer_lengths: list[int], pad_id: int,
                      device) -> torch.Tensor:
     """Log-probs at the positions that predict each sequence's answer (its last tokens), concatenated:
     ``(sum(answer_lengths), V)``. Rows are left-padded so the answers end together and the LM head runs
     on the last ``max(answer)+1`` positions only (the full ``(N, T, V)`` logits would dominate the cost)."""
-    ids, mask = _pad(sequences, pad_id, device, left=True)
+    ids, mask = pad_rows(sequences, pad_id, device, left=True)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     keep = max(answer_lengths) + 1
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
@@ -200,7 +189,7 @@ def memory_factors(dyn, compressor, examples: list[AbsorbExample], pad_id: int, 
     for e in examples:
         for chunk in e.chunks:
             position.setdefault(tuple(chunk), len(position))
-    ids, mask = _pad([list(chunk) for chunk in position], pad_id, device)
+    ids, mask = pad_rows([list(chunk) for chunk in position], pad_id, device)
     factors = compressor.read(dyn, ids, mask)
     most = max(len(e.chunks) for e in examples)
     # distinct-chunk index of every (example, slot), or C (an all-zero row) where an example has fewer chunks

@@ -94,6 +94,26 @@ def cmd_absorb(args) -> int:
     return 0
 
 
+def cmd_absorb_steps(args) -> int:
+    from dynalora.runtime.memory_writers import DistillConfig
+    from dynalora.train.absorb_steps import AbsorbStepsTrainConfig, train_absorb_steps
+
+    result = train_absorb_steps(AbsorbStepsTrainConfig(
+        data=args.data, out_dir=args.out_dir, model=args.model, documents=args.documents,
+        distill=DistillConfig(steps=args.steps, lr=args.lr), score_steps=args.score_steps, meta_lr=args.meta_lr,
+        start_lr=args.start_lr, locality_weight=args.locality_weight, threads=args.threads))
+    docs = result["documents"]
+    for k in args.score_steps:
+        first, last = docs[:len(docs) // 2], docs[len(docs) // 2:]
+        mean = [sum(d["nll_after"][k] for d in half) / max(1, len(half)) for half in (first, last)]
+        print(f"gold NLL after {k} steps: first half of the documents {mean[0]:.3f}, second half {mean[1]:.3f}")
+        if args.locality_weight > 0:
+            mean = [sum(d["locality_nll_after"][k] for d in half) / max(1, len(half)) for half in (first, last)]
+            print(f"  unrelated questions' NLL with the memory: first half {mean[0]:.3f}, second half {mean[1]:.3f}")
+    print(f"{len(docs)} documents in {result['seconds']:.0f}s; step sizes in {args.out_dir}")
+    return 0
+
+
 def cmd_escalate(args) -> int:
     from dynalora.train.escalate import EscalateTrainConfig, train_escalate
 
@@ -239,3 +259,21 @@ def add_train_commands(commands) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(handler=cmd_absorb)
+
+    p = sub.add_parser("absorb-steps", help="meta-learn the distill memory writer's step sizes and start on "
+                                            "train-seed documents (scored by their real questions)")
+    p.add_argument("--data", type=Path, required=True,
+                   help="training documents JSONL (`dynalora data absorb --kind facts --split train`)")
+    p.add_argument("--out-dir", type=Path, default=Path("checkpoints/absorb_steps"))
+    p.add_argument("--model", default=None)
+    p.add_argument("--documents", type=int, default=None, help="documents used (default: all)")
+    p.add_argument("--steps", type=int, default=8, help="the schedule's length (writer steps per chunk)")
+    p.add_argument("--lr", type=float, default=0.02, help="the step size every step starts from")
+    p.add_argument("--score-steps", type=int, nargs="+", default=[1, 2, 4, 8],
+                   help="steps after which the gold answers are scored (default: %(default)s)")
+    p.add_argument("--meta-lr", type=float, default=0.1, help="Adam step size on the log step sizes")
+    p.add_argument("--start-lr", type=float, default=1e-3, help="Adam step size on the A starts (0: none)")
+    p.add_argument("--locality-weight", type=float, default=1.0,
+                   help="weight of the gold NLL of unrelated self-contained questions with the memory on (0: off)")
+    p.add_argument("--threads", type=int, default=2)
+    p.set_defaults(handler=cmd_absorb_steps)

@@ -1,0 +1,29 @@
+"""Batches of token rows of different lengths: padding, and grouping rows of similar length."""
+
+from __future__ import annotations
+
+import torch
+
+
+def pad_rows(rows: list[list[int]], pad_id: int, device, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded ``(N, T)`` ids and mask: right-padded (causal scoring then needs no mask: a pad only follows the
+    positions that are scored), or left-padded so that every row ends at the last column."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return ids.to(device), mask.to(device)
+
+
+def length_buckets(lengths: list[int], spread: float = 1.5) -> list[list[int]]:
+    """Indices grouped so that no batch pads a row past ``spread`` × its shortest row (sorted by length)."""
+    buckets: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if buckets and lengths[i] <= spread * lengths[buckets[-1][0]]:
+            buckets[-1].append(i)
+        else:
+            buckets.append([i])
+    return buckets
