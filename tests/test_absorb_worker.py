@@ -96,12 +96,24 @@ def test_a_distill_write_on_another_thread_and_decoding_do_not_disturb_each_othe
     ids, chunk = torch.tensor([prompt]), prompt[2:18]
     with torch.no_grad():
         reference = dyn(input_ids=ids).logits
-    inline = writer.write(dyn, chunk, {})
-    written = {}
-    thread = threading.Thread(target=lambda: written.update(writer.write(dyn, chunk, {})))
+    inline = writer.fit(dyn, chunk, {})
+    written, writing, overlapped = {}, threading.Event(), threading.Event()
+    upper_logits = writer.upper.logits
+
+    def held_logits(*args, **kwargs):  # called inside the writer's (thread-local) LoRA override
+        if threading.current_thread() is not threading.main_thread() and not overlapped.is_set():
+            writing.set()
+            assert overlapped.wait(timeout=30)
+        return upper_logits(*args, **kwargs)
+
+    writer.upper.logits = held_logits
+    thread = threading.Thread(target=lambda: written.update(writer.fit(dyn, chunk, {})))
     thread.start()
-    outputs = []
-    while thread.is_alive() or not outputs:
+    assert writing.wait(timeout=30)
+    with torch.no_grad():
+        outputs = [dyn(input_ids=ids).logits]  # the write is held inside its override: this forward overlaps it
+    overlapped.set()
+    while thread.is_alive():
         with torch.no_grad():
             outputs.append(dyn(input_ids=ids).logits)
     thread.join()
@@ -109,4 +121,5 @@ def test_a_distill_write_on_another_thread_and_decoding_do_not_disturb_each_othe
     assert all(torch.equal(out, reference) for out in outputs)
     assert set(written) == set(inline)
     for m in inline:
-        torch.testing.assert_close(written[m][1] @ written[m][0], inline[m][1] @ inline[m][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close((written[m][1] @ written[m][0]).detach(), (inline[m][1] @ inline[m][0]).detach(),
+                                   rtol=1e-5, atol=1e-6)

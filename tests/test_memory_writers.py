@@ -201,3 +201,21 @@ def test_relevance_gate_turns_the_memory_on_only_for_prompts_that_name_what_it_a
     assert float(dyn.state.memory_weights[0]) == 1.0
     dyn.state.reset(0)
     assert absorber.relevance(0, "Where does Zorba Quint live?") == 0.0  # a reset memory absorbed nothing
+
+
+def test_generated_probes_are_the_models_own_questions_and_answers_with_the_chunk_in_view():
+    dyn, writer, _ = make_distill(DistillConfig(steps=0, rank=2, generated=2))
+    tokenizer, calls = ByteTokenizer(), []
+
+    def scripted(dyn_, prompts, max_new_tokens):  # what the base model would say: a question, then an answer
+        calls.append([tokenizer.decode(p) for p in prompts])
+        if len(calls) == 1:
+            return [list(b"Where does Zorba Quint live?\nAnd more."), list(b"no question here")]
+        return [list(b"Mellowby")]
+
+    writer._base_generate = scripted
+    assert writer._generated_probes(dyn, TEXT) == [("Where does Zorba Quint live?", "Mellowby")]
+    asked, answered = calls
+    assert len(asked) == 2 and all(TEXT in prompt and "Answer in a few words" not in prompt for prompt in asked)
+    assert "Ask one short question about Zorba Quint" in asked[0]
+    assert TEXT in answered[0] and "Where does Zorba Quint live? Answer in a few words." in answered[0]

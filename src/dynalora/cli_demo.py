@@ -12,7 +12,8 @@ def cmd_demo(args) -> int:
     if not args.no_absorb:
         from dynalora.demo_absorb import run_absorb_demo
 
-        run_absorb_demo(args.checkpoints / "absorb", args.model, writer=args.absorber, steps=args.absorb_steps)
+        run_absorb_demo(args.checkpoints / "absorb", args.model, writer=args.absorber, steps=args.absorb_steps,
+                        step_sizes=args.absorb_step_sizes)
     return 0
 
 
@@ -45,6 +46,8 @@ def add_demo_commands(commands) -> None:
                    help="how the absorb part writes the memory LoRA (default: %(default)s)")
     p.add_argument("--absorb-steps", type=int, default=DistillConfig.steps,
                    help="distillation steps per chunk (distill writers; default: %(default)s)")
+    p.add_argument("--absorb-step-sizes", type=Path, default=None,
+                   help="meta-learned step sizes for the distill writers (e.g. checkpoints/absorb_steps)")
     p.set_defaults(handler=cmd_demo)
 
     p = commands.add_parser("plot", help="PNG timeline of the blend weights over one stream's tokens")

@@ -34,6 +34,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="how an evicted chunk is written into the memory LoRA (default: %(default)s)")
     p.add_argument("--absorb-steps", type=int, default=DistillConfig.steps,
                    help="distillation steps per absorbed chunk (distill writers; default: %(default)s)")
+    p.add_argument("--absorb-step-sizes", type=Path, default=None,
+                   help="meta-learned step sizes for the distill writers (a `train absorb-steps` folder)")
     p.add_argument("--background-absorb", action="store_true",
                    help="write absorbed chunks on a background thread while generation goes on")
     p.add_argument("--relevance-gate", action="store_true",
@@ -55,6 +57,7 @@ def engine_from_args(args):
                                      mix=args.mix, triggers=args.trigger or ["token"],
                                      kv_policy=args.kv_policy, window=args.window, compressor=args.compressor,
                                      absorber=args.absorber, absorb_steps=args.absorb_steps,
+                                     absorb_step_sizes=args.absorb_step_sizes,
                                      background_absorb=args.background_absorb,
                                      relevance_gate=args.relevance_gate))
     if args.state:

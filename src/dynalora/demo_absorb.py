@@ -17,7 +17,7 @@ DEMO_DOCUMENT_OFFSET = 100
 
 
 def run_absorb_demo(compressor_dir: Path, model: str | None = None, questions: int = 6, writer: str = "compressor",
-                    steps: int | None = None) -> dict:
+                    steps: int | None = None, step_sizes: Path | None = None) -> dict:
     from dynalora.data.absorb import split_seeds
     from dynalora.data.facts import facts_document
     from dynalora.eval.absorb import Answerer
@@ -28,7 +28,8 @@ def run_absorb_demo(compressor_dir: Path, model: str | None = None, questions: i
     from dynalora.runtime.memory_writers import DistillConfig
 
     base = load_base_model(model)
-    distill = DistillConfig() if steps is None else DistillConfig(steps=steps)
+    distill = DistillConfig(steps=DistillConfig.steps if steps is None else steps,
+                            step_sizes=str(step_sizes) if step_sizes is not None else None)
     absorber = load_absorber(base.model, None if writer == "distill" else compressor_dir, max_batch=questions,
                              writer=writer, tokenizer=base.tokenizer, distill=distill)
     state, tokenizer = absorber.dyn.state, base.tokenizer

@@ -66,6 +66,12 @@ def mentioned_names(text: str) -> set[str]:
     return {re.sub(r"'s?$", "", name) for sentence in sentences_of(text) for name in names_in(sentence)}
 
 
+def top_names(text: str, count: int) -> list[str]:
+    """The ``count`` names mentioned in the most sentences of ``text`` (ties in order of appearance)."""
+    mentions = Counter(name for sentence in sentences_of(text) for name in dict.fromkeys(names_in(sentence)))
+    return [name for name, _ in mentions.most_common(count)]
+
+
 def chunk_probes(text: str, max_probes: int = 8, seed: int = 0, restate: bool = False,
                  cloze: int = 0) -> list[tuple[str, str]]:
     """Up to ``max_probes`` ``(question, answer)`` pairs about ``text``: the most mentioned names first,
@@ -73,9 +79,8 @@ def chunk_probes(text: str, max_probes: int = 8, seed: int = 0, restate: bool = 
     sentences = sentences_of(text)
     if not sentences:
         return []
-    mentions = Counter(name for sentence in sentences for name in dict.fromkeys(names_in(sentence)))
     probes = cloze_probes(sentences)[:cloze]
-    for name, _ in mentions.most_common(max(0, max_probes - int(restate))):
+    for name in top_names(text, max(0, max_probes - int(restate))):
         answer = " ".join(s for s in sentences if name in s)
         probes.append((TOPIC_QUESTION.format(name=name), answer))
     if restate:

@@ -51,6 +51,8 @@ class EngineSpec:
     """The memory writer used with ``window``: compressor, distill or compressor+distill."""
     absorb_steps: int = DistillConfig.steps
     """Distillation steps per absorbed chunk (the distilling writers)."""
+    absorb_step_sizes: Path | None = None
+    """Meta-learned step sizes for the distilling writers (``DistillConfig.step_sizes``; None: its ``lr``)."""
     background_absorb: bool = False
     """Write absorbed chunks on a background thread while generation goes on (``EngineConfig``)."""
     relevance_gate: bool = False
@@ -107,7 +109,8 @@ def build_engine(spec: EngineSpec) -> Engine:
         from dynalora.runtime.absorb import plan_writer
 
         plan = plan_writer(spec.absorber, None if spec.absorber == "distill" else spec.compressor, base.tokenizer,
-                           DistillConfig(steps=spec.absorb_steps), window=spec.window)
+                           DistillConfig(steps=spec.absorb_steps, step_sizes=spec.absorb_step_sizes and
+                                         str(spec.absorb_step_sizes)), window=spec.window)
         kinds = {name.rsplit(".", 1)[-1] for name in bank.modules} | set(plan.target_kinds)
         inject = InjectConfig(target_modules=sorted(kinds | {"q_proj", "k_proj", "v_proj", "o_proj"}),
                               state=StateConfig(max_batch=spec.max_batch, memory_rank=plan.memory_rank))

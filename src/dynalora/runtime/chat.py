@@ -5,9 +5,12 @@ from __future__ import annotations
 ANSWER_INSTRUCTION = "Answer in a few words."
 
 
-def chat_prompt(tokenizer, question: str, context: str | None = None) -> list[int]:
-    """The chat-template prompt for a question (with the document before it when ``context`` is given)."""
-    content = f"{question} {ANSWER_INSTRUCTION}" if context is None else f"{context}\n\n{question} {ANSWER_INSTRUCTION}"
+def chat_prompt(tokenizer, question: str, context: str | None = None,
+                instruction: str = ANSWER_INSTRUCTION) -> list[int]:
+    """The chat-template prompt for a question (with the document before it when ``context`` is given), then
+    ``instruction``."""
+    request = f"{question} {instruction}".strip()
+    content = request if context is None else f"{context}\n\n{request}"
     return list(tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                               tokenize=True, return_dict=True)["input_ids"])
 

@@ -58,12 +58,12 @@ class StepSizes:
         return self.log_lr[min(step, self.steps - 1)].detach().exp()
 
     def save(self, folder: str | Path, record: dict | None = None) -> Path:
-        """``step_sizes.safetensors`` (fp32: step sizes span decades; the starts are a few MB) and a JSON
+        """``step_sizes.safetensors`` (log step sizes fp32, a few hundred numbers; the starts fp16) and a JSON
         record, each written to a temporary name and moved into place."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {"log_lr": self.log_lr.detach().float().contiguous()}
-        tensors.update({f"start.{m}": a.detach().float().contiguous() for m, a in self.start.items()})
+        tensors.update({f"start.{m}": a.detach().half().contiguous() for m, a in self.start.items()})
         temporary = folder / (FILE + ".tmp")
         save_file(tensors, str(temporary), metadata={"modules": json.dumps(self.modules)})
         temporary.replace(folder / FILE)

@@ -29,7 +29,7 @@ from transformers import DynamicCache
 
 from dynalora.lora.lowrank import truncate
 from dynalora.lora.state import Factors
-from dynalora.runtime.absorb_probes import chunk_probes
+from dynalora.runtime.absorb_probes import chunk_probes, top_names
 from dynalora.runtime.chat import chat_prompt, end_of_turn_id
 from dynalora.runtime.distill_steps import Adam, StepSizes
 from dynalora.runtime.padding import length_buckets, pad_rows
@@ -43,6 +43,7 @@ LOCALITY_PROMPTS = (
     ("Write one sentence about the sea."),
 )
 """Unrelated questions whose answers a memory must leave alone (the base model's own answers, cached)."""
+ASK_QUESTION = "Ask one short question about {name} that the text above answers. Write only the question."
 
 
 @dataclass
@@ -74,6 +75,9 @@ class DistillConfig:
     """Add a probe that restates the whole chunk in shuffled sentence order (costs about a chunk per step)."""
     cloze: int = 8
     """Sentence-completion probes per chunk (the sentence up to a name → the name)."""
+    generated: int = 0
+    """Probes the base model writes itself: for the chunk's most mentioned names, a question it asks about each
+    with the chunk in view, answered by it with the chunk in view (greedy; questions in a reader's words)."""
     replay_chunks: int = 0
     """Earlier chunks of the row rehearsed at each absorb (their probes, teacher with them in context): a
     bounded replay buffer of token ids, so a new chunk does not overwrite what the memory holds."""
@@ -166,7 +170,7 @@ class DistillWriter:
             text = self.tokenizer.decode(token_ids)
             teachers, lengths = [], []
             for question, answer in chunk_probes(text, self.config.max_probes, self.config.seed, self.config.restate,
-                                                 self.config.cloze):
+                                                 self.config.cloze) + self._generated_probes(dyn, text):
                 answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"] + ([end] if end is not None
                                                                                               else [])
                 students.append(chat_prompt(self.tokenizer, question) + answer_ids)
@@ -230,19 +234,42 @@ class DistillWriter:
             return self.upper.capture(ids)
 
     @torch.no_grad()
+    def _generated_probes(self, dyn, text: str) -> list[tuple[str, str]]:
+        """``config.generated`` (question, answer) pairs the base model writes about ``text`` (see the field)."""
+        names = top_names(text, self.config.generated)
+        if not names:
+            return []
+        asked = self._base_generate(dyn, [chat_prompt(self.tokenizer, ASK_QUESTION.format(name=n), text, "")
+                                          for n in names], 32)
+        questions = [q for q in (self.tokenizer.decode(ids, skip_special_tokens=True).strip().split("\n")[0]
+                                 for ids in asked) if q.endswith("?")]
+        if not questions:
+            return []
+        answers = self._base_generate(dyn, [chat_prompt(self.tokenizer, q, text) for q in questions], 24)
+        pairs = [(q, self.tokenizer.decode(ids, skip_special_tokens=True).strip())
+                 for q, ids in zip(questions, answers)]
+        return [(q, a) for q, a in pairs if a]
+
+    def _base_generate(self, dyn, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy continuations by the base model (no LoRA), as many rows at a time as the state holds."""
+        from dynalora.runtime.engine import Engine
+
+        engine, out, rows = Engine(dyn, self.tokenizer), [], dyn.state.max_batch
+        try:
+            with dyn.state.functional(None, {}):
+                for start in range(0, len(prompts), rows):
+                    out += engine.generate(prompts[start:start + rows], max_new_tokens=max_new_tokens).token_ids
+        finally:
+            engine.close()  # its capture hook must not stay on the model
+        return out
+
+    @torch.no_grad()
     def _locality_texts(self, dyn, device) -> _Texts:
         """The base model's own greedy answers to :data:`LOCALITY_PROMPTS` and its distribution on them,
         computed once per writer (the memory must leave these alone)."""
         if self._locality is None:
-            from dynalora.runtime.engine import Engine
-
             prompts = [chat_prompt(self.tokenizer, q) for q in LOCALITY_PROMPTS]
-            engine = Engine(dyn, self.tokenizer)
-            try:
-                with dyn.state.functional(None, {}):
-                    answers = [engine.generate([p], max_new_tokens=24).token_ids[0] for p in prompts]
-            finally:
-                engine.close()  # its capture hook must not stay on the model
+            answers = self._base_generate(dyn, prompts, 24)
             rows = [p + a for p, a in zip(prompts, answers)]
             ids = pad_rows(rows, self.pad_id, device)[0]
             select = _answer_positions(ids, rows, [len(a) for a in answers])
