@@ -19,3 +19,8 @@ $D eval absorb --data "$WORK/facts_test.jsonl" --absorber distill --locality 24 
 # a long conversation: 9 documents absorbed one after another into one memory, then questions about each
 $D eval absorb --data "$WORK/facts_test9.jsonl" --absorber distill --sequence 9 --methods no_context \
     --out results/eval_absorb_distill_sequence.json
+# validation (3 documents): probes the base model writes itself, against the default's 0.273 at 8 steps
+# (results/validation_absorb_steps_constant.json, from scripts/train_absorb_steps.sh)
+$D data absorb --kind facts --split validation --count 6 --words 150 --out "$WORK/facts_val.jsonl"
+$D eval absorb --data "$WORK/facts_val.jsonl" --absorber distill --max-docs 3 --methods full_context dynalora \
+    --steps 8 --locality 12 --generated 3 --out results/validation_absorb_generated_probes.json
