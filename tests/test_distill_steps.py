@@ -15,7 +15,7 @@ from dynalora.models import ByteTokenizer
 from dynalora.runtime.absorb_probes import chunk_probes
 from dynalora.runtime.chat import chat_prompt
 from dynalora.runtime.distill_steps import Adam, StepSizes
-from dynalora.runtime.memory_writers import DistillConfig, _answer_positions
+from dynalora.runtime.memory_writers import DistillConfig, answer_positions
 from dynalora.runtime.padding import length_buckets, pad_rows
 from tests.test_memory_writers import TEXT, make_distill
 
@@ -79,7 +79,7 @@ def test_teacher_reads_the_shared_prefix_once_and_matches_the_full_rows():
     top = writer._teacher_top(dyn, rows, lengths, {}, torch.device("cpu"))
     with torch.no_grad():
         ids = pad_rows(rows, 0, "cpu")[0]
-        reference = dyn(input_ids=ids).logits[_answer_positions(ids, rows, lengths)].float().log_softmax(-1)
+        reference = dyn(input_ids=ids).logits[answer_positions(ids, rows, lengths)].float().log_softmax(-1)
     torch.testing.assert_close(top.values, reference.topk(5, dim=-1).values, rtol=1e-4, atol=1e-5)
 
 
@@ -103,7 +103,7 @@ def test_the_last_steps_size_gradient_equals_a_finite_difference():
             writer.step_sizes.log_lr[2, module, 1] += math.log1p(delta / config.lr)
         params = writer.fit(dyn, ids)
         with torch.no_grad():
-            return float(writer._loss(dyn, questions, {}, params))
+            return float(writer.loss(dyn, questions, {}, params))
 
     finite = (loss_with(eps) - loss_with(-eps)) / (2 * eps)
     assert meta.lr_grad[2, module, 1].item() == pytest.approx(finite, rel=2e-2, abs=1e-6)

@@ -109,21 +109,21 @@ def test_locality_term_pulls_a_memory_back_towards_the_base_model():
     """With only the locality KL, steps from a perturbed start lower the KL to the base model on its own answers."""
     dyn, writer, _ = make_distill(DistillConfig(steps=0, rank=2, chunk_weight=0, probe_weight=0, locality_weight=1))
     texts = writer._locality_texts(dyn, torch.device("cpu"))
-    params = writer._start(dyn, [1, 2, 3], torch.device("cpu"))
+    params = writer.start_factors(dyn, [1, 2, 3], torch.device("cpu"))
     with torch.no_grad():
         for _, b in params.values():
             b.normal_(std=0.5)
     with torch.no_grad():
-        start = float(writer._loss(dyn, texts, {}, params))
-        assert float(writer._loss(dyn, texts, {}, {})) == pytest.approx(0, abs=1e-5)  # no memory: the base itself
+        start = float(writer.loss(dyn, texts, {}, params))
+        assert float(writer.loss(dyn, texts, {}, {})) == pytest.approx(0, abs=1e-5)  # no memory: the base itself
     optimizer = torch.optim.Adam([t for pair in params.values() for t in pair], lr=0.05)
     for _ in range(10):
-        loss = writer._loss(dyn, texts, {}, params)
+        loss = writer.loss(dyn, texts, {}, params)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        assert float(writer._loss(dyn, texts, {}, params)) < 0.5 * start
+        assert float(writer.loss(dyn, texts, {}, params)) < 0.5 * start
 
 
 def test_load_absorber_names_what_a_writer_needs():

@@ -118,7 +118,7 @@ class CompressorWriter:
 
 
 @dataclass
-class _Texts:
+class ScoredTexts:
     """One group of student texts: the upper layers' inputs, which positions are scored, and the targets."""
 
     inputs: LayerInputs
@@ -152,13 +152,13 @@ class DistillWriter:
                              f"layer {self.upper.first_layer} up (the state targets {sorted(prefixes)[:3]}...)")
         self.rank = self.config.rank
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self._locality: _Texts | None = None
+        self._locality: ScoredTexts | None = None
         self.step_sizes = StepSizes.load(self.config.step_sizes) if self.config.step_sizes else \
             StepSizes.constant(self.modules_list, self.config.steps, self.config.lr)
         self._schedule_rows = self.step_sizes.for_modules(self.modules_list)  # (M,) rows of the schedule
 
     # -- the training texts ------------------------------------------------------------------------
-    def _probe_texts(self, dyn, chunks: list[list[int]], memory: Factors, device) -> list[_Texts]:
+    def _probe_texts(self, dyn, chunks: list[list[int]], memory: Factors, device) -> list[ScoredTexts]:
         """Probes about every chunk, in batches of similar length (padding would double the tokens: a topic
         probe's answer is many sentences, a cloze probe's one name): the teacher reads each with its chunk in
         context (and the row's memory), the student without it."""
@@ -185,8 +185,8 @@ class DistillWriter:
         for bucket in length_buckets([len(r) for r in students]):
             rows = [students[i] for i in bucket]
             ids = pad_rows(rows, self.pad_id, device)[0]
-            texts.append(_Texts(self._capture(dyn, ids, memory),
-                                _answer_positions(ids, rows, [answer_lengths[i] for i in bucket]),
+            texts.append(ScoredTexts(self.lower_inputs(dyn, ids, memory),
+                                answer_positions(ids, rows, [answer_lengths[i] for i in bucket]),
                                 top_ids=torch.cat([top_ids[i] for i in bucket]),
                                 top_probs=torch.cat([top_probs[i] for i in bucket])))
         return texts
@@ -215,20 +215,20 @@ class DistillWriter:
             with dyn.state.functional(None, _as_rows(memory, len(bucket))):
                 hidden = dyn.model(input_ids=ids, cache=cache, position_ids=positions, use_cache=cache is not None,
                                    output_hidden_states=True, logits_to_keep=1).hidden_states[-1]  # (N, L, H) normed
-            select = _answer_positions(ids, suffixes, [answer_lengths[i] for i in bucket])
+            select = answer_positions(ids, suffixes, [answer_lengths[i] for i in bucket])
             top = self.upper.head(hidden[select]).float().log_softmax(-1).topk(self.config.top_k, dim=-1)
             for i, values, indices in zip(bucket, top.values.split([answer_lengths[i] for i in bucket]),
                                           top.indices.split([answer_lengths[i] for i in bucket])):
                 tops[i] = (values, indices)
         return torch.return_types.topk((torch.cat([t[0] for t in tops]), torch.cat([t[1] for t in tops])))
 
-    def _chunk_texts(self, dyn, token_ids: list[int], memory: Factors, device) -> _Texts:
+    def _chunk_texts(self, dyn, token_ids: list[int], memory: Factors, device) -> ScoredTexts:
         ids = torch.tensor([token_ids], device=device)  # (1, T)
         select = torch.ones_like(ids, dtype=torch.bool)
         select[0, -1] = False
-        return _Texts(self._capture(dyn, ids, memory), select, labels=ids[0, 1:])
+        return ScoredTexts(self.lower_inputs(dyn, ids, memory), select, labels=ids[0, 1:])
 
-    def _capture(self, dyn, ids: torch.Tensor, memory: Factors) -> LayerInputs:
+    def lower_inputs(self, dyn, ids: torch.Tensor, memory: Factors) -> LayerInputs:
         """The lower layers' output for ``ids (N, L)`` under the row's memory (exact if it has lower modules)."""
         with dyn.state.functional(None, _as_rows(memory, ids.shape[0])):
             return self.upper.capture(ids)
@@ -264,7 +264,7 @@ class DistillWriter:
         return out
 
     @torch.no_grad()
-    def _locality_texts(self, dyn, device) -> _Texts:
+    def _locality_texts(self, dyn, device) -> ScoredTexts:
         """The base model's own greedy answers to :data:`LOCALITY_PROMPTS` and its distribution on them,
         computed once per writer (the memory must leave these alone)."""
         if self._locality is None:
@@ -272,15 +272,17 @@ class DistillWriter:
             answers = self._base_generate(dyn, prompts, 24)
             rows = [p + a for p, a in zip(prompts, answers)]
             ids = pad_rows(rows, self.pad_id, device)[0]
-            select = _answer_positions(ids, rows, [len(a) for a in answers])
-            inputs = self._capture(dyn, ids, {})  # the base's lower layers: the teacher's and the student's
+            select = answer_positions(ids, rows, [len(a) for a in answers])
+            inputs = self.lower_inputs(dyn, ids, {})  # the base's lower layers: the teacher's and the student's
             with dyn.state.functional(None, {}):
                 top = self.upper.logits(inputs, select).float().log_softmax(-1).topk(self.config.top_k, dim=-1)
-            self._locality = _Texts(inputs, select, top_ids=top.indices, top_probs=top.values.exp())
+            self._locality = ScoredTexts(inputs, select, top_ids=top.indices, top_probs=top.values.exp())
         return self._locality
 
     # -- the steps ---------------------------------------------------------------------------------
-    def _start(self, dyn, token_ids: list[int], device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def start_factors(self, dyn, token_ids: list[int], device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Where a write starts: ``{module: (A (r, in), B (out, r))}``, trainable fp32 — the compressor's cut
+        factors if there is one, then fresh ``A`` rows (the learned start, else Gaussian) with ``B = 0``."""
         rank, shapes = self.config.rank, dyn.bank.module_shapes
         factors = {}
         if self.start is not None:
@@ -320,7 +322,7 @@ class DistillWriter:
         after each step with the update directions (meta-learning the step sizes reads them)."""
         memory = {m: (a.float(), b.float()) for m, (a, b) in (memory or {}).items() if a.shape[0] > 0}
         device = dyn.state.device
-        params = self._start(dyn, token_ids, device)
+        params = self.start_factors(dyn, token_ids, device)
         if self.config.steps > 0:
             groups = []
             if self.config.chunk_weight > 0 and len(token_ids) > 1:
@@ -337,14 +339,16 @@ class DistillWriter:
                 for step in range(self.config.steps):
                     for t in tensors:
                         t.grad = None
-                    sum(weight * self._loss(dyn, texts, memory, params) for weight, texts in groups).backward()
+                    sum(weight * self.loss(dyn, texts, memory, params) for weight, texts in groups).backward()
                     sizes = self.step_sizes.at(step)[self._schedule_rows].reshape(-1).tolist()  # (M·2,) A, B
                     directions = optimizer.step(tensors, sizes)
                     if after_step is not None:
                         after_step(step, params, directions)
         return params
 
-    def _loss(self, dyn, texts: _Texts, memory: Factors, params) -> torch.Tensor:
+    def loss(self, dyn, texts: ScoredTexts, memory: Factors, params) -> torch.Tensor:
+        """The student's loss on ``texts`` with the row's ``memory`` and the factors ``params`` on: cross-entropy
+        to ``texts.labels``, or the top-k KL to the teacher's ``texts.top_probs``."""
         rows = texts.select.shape[0]
         factors = {}
         for m in set(memory) | set(params):
@@ -382,7 +386,7 @@ def frozen(model: torch.nn.Module):
             p.requires_grad_(True)
 
 
-def _answer_positions(ids: torch.Tensor, rows: list[list[int]], answer_lengths: list[int]) -> torch.Tensor:
+def answer_positions(ids: torch.Tensor, rows: list[list[int]], answer_lengths: list[int]) -> torch.Tensor:
     """(N, L) bool: the positions whose next token is an answer token (the last ``answer_length`` of each row)."""
     select = torch.zeros_like(ids, dtype=torch.bool)
     for i, (row, length) in enumerate(zip(rows, answer_lengths)):

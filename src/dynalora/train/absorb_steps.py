@@ -30,7 +30,7 @@ from tqdm import tqdm
 from dynalora.plot import plot_step_sizes
 from dynalora.runtime.chat import answer_tokens, chat_prompt, end_of_turn_id
 from dynalora.runtime.distill_steps import StepSizes
-from dynalora.runtime.memory_writers import DistillConfig, _answer_positions, _Texts
+from dynalora.runtime.memory_writers import DistillConfig, answer_positions, ScoredTexts
 from dynalora.runtime.padding import pad_rows
 from dynalora.train.data import config_record
 
@@ -72,7 +72,8 @@ class AbsorbStepsTrainConfig:
             raise ValueError("AbsorbStepsTrainConfig.distill.step_sizes: learning starts from the constant lr")
 
 
-def question_texts(writer, dyn, tokenizer, questions: list[dict], device, contexts: list[str] | None = None) -> _Texts:
+def question_texts(writer, dyn, tokenizer, questions: list[dict], device,
+                   contexts: list[str] | None = None) -> ScoredTexts:
     """The gold answers as the student scores them: the chat prompt (without the document, or with
     ``contexts[i]`` before question ``i``), then the answer."""
     end = end_of_turn_id(tokenizer)
@@ -80,7 +81,7 @@ def question_texts(writer, dyn, tokenizer, questions: list[dict], device, contex
     contexts = contexts or [None] * len(questions)
     rows = [chat_prompt(tokenizer, q["question"], c) + a for q, a, c in zip(questions, answers, contexts)]
     ids = pad_rows(rows, writer.pad_id, device)[0]  # (N, L)
-    return _Texts(writer._capture(dyn, ids, {}), _answer_positions(ids, rows, [len(a) for a in answers]),
+    return ScoredTexts(writer.lower_inputs(dyn, ids, {}), answer_positions(ids, rows, [len(a) for a in answers]),
                   labels=torch.tensor([t for a in answers for t in a], device=device))
 
 
@@ -91,8 +92,8 @@ class MetaGradients:
     :attr:`lr_grad` ``(steps, M, 2)`` (∂L/∂lr), :attr:`start_grad` ``{module: (r, in)}``, :attr:`losses`,
     :attr:`locality_losses`."""
 
-    def __init__(self, writer, dyn, questions: _Texts, score_steps: list[int], steps: int,
-                 unrelated: _Texts | None = None, locality_weight: float = 0.0):
+    def __init__(self, writer, dyn, questions: ScoredTexts, score_steps: list[int], steps: int,
+                 unrelated: ScoredTexts | None = None, locality_weight: float = 0.0):
         self.writer, self.dyn, self.questions, self.score_steps = writer, dyn, questions, set(score_steps)
         self.unrelated, self.locality_weight = unrelated, locality_weight
         self.locality_losses: dict[int, float] = {}
@@ -106,10 +107,10 @@ class MetaGradients:
         if step + 1 not in self.score_steps:
             return
         tensors = [t for m in self.writer.modules_list for t in params[m]]  # A, B of each module in order
-        loss = self.writer._loss(self.dyn, self.questions, {}, params)
+        loss = self.writer.loss(self.dyn, self.questions, {}, params)
         self.losses[step + 1] = float(loss.detach())
         if self.unrelated is not None and self.locality_weight > 0:
-            locality = self.writer._loss(self.dyn, self.unrelated, {}, params)
+            locality = self.writer.loss(self.dyn, self.unrelated, {}, params)
             self.locality_losses[step + 1] = float(locality.detach())
             loss = loss + self.locality_weight * locality
         grads = torch.autograd.grad(loss, tensors)
@@ -141,7 +142,7 @@ def train_absorb_steps(config: AbsorbStepsTrainConfig) -> dict:
     groups = [{"params": [log_lr], "lr": config.meta_lr}]
     if config.start_lr > 0:
         sizes.start = {m: a.detach().clone().requires_grad_() for m, (a, _) in
-                       writer._start(dyn, [], device).items()}
+                       writer.start_factors(dyn, [], device).items()}
         groups.append({"params": list(sizes.start.values()), "lr": config.start_lr})
     writer.step_sizes = sizes
     meta_optimizer = torch.optim.Adam(groups)
@@ -155,8 +156,8 @@ def train_absorb_steps(config: AbsorbStepsTrainConfig) -> dict:
         unrelated = question_texts(writer, dyn, tokenizer, [i["questions"][0] for i in items], device,
                                    [i["context"] for i in items]) if items else None
         with torch.no_grad():
-            before = float(writer._loss(dyn, questions, {}, {}))
-            locality_before = float(writer._loss(dyn, unrelated, {}, {})) if unrelated is not None else None
+            before = float(writer.loss(dyn, questions, {}, {}))
+            locality_before = float(writer.loss(dyn, unrelated, {}, {})) if unrelated is not None else None
         meta = MetaGradients(writer, dyn, questions, config.score_steps, steps, unrelated, config.locality_weight)
         writer.fit(dyn, chunk, after_step=meta)
         meta_optimizer.zero_grad(set_to_none=True)
