@@ -24,3 +24,8 @@ $D eval absorb --data "$WORK/facts_test9.jsonl" --absorber distill --sequence 9 
 $D data absorb --kind facts --split validation --count 6 --words 150 --out "$WORK/facts_val.jsonl"
 $D eval absorb --data "$WORK/facts_val.jsonl" --absorber distill --max-docs 3 --methods full_context dynalora \
     --steps 8 --locality 12 --generated 3 --out results/validation_absorb_generated_probes.json
+# validation (3 documents in 128-token chunks): the window text after each chunk as a probe, off and on
+for f in 0 64; do
+    $D eval absorb --data "$WORK/facts_val.jsonl" --absorber distill --max-docs 3 --methods full_context dynalora \
+        --steps 8 --chunk-tokens 128 --following-tokens $f --out "results/validation_absorb_following_$f.json"
+done

@@ -24,10 +24,11 @@ class GatedWriter:
         shapes = dyn.bank.module_shapes
         self.factors = {m: (torch.randn(2, shapes[m][0], generator=generator),
                             torch.randn(shapes[m][1], 2, generator=generator)) for m in self.modules_list}
-        self.gate, self.fail, self.calls = threading.Event(), fail, 0
+        self.gate, self.fail, self.calls, self.handed = threading.Event(), fail, 0, []
 
-    def write(self, dyn, token_ids, memory=None, replay=()):
+    def write(self, dyn, token_ids, memory=None, replay=(), following=()):
         self.calls += 1
+        self.handed.append((list(token_ids), list(following)))
         assert self.gate.wait(timeout=30)
         if self.fail:
             raise RuntimeError("writer broke")
@@ -62,6 +63,8 @@ def test_generation_goes_on_under_the_old_memory_until_the_write_lands_whole():
                 writer.gate.set()
                 engine.worker.jobs[0].future.result(timeout=30)  # done: the next step boundary merges it
     assert kinds.count("absorb_start") >= 1 and kinds.count("absorb") >= 1
+    chunk, following = writer.handed[0]  # the first write: 8 tokens after the 2-token sink, then the window's rest
+    assert chunk == prompt[2:10] and following[:20] == prompt[10:] and len(following) > len(prompt[10:])
     assert len(seen_while_writing) >= 14 and all(m == {} for m in seen_while_writing)  # the old (empty) memory
     lora = [k for k in kinds if k.startswith("absorb")]
     assert lora[:2] == ["absorb_start", "absorb"]  # a write is reported finished before the next one starts

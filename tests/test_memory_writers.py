@@ -219,3 +219,30 @@ def test_generated_probes_are_the_models_own_questions_and_answers_with_the_chun
     assert len(asked) == 2 and all(TEXT in prompt and "Answer in a few words" not in prompt for prompt in asked)
     assert "Ask one short question about Zorba Quint" in asked[0]
     assert TEXT in answered[0] and "Where does Zorba Quint live? Answer in a few words." in answered[0]
+
+
+def test_the_text_after_a_chunk_is_a_probe_and_every_absorb_path_hands_it_over():
+    class Recording:
+        modules_list: list = []
+
+        def __init__(self):
+            self.calls = []
+
+        def write(self, dyn, token_ids, memory=None, replay=(), following=()):
+            self.calls.append((list(token_ids), list(following)))
+            return {}
+
+    dyn, writer, _ = make_distill(DistillConfig(steps=2, rank=2, max_probes=0, cloze=0, chunk_weight=0,
+                                                following_tokens=16))
+    recording = Recording()
+    absorber = Absorber(dyn, recording, AbsorbConfig(window=20, sink_tokens=2, chunk_tokens=8))
+    ids = list(range(40, 70))
+    absorber.absorb_text(0, ids[:20])
+    assert recording.calls == [(ids[0:8], ids[8:20]), (ids[8:16], ids[16:20]), (ids[16:20], [])]
+    recording.calls.clear()
+    absorber.evict(0, ids[:26])
+    assert recording.calls == [(ids[2:10], ids[10:26])]
+    # with only the following-text probe, the steps move the memory; without following text there is nothing to learn
+    chunk, after = list(TEXT.encode())[:16], list(TEXT.encode())[16:40]
+    assert any(b.abs().sum() > 0 for _, b in writer.write(dyn, chunk, following=after).values())
+    assert all(not b.any() for _, b in writer.write(dyn, chunk).values())

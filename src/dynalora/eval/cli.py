@@ -37,7 +37,8 @@ def cmd_absorb(args) -> int:
                             first_layer=args.distill_first_layer, replay_chunks=args.replay_chunks,
                             chunk_weight=args.chunk_weight, probe_weight=args.probe_weight,
                             locality_weight=args.locality_weight, max_probes=args.max_probes,
-                            cloze=args.cloze, generated=args.generated, step_sizes=args.step_sizes)
+                            cloze=args.cloze, generated=args.generated, following_tokens=args.following_tokens,
+                            step_sizes=args.step_sizes)
     eval_absorb(AbsorbEvalConfig(data=args.data, compressor_dir=args.compressor, model=args.model, window=args.window,
                                  methods=args.methods, max_docs=args.max_docs, gradient_steps=args.gradient_steps,
                                  needle=args.needle, locality=args.locality, memory_weight=args.memory_weight,
@@ -154,6 +155,8 @@ def add_eval_commands(commands) -> None:
                    help="weight of the KL to the base model on its own answers to unrelated questions")
     p.add_argument("--max-probes", type=int, default=DistillConfig.max_probes, help="topic probes per chunk")
     p.add_argument("--cloze", type=int, default=DistillConfig.cloze, help="sentence-completion probes per chunk")
+    p.add_argument("--following-tokens", type=int, default=DistillConfig.following_tokens,
+                   help="window tokens after an absorbed chunk used as a probe (0: off; default: %(default)s)")
     p.add_argument("--generated", type=int, default=DistillConfig.generated,
                    help="probes the base model writes itself (a question per top name, its own answer)")
     p.add_argument("--relevance-gate", action="store_true",

@@ -102,13 +102,18 @@ class Absorber:
         self.replay(row)  # forgets the names of a memory that was reset
         return 1.0 if mentioned_names(text) & self.names.get(row, set()) else 0.0
 
-    def encode(self, token_ids: list[int], row: int = 0) -> dict:
-        """Factors ``{module: (A (r, in), B (out, r))}`` the writer makes of one chunk for ``row``."""
-        return self.writer.write(self.dyn, token_ids, self.dyn.state.row_factors(row, "memory"), self.replay(row))
+    def encode(self, token_ids: list[int], row: int = 0, following: list[int] = (), memory: dict | None = None,
+               replay: list[list[int]] | None = None) -> dict:
+        """Factors ``{module: (A (r, in), B (out, r))}`` the writer makes of one chunk for ``row``; ``following``:
+        the window tokens after it. ``memory`` and ``replay`` default to the row's own now (a background write
+        passes the snapshot it took when it started)."""
+        memory = self.dyn.state.row_factors(row, "memory") if memory is None else memory
+        replay = self.replay(row) if replay is None else replay
+        return self.writer.write(self.dyn, token_ids, memory, replay, following)
 
-    def absorb(self, row: int, token_ids: list[int]) -> AbsorbReport:
+    def absorb(self, row: int, token_ids: list[int], following: list[int] = ()) -> AbsorbReport:
         started = time.perf_counter()
-        rank, error = self.merge(row, self.encode(token_ids, row), token_ids)
+        rank, error = self.merge(row, self.encode(token_ids, row, following), token_ids)
         return AbsorbReport(row, len(token_ids), rank, error, time.perf_counter() - started)
 
     @torch.no_grad()
@@ -128,7 +133,7 @@ class Absorber:
     def absorb_text(self, row: int, token_ids: list[int]) -> list[AbsorbReport]:
         """Absorb a whole token sequence in chunks of ``chunk_tokens`` (e.g. a document before a question)."""
         size = self.config.chunk_tokens
-        return [self.absorb(row, token_ids[i:i + size]) for i in range(0, len(token_ids), size)]
+        return [self.absorb(row, token_ids[i:i + size], token_ids[i + size:]) for i in range(0, len(token_ids), size)]
 
     def evict(self, row: int, token_ids: list[int]) -> tuple[list[int], list[AbsorbReport]]:
         """While the row is over the window: absorb the oldest chunk after the sink and drop it.
@@ -137,7 +142,7 @@ class Absorber:
         sink, size = self.config.sink_tokens, self.config.chunk_tokens
         reports = []
         while len(token_ids) > self.config.window:
-            reports.append(self.absorb(row, token_ids[sink:sink + size]))
+            reports.append(self.absorb(row, token_ids[sink:sink + size], token_ids[sink + size:]))
             token_ids = token_ids[:sink] + token_ids[sink + size:]
         return token_ids, reports
 

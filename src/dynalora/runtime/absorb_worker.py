@@ -47,17 +47,21 @@ class AbsorbWorker:
     def busy(self, row: int) -> bool:
         return row in self.jobs
 
-    def start(self, row: int, token_ids: list[int]) -> AbsorbJob:
+    def start(self, row: int, token_ids: list[int], following: list[int] = ()) -> AbsorbJob:
+        """Write ``token_ids`` for ``row`` on the worker (``following``: the window tokens after them), from a
+        snapshot of the row's memory and replay taken now."""
         if row in self.jobs:
             raise RuntimeError(f"row {row} already has an absorb in flight")
         memory = {m: (a.clone(), b.clone()) for m, (a, b) in self.absorber.dyn.state.row_factors(row, "memory").items()}
-        future = self._executor.submit(self._write, list(token_ids), memory, self.absorber.replay(row))
+        future = self._executor.submit(self._write, row, list(token_ids), list(following), memory,
+                                       self.absorber.replay(row))
         self.jobs[row] = AbsorbJob(row, list(token_ids), time.perf_counter(), future)
         return self.jobs[row]
 
-    def _write(self, token_ids: list[int], memory: dict, replay: list[list[int]]) -> dict:
+    def _write(self, row: int, token_ids: list[int], following: list[int], memory: dict,
+               replay: list[list[int]]) -> dict:
         with torch.no_grad():
-            return self.absorber.writer.write(self.absorber.dyn, token_ids, memory, replay)
+            return self.absorber.encode(token_ids, row, following, memory, replay)
 
     def collect(self, wait: bool = False) -> list[tuple[AbsorbJob, dict | None, BaseException | None]]:
         """Finished jobs (all in-flight ones with ``wait``) as ``(job, factors, None)`` or ``(job, None, error)``."""

@@ -428,7 +428,7 @@ class Engine:
         for b, row in enumerate(rows):
             if not finished[b] and len(row) > config.window and not self.worker.busy(b) and b not in self.absorb_failed:
                 chunk = row[config.sink_tokens:config.sink_tokens + config.chunk_tokens]
-                self.worker.start(b, chunk)
+                self.worker.start(b, chunk, row[config.sink_tokens + config.chunk_tokens:])
                 blend = state.blend_weights[b].tolist()
                 events.append(LoraEvent("absorb_start", b, len(row), "window", 0.0, blend, blend,
                                         f"writing {len(chunk)} tokens into memory in the background; they stay in "

@@ -75,6 +75,10 @@ class DistillConfig:
     """Add a probe that restates the whole chunk in shuffled sentence order (costs about a chunk per step)."""
     cloze: int = 8
     """Sentence-completion probes per chunk (the sentence up to a name → the name)."""
+    following_tokens: int = 0
+    """Up to this many window tokens that follow the chunk (still in the window when it is absorbed) are a
+    probe: the student reads them without the chunk and matches the teacher that reads them after it (0: off;
+    64 lowered validation exact match with 128-token chunks, 0.09 → 0.03)."""
     generated: int = 0
     """Probes the base model writes itself: for the chunk's most mentioned names, a question it asks about each
     with the chunk in view, answered by it with the chunk in view (greedy; questions in a reader's words)."""
@@ -111,7 +115,8 @@ class CompressorWriter:
         self.rank = compressor.config.rank
 
     @torch.no_grad()
-    def write(self, dyn, token_ids: list[int], memory: Factors | None = None, replay: list[list[int]] = ()) -> Factors:
+    def write(self, dyn, token_ids: list[int], memory: Factors | None = None, replay: list[list[int]] = (),
+              following: list[int] = ()) -> Factors:
         device = next(self.compressor.parameters()).device
         factors = self.compressor.read(dyn, torch.tensor([token_ids], device=device))
         return {m: (a[0].to(dyn.state.dtype), b[0].to(dyn.state.dtype)) for m, (a, b) in factors.items()}
@@ -233,6 +238,18 @@ class DistillWriter:
         with dyn.state.functional(None, _as_rows(memory, ids.shape[0])):
             return self.upper.capture(ids)
 
+    def _following_texts(self, dyn, token_ids: list[int], following: list[int], memory: Factors,
+                         device) -> ScoredTexts:
+        """The window text after the chunk: the teacher reads it after the chunk, the student alone."""
+        with torch.no_grad(), dyn.state.functional(None, _as_rows(memory, 1)):
+            hidden = dyn.model(input_ids=torch.tensor([token_ids + following], device=device),
+                               output_hidden_states=True, logits_to_keep=1).hidden_states[-1][0]  # (T, H) normed
+            top = self.upper.head(hidden[len(token_ids):-1]).float().log_softmax(-1).topk(self.config.top_k, dim=-1)
+        ids = torch.tensor([following], device=device)  # (1, F)
+        select = torch.ones_like(ids, dtype=torch.bool)
+        select[0, -1] = False
+        return ScoredTexts(self.lower_inputs(dyn, ids, memory), select, top_ids=top.indices, top_probs=top.values.exp())
+
     @torch.no_grad()
     def _generated_probes(self, dyn, text: str) -> list[tuple[str, str]]:
         """``config.generated`` (question, answer) pairs the base model writes about ``text`` (see the field)."""
@@ -307,17 +324,19 @@ class DistillWriter:
             params[m] = (a.to(device).requires_grad_(), b.to(device).requires_grad_())
         return params
 
-    def write(self, dyn, token_ids: list[int], memory: Factors | None = None, replay: list[list[int]] = ()) -> Factors:
+    def write(self, dyn, token_ids: list[int], memory: Factors | None = None, replay: list[list[int]] = (),
+              following: list[int] = ()) -> Factors:
         """The chunk's factors ``{module: (A (r, in), B (out, r))}``; ``memory`` is the row's current memory
         (the student keeps it on while it learns the chunk; it is not changed here). ``replay``: chunks the
         memory already holds (oldest first); the last ``replay_chunks`` are rehearsed with their probes, so
-        the new factors do not overwrite what the memory knew."""
-        params = self.fit(dyn, token_ids, memory, replay)
+        the new factors do not overwrite what the memory knew. ``following``: the window tokens after the
+        chunk (a probe, see ``DistillConfig.following_tokens``)."""
+        params = self.fit(dyn, token_ids, memory, replay, following=following)
         dtype = dyn.state.dtype
         return {m: (a.detach().to(dtype), b.detach().to(dtype)) for m, (a, b) in params.items()}
 
     def fit(self, dyn, token_ids: list[int], memory: Factors | None = None, replay: list[list[int]] = (),
-            after_step=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+            after_step=None, following: list[int] = ()) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """:meth:`write`'s steps, returning the fp32 factors; ``after_step(step, params, directions)`` is called
         after each step with the update directions (meta-learning the step sizes reads them)."""
         memory = {m: (a.float(), b.float()) for m, (a, b) in (memory or {}).items() if a.shape[0] > 0}
@@ -331,8 +350,14 @@ class DistillWriter:
             probes = self._probe_texts(dyn, [token_ids] + rehearsed, memory, device)
             positions = sum(int(texts.select.sum()) for texts in probes)
             groups += [(self.config.probe_weight * int(texts.select.sum()) / positions, texts) for texts in probes]
+            following = list(following)[:self.config.following_tokens]
+            if len(following) > 1 and self.config.probe_weight > 0:
+                groups.append((self.config.probe_weight, self._following_texts(dyn, token_ids, following, memory,
+                                                                               device)))
             if self.config.locality_weight > 0:
                 groups.append((self.config.locality_weight, self._locality_texts(dyn, device)))
+            if not groups:  # nothing to learn from: the start as it is (B = 0, the identity)
+                return params
             tensors = [t for m in self.modules_list for t in params[m]]  # A, B of each module in order
             optimizer = Adam(tensors)
             with torch.enable_grad(), frozen(dyn.model):
