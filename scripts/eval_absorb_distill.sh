@@ -29,3 +29,5 @@ for f in 0 64; do
     $D eval absorb --data "$WORK/facts_val.jsonl" --absorber distill --max-docs 3 --methods full_context dynalora \
         --steps 8 --chunk-tokens 128 --following-tokens $f --out "results/validation_absorb_following_$f.json"
 done
+# pass keys at 4x a 256-token window, streamed through it (10 depths; ~7 minutes)
+$D eval absorb --needle --window 256 --needle-multiples 4 --absorber distill --out results/eval_absorb_needle_distill.json

@@ -41,7 +41,8 @@ def cmd_absorb(args) -> int:
                             step_sizes=args.step_sizes)
     eval_absorb(AbsorbEvalConfig(data=args.data, compressor_dir=args.compressor, model=args.model, window=args.window,
                                  methods=args.methods, max_docs=args.max_docs, gradient_steps=args.gradient_steps,
-                                 needle=args.needle, locality=args.locality, memory_weight=args.memory_weight,
+                                 needle=args.needle, needle_multiples=args.needle_multiples,
+                                 locality=args.locality, memory_weight=args.memory_weight,
                                  absorber=args.absorber, distill=distill, steps=args.steps,
                                  chunk_tokens=args.chunk_tokens, sequence=args.sequence,
                                  relevance_gate=args.relevance_gate, threads=args.threads),
@@ -126,6 +127,8 @@ def add_eval_commands(commands) -> None:
     p.add_argument("--gradient-steps", type=int, nargs="+", default=[4, 16, 48],
                    help="cumulative fine-tuning steps at which gradient_lora is scored")
     p.add_argument("--needle", action="store_true", help="pass-key retrieval at 10 depths, 1/2/4/8x the window")
+    p.add_argument("--needle-multiples", type=int, nargs="+", default=[1, 2, 4, 8],
+                   help="document lengths in windows for --needle (default: %(default)s)")
     p.add_argument("--locality", type=int, default=0, help="unrelated questions for the locality check")
     p.add_argument("--memory-weight", type=float, default=1.0,
                    help="scale on the absorbed memory when answering (1: as written, 0: off)")
