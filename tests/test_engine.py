@@ -300,3 +300,23 @@ def test_loading_one_trigger_token_keeps_the_others_registered(tmp_path):
     assert load_trigger_tokens(think_file, model, None) == {THINK_TOKEN: ids[THINK_TOKEN]}
     assert model.config.dynalora_trigger_tokens == ids
     assert Engine(DynamicLoraModel.attach(model, random_bank(model), InjectConfig()), None).trigger_token_ids == ids
+
+
+def test_new_trigger_tokens_start_at_the_mean_row_even_in_spare_embedding_rows():
+    """Qwen2 pads its embedding matrix past the vocabulary: a token added into a spare row must not keep that
+    row's arbitrary values; a token the tokenizer already had keeps its (trained) row."""
+    from dynalora.models import ByteTokenizer
+
+    model, tokenizer = tiny_model("qwen2", vocab_size=300), ByteTokenizer()  # rows 256..299 are spare
+    embeddings = model.get_input_embeddings().weight
+    mean = embeddings[:256].mean(dim=0).clone()
+    ids = add_trigger_tokens(model, tokenizer)
+    assert model.get_input_embeddings().weight.shape[0] == 300  # no resize was needed
+    for token_id in ids.values():
+        assert 256 <= token_id < 300
+        torch.testing.assert_close(embeddings[token_id], mean)
+    with torch.no_grad():
+        embeddings[ids["<|shift|>"]] += 1.0  # as if trained
+    trained = embeddings[ids["<|shift|>"]].clone()
+    assert add_trigger_tokens(model, tokenizer) == ids
+    torch.testing.assert_close(embeddings[ids["<|shift|>"]], trained)

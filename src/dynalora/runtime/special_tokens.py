@@ -20,7 +20,9 @@ DEFAULT_TRIGGER_TOKENS = (SHIFT_TOKEN, THINK_TOKEN)
 
 
 def add_trigger_tokens(model, tokenizer, tokens=DEFAULT_TRIGGER_TOKENS) -> dict[str, int]:
-    """Add ``tokens`` as special tokens (existing ones are reused); returns ``{token: id}``.
+    """Add ``tokens`` as special tokens (existing ones are reused); returns ``{token: id}``. A newly added
+    token's input (and untied output) row starts at the mean of the vocabulary's rows — also when the matrix
+    already had a spare row for it (Qwen2 pads its vocabulary), whose values would otherwise be arbitrary.
 
     Works with a tokenizer (resized vocabulary) or ``tokenizer=None`` (tiny test models: the new ids
     are appended after the model's vocabulary)."""
@@ -28,21 +30,28 @@ def add_trigger_tokens(model, tokenizer, tokens=DEFAULT_TRIGGER_TOKENS) -> dict[
     old_size = embeddings.weight.shape[0]
     existing = dict(getattr(model.config, "dynalora_trigger_tokens", {}) or {})
     if tokenizer is not None:
+        vocabulary = len(tokenizer)  # ids below it are real tokens; a new one gets an id at or past it
         tokenizer.add_tokens(list(tokens), special_tokens=True)
         ids = {token: tokenizer.convert_tokens_to_ids(token) for token in tokens}
         new_size = max(len(tokenizer), old_size)
     else:
+        vocabulary = old_size
         ids = {token: existing.get(token, old_size + i) for i, token in enumerate(t for t in tokens)}
         new_size = max(old_size, max(ids.values()) + 1)
-    if new_size > old_size:
-        with torch.no_grad():
-            mean_row = embeddings.weight[:old_size].mean(dim=0)
+    fresh = [i for i in ids.values() if i >= vocabulary]
+    real = min(vocabulary, old_size)
+    output = model.get_output_embeddings()
+    untied = output is not None and output.weight.data_ptr() != embeddings.weight.data_ptr()
+    with torch.no_grad():
+        input_mean = embeddings.weight[:real].mean(dim=0)
+        output_mean = output.weight[:real].mean(dim=0) if untied else None
+        if new_size > old_size:
             model.resize_token_embeddings(new_size, mean_resizing=False)
-            embeddings = model.get_input_embeddings()
-            embeddings.weight[old_size:] = mean_row
-            output = model.get_output_embeddings()
-            if output is not None and output.weight.data_ptr() != embeddings.weight.data_ptr():
-                output.weight[old_size:] = output.weight[:old_size].mean(dim=0)
+        embeddings, output = model.get_input_embeddings(), model.get_output_embeddings()
+        for row in sorted(set(fresh) | set(range(old_size, new_size))):  # new tokens and rows the resize added
+            embeddings.weight[row] = input_mean
+            if untied:
+                output.weight[row] = output_mean
     model.config.dynalora_trigger_tokens = {**existing, **ids}  # adding one token keeps the others registered
     return ids
 
