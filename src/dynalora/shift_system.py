@@ -49,7 +49,9 @@ class ShiftSystem:
 
         return Engine(self.dyn, self.base.tokenizer, self.hyper,
                       TriggerConfig([TokenProbability(self.shift_id, self.threshold, SHIFT_TOKEN)], min_gap=min_gap),
-                      EngineConfig(update_delay=self.update_delay, sample_triggers=False))
+                      EngineConfig(update_delay=self.update_delay, sample_triggers=False,
+                                   feature_layer=self.net.config.feature_layer,
+                                   pool_window=self.net.config.pool_window))  # the features it was trained on
 
 
 def load_shift_system(library_dir: Path, shift_dir: Path, triggers_dir: Path, model: str | None = None,
