@@ -244,5 +244,11 @@ def test_the_text_after_a_chunk_is_a_probe_and_every_absorb_path_hands_it_over()
     assert recording.calls == [(ids[2:10], ids[10:26])]
     # with only the following-text probe, the steps move the memory; without following text there is nothing to learn
     chunk, after = list(TEXT.encode())[:16], list(TEXT.encode())[16:40]
+    texts = writer._following_texts(dyn, chunk, after, {}, torch.device("cpu"))  # teacher: `after` read after `chunk`
+    with torch.no_grad():
+        full = dyn(input_ids=torch.tensor([chunk + after])).logits[0, len(chunk):-1].float().log_softmax(-1)
+    top = full.topk(texts.top_ids.shape[1], dim=-1)
+    torch.testing.assert_close(texts.top_probs, top.values.exp(), rtol=1e-4, atol=1e-5)
+    assert int(texts.select.sum()) == len(after) - 1 == texts.top_ids.shape[0]
     assert any(b.abs().sum() > 0 for _, b in writer.write(dyn, chunk, following=after).values())
     assert all(not b.any() for _, b in writer.write(dyn, chunk).values())

@@ -217,11 +217,8 @@ class DistillWriter:
                 cache = copy.deepcopy(prefix)
                 cache.batch_repeat_interleave(len(bucket))
             positions = torch.arange(shared, shared + ids.shape[1], device=device)[None].expand(len(bucket), -1)
-            with dyn.state.functional(None, _as_rows(memory, len(bucket))):
-                hidden = dyn.model(input_ids=ids, cache=cache, position_ids=positions, use_cache=cache is not None,
-                                   output_hidden_states=True, logits_to_keep=1).hidden_states[-1]  # (N, L, H) normed
-            select = answer_positions(ids, suffixes, [answer_lengths[i] for i in bucket])
-            top = self.upper.head(hidden[select]).float().log_softmax(-1).topk(self.config.top_k, dim=-1)
+            top = self._top_k_at(dyn, ids, answer_positions(ids, suffixes, [answer_lengths[i] for i in bucket]),
+                                 memory, cache, positions)
             for i, values, indices in zip(bucket, top.values.split([answer_lengths[i] for i in bucket]),
                                           top.indices.split([answer_lengths[i] for i in bucket])):
                 tops[i] = (values, indices)
@@ -238,13 +235,22 @@ class DistillWriter:
         with dyn.state.functional(None, _as_rows(memory, ids.shape[0])):
             return self.upper.capture(ids)
 
+    @torch.no_grad()
+    def _top_k_at(self, dyn, ids: torch.Tensor, select: torch.Tensor, memory: Factors, cache=None, positions=None):
+        """The teacher's top-k next tokens (log-probs, ids ``(S, k)``) at the ``select``ed positions of ``ids (N,
+        L)``, the row's memory on; the LM head runs at those positions only."""
+        with dyn.state.functional(None, _as_rows(memory, ids.shape[0])):
+            hidden = dyn.model(input_ids=ids, cache=cache, position_ids=positions, use_cache=cache is not None,
+                               output_hidden_states=True, logits_to_keep=1).hidden_states[-1]  # (N, L, H) normed
+        return self.upper.head(hidden[select]).float().log_softmax(-1).topk(self.config.top_k, dim=-1)
+
     def _following_texts(self, dyn, token_ids: list[int], following: list[int], memory: Factors,
                          device) -> ScoredTexts:
         """The window text after the chunk: the teacher reads it after the chunk, the student alone."""
-        with torch.no_grad(), dyn.state.functional(None, _as_rows(memory, 1)):
-            hidden = dyn.model(input_ids=torch.tensor([token_ids + following], device=device),
-                               output_hidden_states=True, logits_to_keep=1).hidden_states[-1][0]  # (T, H) normed
-            top = self.upper.head(hidden[len(token_ids):-1]).float().log_softmax(-1).topk(self.config.top_k, dim=-1)
+        teacher_ids = torch.tensor([token_ids + following], device=device)  # (1, T + F)
+        teacher_select = torch.zeros_like(teacher_ids, dtype=torch.bool)
+        teacher_select[0, len(token_ids):-1] = True  # the positions that predict following[1:]
+        top = self._top_k_at(dyn, teacher_ids, teacher_select, memory)
         ids = torch.tensor([following], device=device)  # (1, F)
         select = torch.ones_like(ids, dtype=torch.bool)
         select[0, -1] = False
