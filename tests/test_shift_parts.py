@@ -10,7 +10,8 @@ from dynalora.hyper.shift_net import ShiftHypernetwork, ShiftNet, ShiftNetConfig
 from dynalora.lora import DynamicLoraModel, InjectConfig, StateConfig
 from dynalora.lora.targets import find_target_modules
 from dynalora.models import tiny_model
-from dynalora.train.triggers import oracle_schedule, simulate_policy, targets_for, trigger_metrics
+from dynalora.data.trigger_metrics import simulate_policy, trigger_metrics
+from dynalora.train.triggers import oracle_schedule, targets_for
 
 from test_engine import random_bank
 

@@ -18,19 +18,18 @@ def cmd_demo(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from dynalora.data.streams import read_streams
+    from dynalora.data.streams import read_streams, tokenize_stream
     from dynalora.plot import plot_blend_timeline
     from dynalora.shift_system import load_shift_system
-    from dynalora.train.triggers import tokenize_stream
 
     streams = read_streams(args.data)
     if not 0 <= args.index < len(streams):
         raise ValueError(f"--index {args.index}: {args.data} holds streams 0..{len(streams) - 1}")
     system = load_shift_system(*(args.checkpoints / n for n in ("library", "shift", "triggers")), args.model)
     tokens, starts, domains = tokenize_stream(system.base.tokenizer, streams[args.index])
-    _, fired, _, blends = system.run_stream(tokens, record_blends=True)
-    print(f"{len(fired)} shifts over {len(tokens)} tokens; "
-          f"wrote {plot_blend_timeline(blends, system.bank.labels, starts, domains, fired, args.out)}")
+    scored = system.run_stream(tokens)
+    print(f"{len(scored.fired)} shifts over {len(tokens)} tokens; wrote "
+          f"{plot_blend_timeline(scored.blends, system.bank.labels, starts, domains, scored.fired, args.out)}")
     return 0
 
 

@@ -25,12 +25,11 @@ class DemoConfig:
 
 
 def run_demo(config: DemoConfig) -> dict:
-    from dynalora.data.streams import StreamConfig, build_streams
+    from dynalora.data.streams import StreamConfig, build_streams, tokenize_stream
     from dynalora.plot import plot_blend_timeline
     from dynalora.runtime import SamplingConfig
     from dynalora.runtime.special_tokens import SHIFT_TOKEN
     from dynalora.shift_system import load_shift_system
-    from dynalora.train.triggers import tokenize_stream
 
     system = load_shift_system(*(config.checkpoints / name for name in ("library", "shift", "triggers")), config.model)
     base, bank, net, dyn, threshold = system.base, system.bank, system.net, system.dyn, system.threshold
@@ -41,20 +40,19 @@ def run_demo(config: DemoConfig) -> dict:
     stream = build_streams(StreamConfig(split="test", streams=1, segments=4, segment_chars=config.segment_chars,
                                         domains=DEMO_DOMAINS, seed=config.seed))[0]
     tokens, starts, domains = tokenize_stream(base.tokenizer, stream)
-    nll, fired, seconds, blends = system.run_stream(tokens, record_blends=True)
+    scored = system.run_stream(tokens)
+    fired, blends = scored.fired, scored.blends
     print(f"A stream of {len(tokens)} tokens (test split) that changes domain {len(starts) - 1} times:")
-    events = sorted([(s, "segment", d) for s, d in zip(starts, domains)] + [(t, "shift", None) for t in fired])
-    for position, kind, domain in events:
+    events = sorted([(s, "segment", d) for s, d in zip(starts, domains)]
+                    + [(f, "shift", e) for f, e in zip(fired, scored.events)])
+    for position, kind, detail in events:
         if kind == "segment":
             preview = base.tokenizer.decode(tokens[position:position + 18]).replace("\n", " ")
-            print(f"\n{BOLD}token {position:>4}: the text becomes {domain}{RESET}  “{preview}…”")
-        else:
-            landed = min(position + system.update_delay + 1, len(blends) - 1)  # the update lands after the delay
-            blend = blends[landed]
-            top = sorted(zip(bank.labels, blend), key=lambda x: -x[1])[:3]
-            ms = seconds[fired.index(position)] * 1e3
-            print(f"{DIM}  token {position:>4}: <|shift|> fired; from token {landed}: "
-                  + ", ".join(f"{label} {w:.2f}" for label, w in top) + f"  ({ms:.1f} ms){RESET}")
+            print(f"\n{BOLD}token {position:>4}: the text becomes {detail}{RESET}  “{preview}…”")
+        else:  # the update lands update_delay tokens after the trigger
+            top = sorted(zip(bank.labels, detail.new_blend), key=lambda x: -x[1])[:3]
+            print(f"{DIM}  token {position:>4}: <|shift|> fired; from token {detail.position}: "
+                  + ", ".join(f"{label} {w:.2f}" for label, w in top) + f"  ({detail.seconds * 1e3:.1f} ms){RESET}")
     result = {"tokens": len(tokens), "segments": domains, "segment_starts": starts, "shifts": fired}
     if config.plot is not None:
         plot_blend_timeline(blends, bank.labels, starts, domains, fired, config.plot)

@@ -6,7 +6,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from dynalora.runtime import Engine, EngineConfig, TokenProbability, TriggerConfig
+from dynalora.runtime.special_tokens import SHIFT_TOKEN
+from dynalora.runtime.teacher_forced import StreamScore, score_stream
+from dynalora.runtime.trigger_lora import trigger_lora_merged
 
 
 @dataclass
@@ -30,23 +33,18 @@ class ShiftSystem:
     # Chosen on validation streams (results/eval_shift_validation_*.json): the blend alone with update
     # delay 12 (NLL 3.137) beat no delay (3.147) and the blend + generated factors (3.187, 3.201).
 
-    @torch.no_grad()
-    def run_stream(self, tokens: list[int], min_gap: int = 32, record_blends: bool = False):
-        """Teacher-forced pass with the learned trigger (see :func:`dynalora.eval.shift.run_dynalora`)."""
-        from dynalora.eval.shift import run_dynalora
-        from dynalora.runtime.trigger_lora import trigger_lora_merged
-
-        with trigger_lora_merged(self.base.model, self.trigger_deltas):
-            return run_dynalora(self.dyn, self.capture, self.hyper, tokens, self.threshold, min_gap, self.shift_id,
-                                self.vocab_size, self.net.config.pool_window, record_blends=record_blends,
-                                defer=self.update_delay)
-
+    def run_stream(self, tokens: list[int], min_gap: int = 32) -> StreamScore:
+        """Teacher-forced pass of a stream through :meth:`engine` (:func:`dynalora.runtime.teacher_forced.score_stream`)
+        with the trigger LoRA merged: the learned trigger fires the shift network mid-stream."""
+        engine = self.engine(min_gap)
+        try:
+            with trigger_lora_merged(self.base.model, self.trigger_deltas):
+                return score_stream(engine, tokens, self.vocab_size)
+        finally:
+            engine.close()
 
     def engine(self, min_gap: int = 32):
         """The live engine: the learned ``<|shift|>`` probability fires the shift network (greedy triggers)."""
-        from dynalora.runtime import Engine, EngineConfig, TokenProbability, TriggerConfig
-        from dynalora.runtime.special_tokens import SHIFT_TOKEN
-
         return Engine(self.dyn, self.base.tokenizer, self.hyper,
                       TriggerConfig([TokenProbability(self.shift_id, self.threshold, SHIFT_TOKEN)], min_gap=min_gap),
                       EngineConfig(update_delay=self.update_delay, sample_triggers=False,
@@ -62,7 +60,7 @@ def load_shift_system(library_dir: Path, shift_dir: Path, triggers_dir: Path, mo
     from dynalora.lora import DynamicLoraModel, InjectConfig, StateConfig
     from dynalora.models import load_base_model
     from dynalora.runtime.features import HiddenCapture
-    from dynalora.runtime.special_tokens import SHIFT_TOKEN, load_trigger_tokens
+    from dynalora.runtime.special_tokens import load_trigger_tokens
     from dynalora.runtime.trigger_lora import trigger_lora_beside
     from dynalora.train.library import load_library_bank
 

@@ -81,3 +81,13 @@ def _check_stream(stream: dict) -> None:
 def read_streams(path: str | Path) -> list[dict]:
     """Read a streams JSONL file; each line must have a non-empty ``segments`` list of ``{"text": ...}``."""
     return read_jsonl(path, _check_stream, "streams", '{"segments": [{"domain": "...", "text": "..."}, ...]}')
+
+
+def tokenize_stream(tokenizer, stream: dict) -> tuple[list[int], list[int], list[str]]:
+    """Token ids of the whole stream, the start index of every segment, and each segment's domain."""
+    ids, starts, domains = [], [], []
+    for segment in stream["segments"]:
+        starts.append(len(ids))
+        ids.extend(tokenizer(segment["text"], add_special_tokens=False)["input_ids"])
+        domains.append(segment.get("domain", ""))
+    return ids, starts, domains

@@ -25,9 +25,9 @@ import torch
 from tqdm import tqdm
 from transformers import DynamicCache
 
-from dynalora.data.streams import read_streams
+from dynalora.data.streams import read_streams, tokenize_stream
 from dynalora.eval.report import report
-from dynalora.train.triggers import simulate_policy, tokenize_stream, trigger_metrics
+from dynalora.data.trigger_metrics import trigger_metrics
 
 METHODS = ("base", "uniform_merge", "peft_linear_merge", "router_select", "oracle", "dynalora", "xlora")
 
@@ -208,10 +208,10 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
         starts_all.append(starts)
         lengths.append(length)
         if "dynalora" in run:
-            nll, fired, seconds = system.run_stream(tokens, config.min_gap)
-            scores["dynalora"] = segment_scores(nll, starts, length, config.skip)
-            fired_all.append(fired)
-            shift_seconds.extend(seconds)
+            scored = system.run_stream(tokens, config.min_gap)
+            scores["dynalora"] = segment_scores(scored.nll, starts, length, config.skip)
+            fired_all.append(scored.fired)
+            shift_seconds.extend(event.seconds for event in scored.events)
         for name, segs in scores.items():
             for (total, count), domain, library in zip(segs, domains, library_flags):
                 bucket = totals if library else unseen_totals
@@ -247,51 +247,6 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
                                ("uniform_merge", "peft_linear_merge", "base", "router_select", "xlora")
                                if "nll" in methods.get(m, {})}}
     return report(result, format_shift_table(result), out)
-
-
-@torch.no_grad()
-def run_dynalora(dyn, capture, hyper, tokens, threshold, min_gap, shift_id, vocab_size, pool_window,
-                 record_blends: bool = False, defer: int = 0):
-    """Teacher-forced pass where the learned trigger fires the hypernetwork mid-stream (keep policy).
-
-    ``defer`` > 0 applies each update that many tokens after the trigger, with features pooled over
-    the window ending there (a trigger fires a few tokens into a new segment; pooling right away mixes
-    in the old segment's text). Returns per-token NLL ``(L-1,)``, the trigger positions and the seconds
-    each update took; with ``record_blends`` also the blend in force at every position."""
-    from dynalora.hyper.protocol import TriggerFeatures
-    from dynalora.runtime.guard import GuardConfig, check_update
-
-    dyn.state.reset(0)
-    cache = DynamicCache(config=dyn.model.config)
-    position, last_fired, fired, seconds, log_probs, blends = 0, -10**9, [], [], [], []
-    while position < len(tokens):
-        capture.reset()
-        logits = dyn(input_ids=torch.tensor([tokens[position:]]), cache=cache, use_cache=True).logits[0].float()
-        p_shift = torch.softmax(logits, dim=-1)[:, shift_id]  # (T,)
-        candidates = [t for t in simulate_policy(p_shift, threshold, 1) if position + t - last_fired >= min_gap]
-        if not candidates:
-            log_probs.append(torch.log_softmax(logits[:, :vocab_size], -1))
-            blends.extend([dyn.state.blend_weights[0].tolist()] * logits.shape[0])
-            break
-        trigger = candidates[0]
-        t = min(trigger + defer, logits.shape[0] - 1)  # the update lands here
-        blends.extend([dyn.state.blend_weights[0].tolist()] * (t + 1))
-        log_probs.append(torch.log_softmax(logits[:t + 1, :vocab_size], -1))
-        cache.crop(-(len(tokens) - position - t - 1))  # keep positions up to the update point
-        hidden = capture.recent[0, :t + 1]  # feature-layer states of this chunk up to the update point
-        started = time.perf_counter()
-        window = hidden[-pool_window:]
-        features = TriggerFeatures(0, position + t, "p(<|shift|>)", window[-1], window.mean(0))
-        update = hyper(features, dyn.state)
-        if check_update(GuardConfig(), dyn.state, 0, update.blend, update.generated, update.memory) is None:
-            dyn.state.update(0, blend=update.blend, generated=update.generated)  # as the engine's guard allows
-        seconds.append(time.perf_counter() - started)
-        fired.append(position + trigger)
-        last_fired = position + trigger
-        position += t + 1
-    log_probs = torch.cat(log_probs)[:-1]
-    nll = -log_probs.gather(1, torch.tensor(tokens[1:])[:, None])[:, 0]
-    return (nll, fired, seconds, blends) if record_blends else (nll, fired, seconds)
 
 
 def format_shift_table(result: dict) -> str:

@@ -11,7 +11,6 @@ token at that step instead, from the logits the KV policy gives under the new Lo
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -19,15 +18,16 @@ from typing import Callable, Iterator
 import torch
 from transformers import DynamicCache
 
-from dynalora.hyper.protocol import Hypernetwork, LoraUpdate, TriggerFeatures
+from dynalora.hyper.protocol import Hypernetwork, TriggerFeatures
 from dynalora.lora.inject import DynamicLoraModel
 from dynalora.runtime.absorb import Absorber
 from dynalora.runtime.absorb_worker import AbsorbWorker
 from dynalora.runtime.events import Event, FinishEvent, GenerationResult, LoraEvent, TokenEvent
 from dynalora.runtime.features import HiddenCapture
-from dynalora.runtime.guard import GuardConfig, check_update
+from dynalora.runtime.guard import GuardConfig
 from dynalora.runtime.sampling import SamplingConfig, choose_next
-from dynalora.runtime.triggers import RowTriggers, StepObservation, TriggerConfig
+from dynalora.runtime.triggers import DelayedUpdate, RowTriggers, StepObservation, TriggerConfig
+from dynalora.runtime.update import apply_update
 
 KV_POLICIES = ("keep", "recompute_last", "recompute_all")
 LogitsProcessor = Callable[[int, torch.Tensor], torch.Tensor]  # (step, logits (B, V)) -> logits
@@ -202,47 +202,19 @@ class Engine:
         return count, out.logits[0, -1].float()
 
     def _apply(self, row: int, position: int, reason: str, batch: _Batch, cache: DynamicCache) -> LoraEvent:
-        """Run the hypernetwork for one row and apply its answer (or refuse it). After a recompute,
+        """Run the hypernetwork for one row and apply its answer (:func:`apply_update`). After a recompute,
         ``self.fresh_logits[row]`` holds the row's next-token logits under the new LoRA."""
-        state = self.dyn.state
-        started = time.perf_counter()
-        old_blend = state.blend_weights[row].tolist()
-        if self.hypernetwork is None:
-            return LoraEvent("identity", row, position, reason, time.perf_counter() - started, old_blend, old_blend,
-                             "no hypernetwork attached")
         features = TriggerFeatures(row=row, position=position, reason=reason,
                                    trigger_hidden=self.capture.last(row), pooled_hidden=self.capture.pooled(row),
                                    token_ids=batch.row_tokens(row))
-        try:
-            update = self.hypernetwork(features, state) or LoraUpdate()
-            blend = update.resolved_blend(state.blend_weights[row])
-            refusal = check_update(self.config.guard, state, row, blend, update.generated, update.memory)
-            weight = update.memory_weight
-            if refusal is None and weight is not None and not (math.isfinite(weight) and weight >= 0):
-                refusal = f"memory weight {weight!r} is not a finite number ≥ 0"
-        except Exception as error:  # a failing hypernetwork must not stop generation
-            update, blend, refusal = LoraUpdate(), None, f"hypernetwork raised {type(error).__name__}: {error}"
-        if refusal:
-            return LoraEvent("rejected", row, position, reason, time.perf_counter() - started, old_blend, old_blend,
-                             refusal)
-        if update.is_identity:
-            return LoraEvent("identity", row, position, reason, time.perf_counter() - started, old_blend, old_blend,
-                             level=update.level)
-        state.update(row, blend=blend, generated=update.generated, memory=update.memory)
-        if update.memory_weight is not None:
-            state.set_memory_weight(row, update.memory_weight)
-        detail = []
-        if self.config.kv_policy != "keep":
+        event = apply_update(self.dyn.state, self.hypernetwork, features, self.config.guard)
+        if event.kind == "shift" and self.config.kv_policy != "keep":
             count = None if self.config.kv_policy == "recompute_all" else self.config.recompute_tokens
+            started = time.perf_counter()
             recomputed, self.fresh_logits[row] = self._recompute_row(batch, cache, row, count)
-            detail.append(f"recomputed {recomputed} cached positions")
-        parts = [name for name, value in (("blend", blend), ("generated", update.generated),
-                                          ("memory", update.memory)) if value is not None]
-        if update.memory_weight is not None:
-            parts.append(f"memory weight {update.memory_weight:.2f}")
-        detail.insert(0, "updated " + ", ".join(parts))
-        return LoraEvent("shift", row, position, reason, time.perf_counter() - started, old_blend,
-                         state.blend_weights[row].tolist(), "; ".join(detail), level=update.level)
+            event.seconds += time.perf_counter() - started
+            event.detail += f"; recomputed {recomputed} cached positions"
+        return event
 
     # -- the loop ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -296,7 +268,7 @@ class Engine:
         visible: list[list[int]] = [[] for _ in range(count)]
         shown_text = [""] * count
         finished = [False] * count
-        pending: dict[int, list] = {}  # row -> [tokens left, reason] of a delayed update
+        delayed = [DelayedUpdate(self.config.update_delay) for _ in range(count)]
         for step in range(max_new_tokens):
             if logits_processor is not None:
                 logits = logits_processor(step, logits)
@@ -351,15 +323,9 @@ class Engine:
                     shown_text[b] = text
                 if held_back:
                     yield LoraEvent("suppressed", b, position, held_back, 0.0, None, None)
-                if reason and applied is None and self.config.update_delay:
-                    pending[b] = [self.config.update_delay, reason]
-                elif reason and applied is None:
-                    yield self._apply(b, position, reason, batch, cache)
-                elif not reason and b in pending:
-                    pending[b][0] -= 1
-                    if pending[b][0] <= 0:
-                        delayed = pending.pop(b)[1]
-                        yield self._apply(b, position, f"{delayed} (+{self.config.update_delay} tokens)", batch, cache)
+                due = delayed[b].due(reason) if applied is None else None
+                if due:
+                    yield self._apply(b, position, due, batch, cache)
                 stop = self._stop_reason(token, shown_text[b], stop_strings)
                 if stop or step == max_new_tokens - 1 or self.interrupted:
                     finished[b] = True

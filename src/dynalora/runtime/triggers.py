@@ -170,3 +170,29 @@ class RowTriggers:
         self.fired += 1
         self.last_fired = obs.position
         return reason, None
+
+
+class DelayedUpdate:
+    """One row's update that waits ``delay`` tokens after its trigger (``EngineConfig.update_delay``).
+
+    Fed each step's firing reason (or ``None``), answers the reason whose update is due at this step: at
+    once without a delay, else ``delay`` steps later; a new firing while one waits restarts the wait."""
+
+    def __init__(self, delay: int):
+        self.delay = delay
+        self.waiting: tuple[int, str] | None = None  # (steps left, reason)
+
+    def due(self, reason: str | None) -> str | None:
+        if reason is not None:
+            if not self.delay:
+                return reason
+            self.waiting = (self.delay, reason)
+            return None
+        if self.waiting is None:
+            return None
+        left, waiting_reason = self.waiting
+        if left > 1:
+            self.waiting = (left - 1, waiting_reason)
+            return None
+        self.waiting = None
+        return f"{waiting_reason} (+{self.delay} tokens)"

@@ -142,8 +142,8 @@ def train_trigger_lora(config: TriggerLoraTrainConfig) -> dict:
     from dynalora.runtime.special_tokens import SHIFT_TOKEN, load_trigger_tokens, save_trigger_tokens
     from dynalora.runtime.trigger_lora import LORA_FILE, load_trigger_lora, merge_trigger_lora, save_trigger_lora
     from dynalora.train.library import load_library_bank, plot_losses
-    from dynalora.train.triggers import (choose_threshold, collect, oracle_schedule, recipe_streams, targets_for,
-                                         tokenize_stream)
+    from dynalora.data.streams import tokenize_stream
+    from dynalora.train.triggers import choose_threshold, collect, oracle_schedule, recipe_streams, targets_for
 
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)

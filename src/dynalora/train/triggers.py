@@ -28,7 +28,8 @@ from tqdm import tqdm
 from dynalora.train.data import config_record
 from transformers import DynamicCache
 
-from dynalora.data.streams import StreamConfig, build_streams
+from dynalora.data.streams import StreamConfig, build_streams, tokenize_stream
+from dynalora.data.trigger_metrics import simulate_policy, trigger_metrics
 
 
 @dataclass
@@ -52,16 +53,6 @@ class TriggerTrainConfig:
     max_false_per_1k: float = 1.0
     seed: int = 0
     threads: int = 2
-
-
-def tokenize_stream(tokenizer, stream: dict) -> tuple[list[int], list[int], list[str]]:
-    """Token ids of the whole stream, the start index of every segment, and each segment's domain."""
-    ids, starts, domains = [], [], []
-    for segment in stream["segments"]:
-        starts.append(len(ids))
-        ids.extend(tokenizer(segment["text"], add_special_tokens=False)["input_ids"])
-        domains.append(segment.get("domain", ""))
-    return ids, starts, domains
 
 
 def schedule_chunks(dyn, schedule: list[tuple[int, list[float] | None]], length: int):
@@ -117,39 +108,6 @@ def targets_for(starts: list[int], length: int, delay: int, ignore_after: int) -
         if start + delay - 1 < length:
             target[start + delay - 1] = 1
     return target
-
-
-def simulate_policy(probs: torch.Tensor, threshold: float, min_gap: int) -> list[int]:
-    """Positions where ``p > threshold`` fires, honouring ``min_gap``."""
-    fired, last = [], -10**9
-    for t in torch.nonzero(probs > threshold).flatten().tolist():
-        if t - last >= min_gap:
-            fired.append(t)
-            last = t
-    return fired
-
-
-def trigger_metrics(fired_per_stream: list[list[int]], starts_per_stream: list[list[int]],
-                    lengths: list[int], window: int) -> dict:
-    """Boundary recall/precision within ``window`` tokens, mean delay, false triggers per 1k tokens.
-    Boundaries are segment starts after the first (the stream start is the initial shift, not scored)."""
-    hits, boundaries, delays, false, total_fired = 0, 0, [], 0, 0
-    for fired, starts, length in zip(fired_per_stream, starts_per_stream, lengths):
-        total_fired += len(fired)
-        for start in starts[1:]:
-            boundaries += 1
-            inside = [t for t in fired if start <= t < start + window]
-            if inside:
-                hits += 1
-                delays.append(inside[0] - start)
-        allowed = [(s, s + window) for s in starts]
-        false += sum(1 for t in fired if not any(a <= t < b for a, b in allowed))
-    tokens = sum(lengths)
-    return {"boundary_recall": hits / max(boundaries, 1),
-            "precision": (total_fired - false) / max(total_fired, 1),
-            "mean_delay": sum(delays) / len(delays) if delays else None,
-            "false_per_1k_tokens": 1000 * false / max(tokens, 1), "boundaries": boundaries,
-            "fired": total_fired, "tokens": tokens}
 
 
 def collect(dyn, tokenizer, labels, streams, delay: int, ignore_after: int, vocab_size: int):

@@ -103,7 +103,7 @@ def train_xlora(config: XLoraTrainConfig) -> dict:
 
     from dynalora.data.streams import StreamConfig, build_streams
     from dynalora.train.library import plot_losses
-    from dynalora.train.triggers import tokenize_stream
+    from dynalora.data.streams import tokenize_stream
 
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
