@@ -18,6 +18,15 @@ ATTENTION = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj"], "qwen2": ["q_pro
              "gpt2": ["c_attn", "attn.c_proj"]}
 
 
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def make_peft_adapter(model_factory, folder: Path, seed: int, target_modules, rank: int = 4, alpha: float = 8,
                       use_rslora: bool = False, fan_in_fan_out: bool = False) -> Path:
     """Train-free random LoRA (B nonzero) saved as a PEFT folder."""

@@ -10,7 +10,7 @@ from dynalora.hyper import FixedSchedule, LoraUpdate, NearestPrototype
 from dynalora.lora import DynamicLoraModel, InjectConfig, LoraBank, StateConfig, module_shapes_of
 from dynalora.models import tiny_model
 from dynalora.runtime import (SHIFT_TOKEN, Engine, EngineConfig, EveryN, GuardConfig, SamplingConfig,
-                              SpecialToken, TriggerConfig, add_trigger_tokens)
+                              SpecialToken, Surprise, TriggerConfig, add_trigger_tokens)
 
 
 def random_bank(model, count=3, rank=4, seed=0):
@@ -27,8 +27,8 @@ def random_bank(model, count=3, rank=4, seed=0):
     return bank
 
 
-def make_engine(hypernetwork=None, policies=None, max_batch=4, **engine_kwargs):
-    model = tiny_model("llama")
+def make_engine(hypernetwork=None, policies=None, max_batch=4, device="cpu", dtype=torch.float32, **engine_kwargs):
+    model = tiny_model("llama").to(device=device, dtype=dtype)
     ids = add_trigger_tokens(model, None)
     dyn = DynamicLoraModel.attach(model, random_bank(model), InjectConfig(state=StateConfig(max_batch=max_batch)))
     triggers = TriggerConfig(policies if policies is not None else [SpecialToken(ids)], min_gap=1)
@@ -66,13 +66,51 @@ def recording(seen: dict, token_id, at_steps):
 PROMPT = [5, 17, 99, 3, 42, 7]
 
 
-def test_no_trigger_greedy_equals_hf_generate():
-    engine, _ = make_engine()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_trigger_greedy_equals_hf_generate(dtype):
+    engine, _ = make_engine(dtype=dtype)
+    assert engine.dyn.state.blend_weights.dtype == dtype  # the LoRA state follows the model's dtype
     engine.dyn.state.set_blend(0, [0.5, -0.2, 0.4])
     ours = engine.generate([PROMPT], max_new_tokens=20).token_ids[0]
     reference = engine.model.generate(torch.tensor([PROMPT]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
                                       pad_token_id=0)[0, len(PROMPT):].tolist()
     assert ours == reference
+
+
+class FactorsAndBlend:
+    """Answers every call with a new blend and generated factors made on the CPU (as user code would)."""
+
+    def __init__(self, state):
+        self.state, self.calls = state, 0
+
+    def __call__(self, features, state):
+        self.calls += 1
+        generator = torch.Generator(device="cpu").manual_seed(self.calls)
+        factors = {module: (torch.randn(2, shape[0], generator=generator, device="cpu") * 0.1,
+                            torch.randn(shape[1], 2, generator=generator, device="cpu") * 0.1)
+                   for module, shape in list(state.bank.module_shapes.items())[:2]}
+        blend = torch.rand(len(state.labels), generator=generator, device="cpu")
+        return LoraUpdate(blend=blend, generated=factors)
+
+
+@pytest.mark.parametrize("kv_policy", ["keep", "recompute_last"])
+def test_every_tensor_the_engine_makes_lives_on_the_models_device(kv_policy):
+    """With the default device set to ``meta``, any tensor the engine or the teacher-forced scorer made
+    without naming the model's device would be a meta tensor and fail at its first use."""
+    from dynalora.runtime.teacher_forced import score_stream
+
+    model = tiny_model("llama")
+    dyn = DynamicLoraModel.attach(model, random_bank(model), InjectConfig(state=StateConfig(max_batch=2,
+                                                                                          generated_rank=2)))
+    engine = Engine(dyn, None, FactorsAndBlend(dyn.state), TriggerConfig([EveryN(3)], min_gap=1),
+                    EngineConfig(kv_policy=kv_policy, update_delay=1))
+    with torch.device("meta"):
+        result = engine.generate([PROMPT, PROMPT[:3]], max_new_tokens=8, sampling=SamplingConfig(temperature=1.0,
+                                                                                                 seed=1))
+        assert [e.kind for e in result.lora_events()].count("shift") == 4, result.lora_events()
+        if kv_policy == "keep":
+            engine.triggers = TriggerConfig([Surprise(k=0.0, warmup=2)], min_gap=3)
+            assert score_stream(engine, PROMPT + result.token_ids[0], 256).events
 
 
 def test_batched_left_padded_rows_equal_hf_generate_per_row():

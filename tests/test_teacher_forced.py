@@ -13,14 +13,15 @@ from test_engine import make_engine, recording
 VOCAB = 256  # the tiny model's ordinary tokens; the trigger tokens sit above
 
 
-def shift_engine(update_delay: int):
+def shift_engine(update_delay: int, device: str = "cpu"):
     """A tiny engine whose ``<|shift|>`` probability swings between ~0 and ~1 (a random head row), fired at
     p > 0.1 with a soft nearest-prototype hypernetwork: every update moves the blend somewhere new."""
     hyper = NearestPrototype(torch.randn(3, 64, generator=torch.Generator().manual_seed(0)), sharpness=5.0)
-    engine, ids = make_engine(hyper, policies=[], sample_triggers=False, update_delay=update_delay, pool_window=4)
+    engine, ids = make_engine(hyper, policies=[], sample_triggers=False, update_delay=update_delay, pool_window=4,
+                              device=device)
     with torch.no_grad():
         engine.model.get_output_embeddings().weight[ids[SHIFT_TOKEN]] = \
-            torch.randn(64, generator=torch.Generator().manual_seed(1)) * 2
+            torch.randn(64, generator=torch.Generator().manual_seed(1)).to(device) * 2
     engine.triggers = TriggerConfig([TokenProbability(ids[SHIFT_TOKEN], 0.1, SHIFT_TOKEN)], min_gap=6)
     return engine
 

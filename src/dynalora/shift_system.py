@@ -53,12 +53,13 @@ class ShiftSystem:
 
 
 def load_shift_system(library_dir: Path, shift_dir: Path, triggers_dir: Path, model: str | None = None,
-                      max_batch: int = 1, use_factors: bool = False) -> ShiftSystem:
+                      max_batch: int = 1, use_factors: bool = False, device: str = "cpu",
+                      dtype: str = "float32") -> ShiftSystem:
     """``use_factors=False`` (default): the shift network's blend only; its generated factors raised the
-    NLL on validation streams (see ``ShiftSystem``)."""
+    NLL on validation streams (see ``ShiftSystem``). ``device``/``dtype``: see :func:`load_base_model`."""
     from dynalora.hyper.shift_net import ShiftHypernetwork, ShiftNet
     from dynalora.lora import DynamicLoraModel, InjectConfig, StateConfig
-    from dynalora.models import load_base_model
+    from dynalora.models import load_base_model, model_device
     from dynalora.runtime.features import HiddenCapture
     from dynalora.runtime.special_tokens import load_trigger_tokens
     from dynalora.runtime.trigger_lora import trigger_lora_beside
@@ -68,10 +69,10 @@ def load_shift_system(library_dir: Path, shift_dir: Path, triggers_dir: Path, mo
                             (triggers_dir, "train triggers")):
         if not Path(folder).is_dir():
             raise FileNotFoundError(f"{folder}: missing; make it with `dynalora {command}`")
-    base = load_base_model(model)
+    base = load_base_model(model, dtype, device)
     vocab_size = base.model.get_output_embeddings().weight.shape[0]
     bank, adapters = load_library_bank(library_dir, base.model)
-    net = ShiftNet.load(shift_dir)
+    net = ShiftNet.load(shift_dir).to(model_device(base.model))
     threshold = json.loads((Path(triggers_dir) / "triggers.json").read_text())["threshold"]
     token_file = Path(triggers_dir) / "trigger_tokens.safetensors"
     token_ids = load_trigger_tokens(token_file, base.model, base.tokenizer)

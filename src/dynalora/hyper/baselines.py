@@ -23,7 +23,8 @@ class NearestPrototype:
         self.one_hot = one_hot
 
     def __call__(self, features: TriggerFeatures, state: LoraState) -> LoraUpdate:
-        similarity = self.prototypes @ F.normalize(features.pooled_hidden.float(), dim=-1)  # (K,)
+        pooled = features.pooled_hidden.float()
+        similarity = self.prototypes.to(pooled.device) @ F.normalize(pooled, dim=-1)  # (K,)
         if self.one_hot:
             blend = F.one_hot(similarity.argmax(), similarity.shape[0]).float()
         else:

@@ -54,12 +54,12 @@ class LoraUpdate:
                 and self.memory_weight is None)
 
     def resolved_blend(self, current: torch.Tensor) -> torch.Tensor | None:
-        """The absolute blend this update asks for, given the current ``(K,)`` weights."""
+        """The absolute blend this update asks for, given the current ``(K,)`` weights (on their device)."""
         if self.blend is not None and self.blend_delta is not None:
             raise ValueError("LoraUpdate: give blend or blend_delta, not both")
         if self.blend_delta is not None:
-            return current + torch.as_tensor(self.blend_delta, dtype=current.dtype)
-        return None if self.blend is None else torch.as_tensor(self.blend, dtype=current.dtype)
+            return current + torch.as_tensor(self.blend_delta, dtype=current.dtype, device=current.device)
+        return None if self.blend is None else torch.as_tensor(self.blend, dtype=current.dtype, device=current.device)
 
 
 class Hypernetwork(Protocol):

@@ -214,7 +214,7 @@ class LoraState:
                              "(StateConfig.max_batch)")
 
     def _checked_blend(self, blend) -> torch.Tensor:
-        weights = torch.as_tensor(blend, dtype=self.dtype).to(self.device)
+        weights = torch.as_tensor(blend, dtype=self.dtype, device=self.device)
         if weights.shape != (len(self.labels),):
             raise StateError(f"blend weights have shape {tuple(weights.shape)}, but the bank holds "
                              f"{len(self.labels)} adapters {self.labels}: pass one weight per adapter")
@@ -230,7 +230,7 @@ class LoraState:
             if module not in self.slots:
                 raise StateError(f"{kind} factors for {module!r}: not a target module of this state "
                                  f"(targets are e.g. {self.modules[:3]})")
-            lora_a, lora_b = (torch.as_tensor(t) for t in pair)
+            lora_a, lora_b = (torch.as_tensor(t, device=self.device) for t in pair)
             in_features, out_features = self.bank.module_shapes[module]
             if lora_a.dim() != 2 or lora_b.dim() != 2 or lora_a.shape[1] != in_features or \
                     lora_b.shape[0] != out_features or lora_a.shape[0] != lora_b.shape[1]:

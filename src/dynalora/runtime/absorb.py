@@ -169,7 +169,7 @@ class WriterPlan:
 
     def build(self, dyn: DynamicLoraModel, tokenizer):
         """The writer for a model wrapped with a state that covers :attr:`target_kinds`."""
-        start = CompressorWriter(self.compressor) if self.compressor is not None else None
+        start = CompressorWriter(self.compressor.to(dyn.state.device)) if self.compressor is not None else None
         return start if self.writer == "compressor" else DistillWriter(dyn, tokenizer, self.distill, start=start)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from dynalora.lora import DynamicLoraModel, InjectConfig, LoraBank, StateConfig, module_shapes_of
 from dynalora.lora.bank import is_bank_folder
-from dynalora.models import load_base_model
+from dynalora.models import load_base_model, model_device
 from dynalora.runtime.engine import Engine, EngineConfig
 from dynalora.runtime.memory_writers import DistillConfig
 from dynalora.runtime.special_tokens import THINK_TOKEN, add_trigger_tokens, load_trigger_tokens
@@ -23,6 +23,10 @@ TRIGGER_SPECS = "token | prob[:THRESHOLD] | think[:THRESHOLD] | surprise[:K] | e
 class EngineSpec:
     model: str | None = None
     """Base model id or folder (None: the embedded SmolLM2-135M-Instruct)."""
+    device: str = "cpu"
+    """Where the model, its LoRA state and the hypernetworks run: cpu, cuda, cuda:N or auto."""
+    dtype: str = "float32"
+    """The base model's weights and the LoRA state: float32, bfloat16 or float16 (hypernetworks stay float32)."""
     bank: Path | None = None
     """Bank folder (None: no adapters)."""
     trigger_tokens: Path | None = None
@@ -82,7 +86,8 @@ def parse_trigger(spec: str, token_ids: dict[str, int]) -> TriggerPolicy:
 
 
 def build_engine(spec: EngineSpec) -> Engine:
-    base = load_base_model(spec.model)
+    base = load_base_model(spec.model, spec.dtype, spec.device)
+    device = model_device(base.model)
     if spec.trigger_tokens:
         token_ids = load_trigger_tokens(spec.trigger_tokens, base.model, base.tokenizer)
         trigger_lora = trigger_lora_beside(spec.trigger_tokens)
@@ -118,7 +123,7 @@ def build_engine(spec: EngineSpec) -> Engine:
     engine_config = EngineConfig(kv_policy=spec.kv_policy, background_absorb=spec.background_absorb)
     shift_hyper = None
     if spec.hypernetwork == "shift":
-        shift_hyper, think_policy = _shift_hypernetwork(spec, base)
+        shift_hyper, think_policy = _shift_hypernetwork(spec, base, device)
         policies += [think_policy] if think_policy else []
         net = shift_hyper.net
         engine_config = EngineConfig(kv_policy=spec.kv_policy, background_absorb=spec.background_absorb,
@@ -140,7 +145,7 @@ def build_engine(spec: EngineSpec) -> Engine:
         if spec.mix is not None:
             from dynalora.hyper.mix_gate import MixGate, MixHypernetwork
 
-            engine.hypernetwork = MixHypernetwork(shift_hyper, MixGate.load(spec.mix))
+            engine.hypernetwork = MixHypernetwork(shift_hyper, MixGate.load(spec.mix).to(device))
     elif spec.hypernetwork == "prototype" and len(bank):
         from dynalora.hyper import NearestPrototype
 
@@ -151,14 +156,14 @@ def build_engine(spec: EngineSpec) -> Engine:
     return engine
 
 
-def _shift_hypernetwork(spec: EngineSpec, base):
+def _shift_hypernetwork(spec: EngineSpec, base, device):
     """The trained shift network (blend only, as shipped), or with ``spec.escalate`` the stack above it and the
     ``<|think|>`` probability trigger that calls it (its trained threshold)."""
     import json
 
     from dynalora.hyper.shift_net import ShiftHypernetwork, ShiftNet
 
-    net = ShiftNet.load(spec.shift_dir)
+    net = ShiftNet.load(spec.shift_dir).to(device)
     if spec.escalate is None:
         return ShiftHypernetwork(net, use_factors=False), None
     from dynalora.hyper.stack import EscalatingHypernetwork, load_stack
@@ -166,5 +171,6 @@ def _shift_hypernetwork(spec: EngineSpec, base):
     trained = json.loads((Path(spec.escalate) / "escalate.json").read_text())
     think_id = load_trigger_tokens(Path(spec.escalate) / "think_token.safetensors", base.model,
                                    base.tokenizer)[THINK_TOKEN]
-    hyper = EscalatingHypernetwork(load_stack(net, spec.escalate), use_factors=trained["config"]["level2_factors"])
+    hyper = EscalatingHypernetwork(load_stack(net, spec.escalate).to(device),
+                                   use_factors=trained["config"]["level2_factors"])
     return hyper, TokenProbability(think_id, trained["threshold"], name="think")

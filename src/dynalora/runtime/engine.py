@@ -20,6 +20,7 @@ from transformers import DynamicCache
 
 from dynalora.hyper.protocol import Hypernetwork, TriggerFeatures
 from dynalora.lora.inject import DynamicLoraModel
+from dynalora.models import model_device
 from dynalora.runtime.absorb import Absorber
 from dynalora.runtime.absorb_worker import AbsorbWorker
 from dynalora.runtime.events import Event, FinishEvent, GenerationResult, LoraEvent, TokenEvent
@@ -66,15 +67,16 @@ class EngineConfig:
 
 
 class _Batch:
-    """Token ids, mask and positions of every row so far, left-padded: all (B, L)."""
+    """Token ids, mask and positions of every row so far, left-padded: all (B, L), on the model's device."""
 
-    def __init__(self, rows: list[list[int]], pad_id: int):
+    def __init__(self, rows: list[list[int]], pad_id: int, device: torch.device):
         width = max(len(r) for r in rows)
-        self.ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        self.mask = torch.zeros((len(rows), width), dtype=torch.long)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device="cpu")
+        mask = torch.zeros((len(rows), width), dtype=torch.long, device="cpu")
         for b, row in enumerate(rows):
-            self.ids[b, width - len(row):] = torch.tensor(row, dtype=torch.long)
-            self.mask[b, width - len(row):] = 1
+            ids[b, width - len(row):] = torch.tensor(row, dtype=torch.long, device="cpu")
+            mask[b, width - len(row):] = 1
+        self.ids, self.mask = ids.to(device), mask.to(device)  # built on the CPU: one copy, not one per row
         self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
 
     def append(self, tokens: torch.Tensor) -> None:  # tokens (B,)
@@ -102,6 +104,8 @@ class Engine:
         """With an :class:`Absorber`, a row past ``absorber.config.window`` tokens absorbs its oldest chunk
         into its memory LoRA and drops it (see :meth:`_evict`)."""
         self.model = dyn.model
+        self.device = model_device(self.model)
+        """Where every tensor the engine makes lives: the model's device."""
         self.tokenizer = tokenizer
         self.hypernetwork = hypernetwork
         self.triggers = triggers or TriggerConfig()
@@ -148,7 +152,7 @@ class Engine:
     @torch.no_grad()
     def encode_text(self, text: str | list[int]) -> torch.Tensor:
         """(H,) pooled feature-layer hidden state of a text (no LoRA change): builds prototypes."""
-        ids = torch.tensor([self.encode_prompt(text)])
+        ids = torch.tensor([self.encode_prompt(text)], device=self.device)
         self.capture.reset()
         saved_window, self.capture.window = self.capture.window, ids.shape[1]
         try:
@@ -232,7 +236,8 @@ class Engine:
         if count > self.dyn.state.max_batch:
             raise ValueError(f"{count} prompts, but the LoRA state holds {self.dyn.state.max_batch} rows "
                              "(StateConfig.max_batch)")
-        generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+        generator = (torch.Generator(device=self.device).manual_seed(sampling.seed) if sampling.seed is not None
+                     else None)
         pad = self._pad_id()
         self.evicted_tokens: dict[int, int] = {}  # row -> tokens absorbed and dropped during this stream
         self.absorb_failed: set[int] = set()  # rows whose background write failed: no new one this stream
@@ -245,7 +250,7 @@ class Engine:
             if self.absorber.config.relevance_gate:  # memory on only for prompts that name what it absorbed
                 for b in range(count):
                     self.dyn.state.set_memory_weight(b, self.absorber.relevance(b, self.decode(rows[b])))
-        batch = _Batch(rows, pad)
+        batch = _Batch(rows, pad, self.device)
         row_triggers = [RowTriggers(self.triggers) for _ in range(count)]
         trigger_ids = set(self.trigger_token_ids.values())
         trigger_names = {v: k for k, v in self.trigger_token_ids.items()}
@@ -361,7 +366,7 @@ class Engine:
             if not finished[b]:
                 rows[b], row_events = self._evict_row(b, row)
                 events += row_events
-        return (_Batch(rows, self._pad_id()), events) if events else None
+        return (_Batch(rows, self._pad_id(), self.device), events) if events else None
 
     def _absorb_in_background(self, batch: _Batch, finished: list[bool]) -> tuple[_Batch | None, list[LoraEvent]]:
         """Merge every finished background write (evicting its chunk) and start one for every row past the
@@ -399,7 +404,7 @@ class Engine:
                 events.append(LoraEvent("absorb_start", b, len(row), "window", 0.0, blend, blend,
                                         f"writing {len(chunk)} tokens into memory in the background; they stay in "
                                         "the window until it is done"))
-        return (_Batch(rows, self._pad_id()) if absorbed else None), absorbed + events
+        return (_Batch(rows, self._pad_id(), self.device) if absorbed else None), absorbed + events
 
     def _evict_row(self, row: int, token_ids: list[int]) -> tuple[list[int], list[LoraEvent]]:
         """One row through the absorber: its kept tokens and an ``absorb`` event per chunk evicted."""

@@ -30,7 +30,7 @@ def check_update(config: GuardConfig, state: LoraState, row: int, blend: torch.T
     """Why the update must be refused, or ``None`` when it may be applied."""
     for name, factors in (("generated", generated), ("memory", memory)):
         for module, (lora_a, lora_b) in (factors or {}).items():
-            lora_a, lora_b = torch.as_tensor(lora_a), torch.as_tensor(lora_b)
+            lora_a, lora_b = torch.as_tensor(lora_a, device=state.device), torch.as_tensor(lora_b, device=state.device)
             if not (torch.isfinite(lora_a).all() and torch.isfinite(lora_b).all()):
                 return f"non-finite {name} factors for {module}"
             norm = lowrank_norm(lora_a, lora_b)

@@ -55,7 +55,7 @@ def score_stream(engine: Engine, tokens: list[int], vocab_size: int, row: int = 
             capture.reset()
             capture.window = len(tokens)
             with state.use_rows(row):
-                logits = engine.model(input_ids=torch.tensor([tokens[start:]]), cache=cache,
+                logits = engine.model(input_ids=torch.tensor([tokens[start:]], device=engine.device), cache=cache,
                                       use_cache=True).logits[0].float()  # (T, V): logits[i] predicts start+i+1
             hidden = capture.recent[0]  # (T, H)
             full = torch.log_softmax(logits, dim=-1)  # trigger tokens included, as the engine observes them
@@ -89,5 +89,5 @@ def score_stream(engine: Engine, tokens: list[int], vocab_size: int, row: int = 
         capture.reset()
     blends.append(state.blend_weights[row].tolist())  # in force after the last token
     log_probs = torch.cat(log_probs)  # (L-1, V)
-    nll = -log_probs.gather(1, torch.tensor(tokens[1:])[:, None])[:, 0]
+    nll = -log_probs.gather(1, torch.tensor(tokens[1:], device=log_probs.device)[:, None])[:, 0]
     return StreamScore(nll, events, fired, blends)

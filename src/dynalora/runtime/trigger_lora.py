@@ -46,7 +46,7 @@ def merge_trigger_lora(model, deltas: dict[str, torch.Tensor], sign: float = 1.0
             weight = getattr(modules[name], "base_layer", modules[name]).weight
             if weight.shape != delta.shape:
                 raise ValueError(f"trigger LoRA {name}: ΔW {tuple(delta.shape)} ≠ weight {tuple(weight.shape)}")
-            weight += sign * delta.to(weight.dtype)
+            weight += sign * delta.to(weight.device, weight.dtype)
 
 
 @contextmanager
