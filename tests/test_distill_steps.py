@@ -137,4 +137,4 @@ def test_absorb_steps_recipe_saves_a_schedule_the_writer_uses(tmp_path):
     factors = absorber.writer.write(absorber.dyn, list(b"Zorb9 lives in Quell9."))
     assert any(b.abs().sum() > 0 for _, b in factors.values())
     with pytest.raises(ValueError, match="step_sizes"):
-        AbsorbStepsTrainConfig(distill=DistillConfig(step_sizes=str(tmp_path / "steps")))
+        AbsorbStepsTrainConfig(data=docs, distill=DistillConfig(step_sizes=str(tmp_path / "steps")))

@@ -8,8 +8,9 @@ import time
 from pathlib import Path
 
 from dynalora.cli_adapters import add_model_arguments
+from dynalora.console import styles
 
-DIM, RESET, BOLD = "\033[2m", "\033[0m", "\033[1m"
+DIM, BOLD, RESET = styles()  # empty when piped or NO_COLOR is set
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from dynalora.console import styles
 
-DIM, BOLD, RESET = "\033[2m", "\033[1m", "\033[0m"
+DIM, BOLD, RESET = styles()  # empty when piped or NO_COLOR is set
 DEMO_DOMAINS = ["news", "drama-shakespeare", "code-python", "scripture"]
 
 

@@ -40,13 +40,16 @@ COMPRESSORS = ("gradient", "perceiver")
 
 @dataclass
 class AbsorbTrainConfig:
-    data: list[Path] = field(default_factory=lambda: [Path("data/absorb_train.jsonl")])
+    data: list[Path]
     """Training documents (JSONL from ``dynalora data absorb --split train``)."""
     validation: Path | None = None
     """Validation documents (``--split validation``): loss and answer accuracy with/without memory."""
     out_dir: Path = Path("checkpoints/absorb")
+    """Where the compressor is written."""
     model: str | None = None
+    """Base model: HF id or folder (None: the embedded SmolLM2-135M-Instruct)."""
     target_modules: list[str] = field(default_factory=lambda: ["o_proj", "down_proj"])
+    """Module kinds the memory LoRA writes."""
     compressor: str = "gradient"
     """``gradient`` (:class:`~dynalora.hyper.gradient_compressor.GradientCompressor`: a learned transform of
     the chunk's own next-token gradient) or ``perceiver`` (:class:`~dynalora.hyper.compressor.Compressor`:
@@ -60,19 +63,27 @@ class AbsorbTrainConfig:
     init_step: float = 0.015
     """The gradient compressor's step size × √(chunk tokens) before training."""
     chunk_tokens: int = 128
+    """Tokens per absorbed chunk."""
     max_chunks: int = 4
     """Documents longer than this many chunks are skipped."""
     steps: int = 600
+    """Optimizer steps."""
     batch_size: int = 8
+    """Documents per step."""
     lr: float = 1e-3
+    """Adam learning rate."""
     warmup_steps: int = 30
+    """Linear learning-rate warm-up steps."""
     teacher_top_k: int = 32
+    """Teacher probabilities kept per position (the rest is one bucket)."""
     gold_weight: float = 0.5
+    """Weight of the gold answers' NLL."""
     distill_weight: float = 1.0
     """Weight of the teacher distribution; 0 trains on the gold answers alone and skips the teacher pass."""
     b_scale: float = 1.0
     """Fixed scale on the generated ``B`` (CompressorConfig.scale): small values keep early updates gentle."""
     locality_fraction: float = 0.15
+    """Share of examples with an unrelated document in memory (the memory must change nothing)."""
     locality_weight: float = 0.0
     """Weight of the locality KL (memory vs none on the locality examples); 0 scores them by the answer alone."""
     locality_span: int = 32
@@ -81,10 +92,15 @@ class AbsorbTrainConfig:
     """Stop (and save) when training has run this long; the learning-rate schedule follows whichever of
     steps and time runs out first, so a cut run still ends annealed."""
     teacher_batch_size: int = 16
+    """Rows per teacher forward."""
     checkpoint_every: int = 50
+    """Steps between resumable checkpoints."""
     validation_examples: int = 96
+    """Validation examples scored at the end."""
     seed: int = 0
+    """Random seed."""
     threads: int = 2
+    """CPU threads torch uses."""
     device: str = "auto"
     """``auto`` (cuda when present), ``cpu`` or ``cuda``."""
     bf16: bool = True

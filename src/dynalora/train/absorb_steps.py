@@ -37,10 +37,12 @@ from dynalora.train.data import config_record
 
 @dataclass
 class AbsorbStepsTrainConfig:
-    data: Path = Path("data/absorb_train.jsonl")
+    data: Path
     """Training documents (``dynalora data absorb --kind facts --split train``)."""
     out_dir: Path = Path("checkpoints/absorb_steps")
+    """Where the step sizes are written."""
     model: str | None = None
+    """Base model: HF id or folder (None: the embedded SmolLM2-135M-Instruct)."""
     distill: DistillConfig = field(default_factory=DistillConfig)
     """The writer whose step sizes are learned (its ``steps`` is the schedule's length, ``lr`` its start)."""
     score_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
@@ -57,9 +59,13 @@ class AbsorbStepsTrainConfig:
     locality_questions: int = 6
     """Unrelated questions per document (different ones for each document)."""
     window: int = 512
+    """The engine's window the documents are written for."""
     checkpoint_every: int = 8
+    """Documents between resumable checkpoints."""
     seed: int = 0
+    """Random seed."""
     threads: int = 2
+    """CPU threads torch uses."""
 
     def __post_init__(self):
         if not self.score_steps or min(self.score_steps) < 1 or max(self.score_steps) > self.distill.steps:

@@ -37,36 +37,51 @@ from dynalora.train.data import config_record
 @dataclass
 class EscalateTrainConfig:
     library_dir: Path = Path("checkpoints/library")
+    """The trained library (``dynalora train library``)."""
     shift_dir: Path = Path("checkpoints/shift")
     """Level 1: the shift network (``dynalora train shift``)."""
     triggers_dir: Path = Path("checkpoints/triggers")
     """The trained trigger tokens; the ``<|think|>`` row is fitted on top of them."""
     out_dir: Path = Path("checkpoints/escalate")
+    """Where level 2 and the ``<|think|>`` row are written."""
     model: str | None = None
+    """Base model: HF id or folder (None: the embedded SmolLM2-135M-Instruct)."""
     examples_per_domain: int = 160
+    """Training contexts per library domain (train split)."""
     validation_per_domain: int = 24
+    """Validation contexts per library domain (the think threshold and best step)."""
     context_tokens: int = 48
+    """Tokens of context the networks read."""
     continuation_tokens: int = 64
+    """Tokens after the context whose NLL is the loss."""
     rank: int = 4
     """Rank of the LoRA level 2 writes for each of level 1's Linear layers."""
     width: int = 128
+    """Hidden width of level 2."""
     targets: list[str] | None = None
     """Level 1's Linear layers level 2 writes for (None: all of them)."""
     level2_factors: bool = True
     """Escalated, use level 1's generated factors (under level 2's LoRA) besides its blend."""
     steps: int = 150
+    """Optimizer steps."""
     batch_size: int = 8
+    """Contexts per step."""
     lr: float = 1e-3
+    """Adam learning rate."""
     validate_every: int = 0
     """Every this many steps, level 2's validation NLL; the best step's weights are kept (0: keep the last)."""
     think_share: float = 0.4
     """The share of training examples, those where level 2 beats level 1 the most, ``<|think|>`` fires on."""
     think_steps: int = 300
+    """Optimizer steps on the ``<|think|>`` row."""
     think_lr: float = 0.02
+    """Adam learning rate on the ``<|think|>`` row."""
     max_rate: float = 0.5
     """The think threshold keeps the validation escalation rate at most this."""
     seed: int = 0
+    """Random seed."""
     threads: int = 2
+    """CPU threads torch uses."""
 
     def __post_init__(self):
         if (self.rank < 1 or self.steps < 0 or self.validate_every < 0 or not 0 < self.max_rate <= 1

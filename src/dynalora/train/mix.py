@@ -33,27 +33,42 @@ FIXED_MIXES = {"base": (0.0, 0.0), "shift_only": (1.0, 0.0), "absorb_only": (0.0
 
 @dataclass
 class MixTrainConfig:
-    facts: Path = Path("data/facts_mix.jsonl")
+    facts: Path
     """Fictional-fact documents the compressor never trained on (``dynalora data absorb --kind facts --split
     validation --seed-offset 100``): on its own training documents the memory is far more useful than on
     unseen ones, and the gate would learn to trust it too much."""
     library_dir: Path = Path("checkpoints/library")
+    """The trained library (``dynalora train library``)."""
     shift_dir: Path = Path("checkpoints/shift")
+    """The shift network (``dynalora train shift``)."""
     compressor_dir: Path = Path("checkpoints/absorb")
+    """The absorb compressor (``dynalora train absorb``)."""
     out_dir: Path = Path("checkpoints/mix")
+    """Where the gate is written."""
     model: str | None = None
+    """Base model: HF id or folder (None: the embedded SmolLM2-135M-Instruct)."""
     max_docs: int = 40
+    """Fact documents used."""
     examples_per_domain: int = 40
+    """Domain contexts per library domain."""
     context_tokens: int = 48
+    """Tokens of context the gate reads."""
     continuation_tokens: int = 64
+    """Tokens after the context whose NLL is the loss."""
     width: int = 64
+    """Hidden width of the gate."""
     steps: int = 200
+    """Optimizer steps."""
     batch_size: int = 8
+    """Examples per step."""
     lr: float = 1e-3
+    """Adam learning rate."""
     initial_weight: float = 0.5
     """Both gate weights before training (a sigmoid far from 0.5 learns slowly)."""
     seed: int = 0
+    """Random seed."""
     threads: int = 2
+    """CPU threads torch uses."""
     split: str = field(default="train", repr=False)
     """The domains' split the examples come from (the eval passes ``test``)."""
 

@@ -29,24 +29,43 @@ from dynalora.train.library import load_library_bank
 @dataclass
 class ShiftTrainConfig:
     library_dir: Path = Path("checkpoints/library")
+    """The trained library the network blends (``dynalora train library``)."""
     out_dir: Path = Path("checkpoints/shift")
+    """Where the network is written (``shift_net.safetensors`` + ``shift_net.json``)."""
     model: str | None = None
+    """Base model: HF id or folder (None: the embedded SmolLM2-135M-Instruct)."""
     examples_per_domain: int = 160
+    """Training contexts per library domain (train split)."""
     context_tokens: int = 48
+    """Tokens of a domain's text the network reads (pooled) before it answers."""
     continuation_tokens: int = 64
+    """Tokens after the context whose NLL under the answered LoRA is the loss."""
     pool_window: int = 16
+    """Recent positions averaged into the feature (the engine pools the same window)."""
     feature_layer: int | None = None
+    """Decoder layer whose hidden states are the feature (None: the middle one)."""
     width: int = 256
+    """Hidden width of the network's MLP."""
     generated_rank: int = 2
+    """Rank of the LoRA factors the network generates besides its blend (0: blend only)."""
     factor_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """Module kinds the generated factors go on."""
     steps: int = 150
+    """Optimizer steps."""
     batch_size: int = 8
+    """Contexts per step."""
     lr: float = 1e-3
+    """Adam learning rate."""
     aux_blend_weight: float = 0.1
+    """Weight of the auxiliary loss pulling the blend toward the context's own domain adapter."""
     gate_penalty: float = 0.01
+    """Penalty on the gate (how far the answer moves the blend): keeps small changes small."""
     factor_penalty: float = 1e-3
+    """Penalty on the generated factors' size."""
     seed: int = 0
+    """Random seed (data order, initialisation)."""
     threads: int = 2
+    """CPU threads torch uses."""
 
 
 @torch.no_grad()

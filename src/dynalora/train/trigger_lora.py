@@ -40,10 +40,15 @@ class TriggerLoraTrainConfig(TriggerTrainConfig):
     """The LoRA goes on the last this many decoder layers."""
     target_modules: list[str] = field(default_factory=lambda: ["k_proj", "o_proj"])
     rank: int = 4
+    """Rank of the trigger LoRA."""
     steps: int = 150
+    """Optimizer steps."""
     lr: float = 2e-3
+    """Adam learning rate on the LoRA."""
     row_lr: float = 0.01
+    """Adam learning rate on the trigger row."""
     kl_weight: float = 1.0
+    """Weight of KL(base ‖ with the LoRA) on the ordinary vocabulary: the LoRA must not change the text."""
 
     def __post_init__(self):
         if self.layers < 1 or self.rank < 1 or self.steps < 1:

@@ -35,24 +35,39 @@ from dynalora.data.trigger_metrics import simulate_policy, trigger_metrics
 @dataclass
 class TriggerTrainConfig:
     library_dir: Path = Path("checkpoints/library")
+    """The trained library whose domains make the streams (``dynalora train library``)."""
     out_dir: Path = Path("checkpoints/triggers")
+    """Where the trigger rows and ``triggers.json`` (threshold, metrics) are written."""
     model: str | None = None
+    """Base model: HF id or folder (None: the embedded SmolLM2-135M-Instruct)."""
     train_streams: int = 48
+    """Training streams (library domains, train split)."""
     validation_streams: int = 16
+    """Validation streams: the firing threshold is chosen on them."""
     segments: int = 4
+    """Segments (domain changes + 1) per stream."""
     segment_chars: int = 600
+    """Characters per segment."""
     delay: int = 12
     """Tokens into a new segment after which the trigger should be emitted."""
     ignore_after: int = 32
+    """Positions of a segment's first this many tokens carry no loss (detecting early is fine)."""
     window: int = 32
     """A trigger within this many tokens after a boundary counts as detecting it."""
     min_gap: int = 32
+    """At least this many tokens between two firings when scoring thresholds."""
     steps: int = 400
+    """Optimizer steps on the row."""
     lr: float = 0.02
+    """Adam learning rate on the row."""
     positive_weight: float = 30.0
+    """Loss weight of the (rare) positions where the trigger should fire."""
     max_false_per_1k: float = 1.0
+    """The chosen threshold allows at most this many false triggers per 1,000 validation tokens."""
     seed: int = 0
+    """Random seed (streams, data order)."""
     threads: int = 2
+    """CPU threads torch uses."""
 
 
 def schedule_chunks(dyn, schedule: list[tuple[int, list[float] | None]], length: int):

@@ -31,18 +31,25 @@ WEIGHTS_FILE = "classifier.safetensors"
 @dataclass
 class XLoraTrainConfig:
     library_dir: Path = Path("checkpoints/library")
+    """The trained library X-LoRA mixes (``dynalora train library``)."""
     out_dir: Path = Path("checkpoints/xlora")
+    """Where the classifier is written."""
     model: str | None = None
+    """Base model: HF id or folder (None: the embedded SmolLM2-135M-Instruct)."""
     streams: int = 64
     """Training streams (library domains, train split)."""
     window: int = 256
     """Tokens per training sequence (a random window of a stream)."""
     steps: int = 120
+    """Optimizer steps."""
     lr: float = 2e-3
+    """Adam learning rate."""
     depth: int = 1
     """Classifier layers (PEFT ``xlora_depth``; 1 = one linear map from the hidden state)."""
     seed: int = 0
+    """Random seed."""
     threads: int = 2
+    """CPU threads torch uses."""
 
     def __post_init__(self):
         if self.steps < 1 or self.window < 8 or self.streams < 1:
