@@ -4,28 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-def cmd_shift(args) -> int:
-    from dynalora.eval.shift import ShiftEvalConfig, eval_shift
-
-    eval_shift(ShiftEvalConfig(data=args.data, library_dir=args.library, shift_dir=args.shift,
-                               triggers_dir=args.triggers, xlora_dir=args.xlora, model=args.model,
-                               max_streams=args.max_streams, update_delay=args.update_delay,
-                               use_factors=args.with_factors, methods=args.methods),
-               out=args.out)
-    return 0
-
-
-def cmd_tasks(args) -> int:
-    from dynalora.eval.tasks import TaskEvalConfig, eval_tasks
-
-    eval_tasks(TaskEvalConfig(tasks=args.tasks, library_dir=args.library, shift_dir=args.shift,
-                              triggers_dir=args.triggers, model=args.model, support=args.support,
-                              max_queries=args.max_queries, seed=args.seed, methods=args.methods,
-                              allow_library_tasks=args.allow_library_tasks, use_factors=args.with_factors,
-                              threads=args.threads),
-               out=args.out)
-    return 0
+from dynalora.cli_config import ConfigFlags
 
 
 def cmd_absorb(args) -> int:
@@ -50,68 +29,38 @@ def cmd_absorb(args) -> int:
     return 0
 
 
-def cmd_escalate(args) -> int:
-    from dynalora.eval.escalate import EscalateEvalConfig, eval_escalate
-
-    eval_escalate(EscalateEvalConfig(library_dir=args.library, shift_dir=args.shift, triggers_dir=args.triggers,
-                                     escalate_dir=args.escalate, model=args.model, split=args.split,
-                                     per_domain=args.per_domain, threads=args.threads), out=args.out)
-    return 0
-
-
-def cmd_mix(args) -> int:
-    from dynalora.eval.mix import MixEvalConfig, eval_mix
-
-    eval_mix(MixEvalConfig(facts=args.facts, library_dir=args.library, shift_dir=args.shift,
-                           compressor_dir=args.compressor, gate_dir=args.mix, model=args.model,
-                           max_docs=args.max_docs, examples_per_domain=args.examples_per_domain,
-                           threads=args.threads), out=args.out)
+def _run(evaluate_fn, flags: ConfigFlags, args) -> int:
+    evaluate_fn(flags.build(args), out=args.out)  # prints its table and writes the JSON
     return 0
 
 
 def add_eval_commands(commands) -> None:
-    from dynalora.eval.shift import METHODS
-    from dynalora.eval.tasks import METHODS as TASK_METHODS
+    from dynalora.eval.escalate import EscalateEvalConfig, eval_escalate
+    from dynalora.eval.mix import MixEvalConfig, eval_mix
+    from dynalora.eval.shift import ShiftEvalConfig, eval_shift
+    from dynalora.eval.tasks import TaskEvalConfig, eval_tasks
 
     evaluate = commands.add_parser("eval", help="quality evaluations against baselines (JSON + table)")
     sub = evaluate.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
-    p = sub.add_parser("shift", help="per-segment NLL through mixed-domain streams: dynalora vs merges, router, oracle")
-    p.add_argument("--data", type=Path, nargs="+", required=True,
-                   help="streams JSONL file(s) (make them with `dynalora data streams`)")
-    p.add_argument("--out", type=Path, default=Path("results/eval_shift.json"))
-    p.add_argument("--library", type=Path, default=Path("checkpoints/library"))
-    p.add_argument("--shift", type=Path, default=Path("checkpoints/shift"))
-    p.add_argument("--triggers", type=Path, default=Path("checkpoints/triggers"))
-    p.add_argument("--xlora", type=Path, default=Path("checkpoints/xlora"),
-                   help="X-LoRA classifier folder (`dynalora train xlora`)")
-    p.add_argument("--model", default=None)
-    p.add_argument("--max-streams", type=int, default=None)
-    p.add_argument("--update-delay", type=int, default=12, help="tokens between a trigger and its update")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), help=f"methods to run (default: all {list(METHODS)})")
-    p.add_argument("--with-factors", action="store_true", help="also apply the shift network's generated factors")
-    p.set_defaults(handler=cmd_shift)
-
-    p = sub.add_parser("tasks", help="accuracy on held-out BIG-Bench tasks: dynalora from a description / 5 examples "
-                                     "vs base, best adapter, uniform merge, LoraHub-style search")
-    p.add_argument("--tasks", nargs="+", default=None,
-                   help="BIG-Bench task names (default: the library's held_out_tasks in library.json)")
-    p.add_argument("--support", type=int, default=5, help="support examples per task, from its train split")
-    p.add_argument("--max-queries", type=int, default=60, help="query examples per task, from its test split")
-    p.add_argument("--seed", type=int, default=0, help="seed of the example samples and of the LoraHub search")
-    p.add_argument("--methods", nargs="+", default=list(TASK_METHODS),
-                   help=f"methods to run (default: all {list(TASK_METHODS)})")
-    p.add_argument("--out", type=Path, default=Path("results/eval_tasks.json"))
-    p.add_argument("--library", type=Path, default=Path("checkpoints/library"))
-    p.add_argument("--shift", type=Path, default=Path("checkpoints/shift"))
-    p.add_argument("--triggers", type=Path, default=Path("checkpoints/triggers"))
-    p.add_argument("--model", default=None)
-    p.add_argument("--allow-library-tasks", action="store_true",
-                   help="allow tasks that are not held out from the library (it may have trained on them)")
-    p.add_argument("--with-factors", action="store_true", help="dynalora methods also apply generated factors")
-    p.add_argument("--threads", type=int, default=2,
-                   help="CPU threads for torch (1 can be much faster when another job shares the cores)")
-    p.set_defaults(handler=cmd_tasks)
-
+    checkpoints = {"library_dir": "--library", "shift_dir": "--shift", "triggers_dir": "--triggers"}
+    evaluations = [
+        ("shift", ShiftEvalConfig, eval_shift, {**checkpoints, "xlora_dir": "--xlora", "use_factors": "--with-factors"},
+         "per-segment NLL through mixed-domain streams: dynalora vs merges, router, oracle, X-LoRA"),
+        ("tasks", TaskEvalConfig, eval_tasks, {**checkpoints, "use_factors": "--with-factors"},
+         "accuracy on held-out BIG-Bench tasks: dynalora from a description / 5 examples vs base, best adapter, "
+         "uniform merge, LoraHub-style search"),
+        ("escalate", EscalateEvalConfig, eval_escalate, {**checkpoints, "escalate_dir": "--escalate"},
+         "continuation NLL vs compute: base, level 1, level 2 always, dynalora deciding with <|think|>, random "
+         "escalation at the same rate"),
+        ("mix", MixEvalConfig, eval_mix, {**checkpoints, "compressor_dir": "--compressor", "gate_dir": "--mix"},
+         "the learned mix gate vs shift only, absorb only, a fixed 50/50 mix (domain NLL and absorbed-fact answers)"),
+    ]
+    for name, config_cls, evaluate_fn, aliases, help_text in evaluations:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        flags = ConfigFlags(p, config_cls, aliases=aliases)
+        p.add_argument("--out", type=Path, default=Path(f"results/eval_{name}.json"),
+                       help="where the JSON result goes (the table is printed; default: %(default)s)")
+        p.set_defaults(handler=lambda args, flags=flags, evaluate_fn=evaluate_fn: _run(evaluate_fn, flags, args))
     from dynalora.eval.absorb import METHODS as ABSORB_METHODS
 
     p = sub.add_parser("absorb", help="questions about a document evicted from the window: memory LoRA vs full "
@@ -168,31 +117,3 @@ def add_eval_commands(commands) -> None:
                    help="absorb this many documents one after another into one memory, then ask about each")
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(handler=cmd_absorb)
-
-    p = sub.add_parser("escalate", help="continuation NLL vs compute: base, level 1, level 2 always, dynalora "
-                                        "deciding with <|think|>, random escalation at the same rate")
-    p.add_argument("--out", type=Path, default=Path("results/eval_escalate.json"))
-    p.add_argument("--library", type=Path, default=Path("checkpoints/library"))
-    p.add_argument("--shift", type=Path, default=Path("checkpoints/shift"))
-    p.add_argument("--triggers", type=Path, default=Path("checkpoints/triggers"))
-    p.add_argument("--escalate", type=Path, default=Path("checkpoints/escalate"), help="train escalate's folder")
-    p.add_argument("--model", default=None)
-    p.add_argument("--split", default="test", help="library domains' split the examples come from")
-    p.add_argument("--per-domain", type=int, default=40, help="examples per library domain")
-    p.add_argument("--threads", type=int, default=2)
-    p.set_defaults(handler=cmd_escalate)
-
-    p = sub.add_parser("mix", help="the learned mix gate vs shift only, absorb only, a fixed 50/50 mix (domain NLL and "
-                                   "absorbed-fact answers)")
-    p.add_argument("--facts", type=Path, required=True,
-                   help="fact documents JSONL (`dynalora data absorb --kind facts --split test`)")
-    p.add_argument("--out", type=Path, default=Path("results/eval_mix.json"))
-    p.add_argument("--library", type=Path, default=Path("checkpoints/library"))
-    p.add_argument("--shift", type=Path, default=Path("checkpoints/shift"))
-    p.add_argument("--compressor", type=Path, default=Path("checkpoints/absorb"))
-    p.add_argument("--mix", type=Path, default=Path("checkpoints/mix"), help="train mix's folder")
-    p.add_argument("--model", default=None)
-    p.add_argument("--max-docs", type=int, default=12)
-    p.add_argument("--examples-per-domain", type=int, default=24)
-    p.add_argument("--threads", type=int, default=2)
-    p.set_defaults(handler=cmd_mix)

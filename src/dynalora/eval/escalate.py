@@ -34,18 +34,31 @@ from dynalora.eval.report import report
 @dataclass
 class EscalateEvalConfig:
     library_dir: Path = Path("checkpoints/library")
+    """The trained library (``dynalora train library``)."""
     shift_dir: Path = Path("checkpoints/shift")
+    """The shift network (``dynalora train shift``)."""
     triggers_dir: Path = Path("checkpoints/triggers")
+    """The trained trigger (``dynalora train triggers``)."""
     escalate_dir: Path = Path("checkpoints/escalate")
+    """Levels above the shift network (``dynalora train escalate``)."""
     model: str | None = None
+    """Base model: HF id or folder (None: the embedded SmolLM2-135M-Instruct)."""
     split: str = "test"
+    """The library domains' split the examples come from."""
     per_domain: int = 40
+    """Examples per library domain."""
     context_tokens: int = 48
+    """Tokens of context the networks read."""
     continuation_tokens: int = 64
+    """Tokens whose NLL is scored."""
     random_draws: int = 20
+    """Draws of random escalation at the same rate."""
     timing_repeats: int = 20
+    """Repeats of each timing (median)."""
     seed: int = 2
+    """Random seed."""
     threads: int = 2
+    """CPU threads torch uses."""
     plot: Path | None = None
     """Where to draw the NLL-vs-compute curve (None: beside ``out`` as .png)."""
 

@@ -23,20 +23,34 @@ RIVALS = ("shift_only", "absorb_only", "fixed_half")
 
 @dataclass
 class MixEvalConfig:
-    facts: Path = Path("data/facts_test.jsonl")
+    facts: Path
+    """Fact documents JSONL (``dynalora data absorb --kind facts --split test``)."""
     library_dir: Path = Path("checkpoints/library")
+    """The trained library (``dynalora train library``)."""
     shift_dir: Path = Path("checkpoints/shift")
+    """The shift network (``dynalora train shift``)."""
     compressor_dir: Path = Path("checkpoints/absorb")
+    """The absorb compressor (``dynalora train absorb``)."""
     gate_dir: Path = Path("checkpoints/mix")
+    """The mix gate (``dynalora train mix``)."""
     model: str | None = None
+    """Base model: HF id or folder (None: the embedded SmolLM2-135M-Instruct)."""
     max_docs: int = 12
+    """Fact documents scored."""
     examples_per_domain: int = 24
+    """Domain contexts per library domain."""
     context_tokens: int = 48
+    """Tokens of context read."""
     continuation_tokens: int = 64
+    """Tokens whose NLL is scored."""
     split: str = "test"
+    """The library domains' split the examples come from."""
     seed: int = 3
+    """Random seed."""
     batch_size: int = 8
+    """Rows per scoring batch."""
     threads: int = 2
+    """CPU threads torch uses."""
 
 
 def eval_mix(config: MixEvalConfig, out: Path | None = None) -> dict:

@@ -37,14 +37,23 @@ class ShiftEvalConfig:
     data: Path | list[Path]
     """One or more streams JSONL files."""
     library_dir: Path = Path("checkpoints/library")
+    """The trained library (``dynalora train library``)."""
     shift_dir: Path = Path("checkpoints/shift")
+    """The shift network (``dynalora train shift``)."""
     triggers_dir: Path = Path("checkpoints/triggers")
+    """The trained trigger (``dynalora train triggers``)."""
     xlora_dir: Path = Path("checkpoints/xlora")
+    """X-LoRA classifier folder (``dynalora train xlora``)."""
     model: str | None = None
+    """Base model: HF id or folder (None: the embedded SmolLM2-135M-Instruct)."""
     skip: int = 32
+    """Each segment's first this many tokens are not scored (time to detect the change)."""
     max_streams: int | None = None
+    """Score at most this many streams (None: all)."""
     min_gap: int = 32
+    """At least this many tokens between two triggers."""
     prototype_texts: int = 24
+    """Texts per adapter averaged into the router's prototypes."""
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     """Methods to run (e.g. only ``["dynalora"]`` to compare its settings on validation streams)."""
     update_delay: int = 12
@@ -52,6 +61,7 @@ class ShiftEvalConfig:
     use_factors: bool = False
     """Apply the shift network's generated factors too (off: they raised validation NLL)."""
     threads: int = 2
+    """CPU threads torch uses."""
 
 
 class _Scorer:

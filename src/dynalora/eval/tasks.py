@@ -46,9 +46,13 @@ class TaskEvalConfig:
     tasks: list[str] | None = None
     """BIG-Bench task names (default: the library's ``held_out_tasks`` in ``library.json``)."""
     library_dir: Path = Path("checkpoints/library")
+    """The trained library (``dynalora train library``)."""
     shift_dir: Path = Path("checkpoints/shift")
+    """The shift network (``dynalora train shift``)."""
     triggers_dir: Path = Path("checkpoints/triggers")
+    """The trained trigger (``dynalora train triggers``)."""
     model: str | None = None
+    """Base model: HF id or folder (None: the embedded SmolLM2-135M-Instruct)."""
     support: int = 5
     """Support examples per task (from its train split) for best_adapter, lorahub and dynalora_examples."""
     max_queries: int = 60
