@@ -7,71 +7,38 @@ import sys
 import time
 from pathlib import Path
 
-from dynalora.cli_adapters import add_model_arguments
+from dynalora.cli_config import ConfigFlags
 from dynalora.console import styles
 
 DIM, BOLD, RESET = styles()  # empty when piped or NO_COLOR is set
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
-    from dynalora.runtime.build import TRIGGER_SPECS
-    from dynalora.runtime.memory_writers import WRITERS, DistillConfig
+    """The engine's flags (generated from :class:`EngineSpec` and :class:`SamplingConfig`) and the run's."""
+    from dynalora.runtime import SamplingConfig
+    from dynalora.runtime.build import EngineSpec
 
-    add_model_arguments(p)
-    p.add_argument("--trigger-tokens", type=Path, default=None, help="trained trigger token rows (safetensors)")
-    p.add_argument("--hyper", default="prototype", help="hypernetwork: prototype | shift (the trained network) | none")
-    p.add_argument("--shift", type=Path, default=Path("checkpoints/shift"), help="shift network folder (--hyper shift)")
-    p.add_argument("--escalate", type=Path, default=None,
-                   help="with --hyper shift: the stacked levels above it (train escalate); <|think|> escalates")
-    p.add_argument("--mix", type=Path, default=None,
-                   help="with --hyper shift: the mix gate (train mix) weighing the shift LoRA and the memory LoRA")
-    p.add_argument("--trigger", action="append", default=None, help=f"trigger policy, repeatable: {TRIGGER_SPECS}")
-    p.add_argument("--kv-policy", default="keep", help="keep | recompute_last | recompute_all")
+    spec = ConfigFlags(p, EngineSpec, aliases={"hypernetwork": "--hyper", "shift_dir": "--shift",
+                                               "triggers": "--trigger"})
+    sampling = ConfigFlags(p, SamplingConfig, config_file=False)
     p.add_argument("--state", type=Path, default=None, help="start from this saved LoRA state")
-    p.add_argument("--window", type=int, default=None,
-                   help="window budget in tokens: past it the oldest chunk is absorbed into the memory LoRA")
-    p.add_argument("--compressor", type=Path, default=Path("checkpoints/absorb"), help="absorb compressor folder")
-    p.add_argument("--absorber", default="compressor", choices=WRITERS,
-                   help="how an evicted chunk is written into the memory LoRA (default: %(default)s)")
-    p.add_argument("--absorb-steps", type=int, default=DistillConfig.steps,
-                   help="distillation steps per absorbed chunk (distill writers; default: %(default)s)")
-    p.add_argument("--absorb-step-sizes", type=Path, default=None,
-                   help="meta-learned step sizes for the distill writers (a `train absorb-steps` folder)")
-    p.add_argument("--background-absorb", action="store_true",
-                   help="write absorbed chunks on a background thread while generation goes on")
-    p.add_argument("--relevance-gate", action="store_true",
-                   help="memory on only for prompts that name something it absorbed")
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=128, help="new tokens at most (default: %(default)s)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.set_defaults(engine_flags=spec, sampling_flags=sampling)
 
 
 def engine_from_args(args):
-    from dynalora.runtime.build import EngineSpec, build_engine
+    from dynalora.runtime.build import build_engine
 
-    engine = build_engine(EngineSpec(model=args.model, device=args.device, dtype=args.dtype, bank=args.bank,
-                                     trigger_tokens=args.trigger_tokens,
-                                     hypernetwork=args.hyper, shift_dir=args.shift, escalate=args.escalate,
-                                     mix=args.mix, triggers=args.trigger or ["token"],
-                                     kv_policy=args.kv_policy, window=args.window, compressor=args.compressor,
-                                     absorber=args.absorber, absorb_steps=args.absorb_steps,
-                                     absorb_step_sizes=args.absorb_step_sizes,
-                                     background_absorb=args.background_absorb,
-                                     relevance_gate=args.relevance_gate))
+    engine = build_engine(args.engine_flags.build(args))
     if args.state:
         engine.dyn.state.load(args.state)
     return engine
 
 
 def generation_kwargs(args) -> dict:
-    from dynalora.runtime import SamplingConfig
-
     return dict(max_new_tokens=args.max_tokens, stop_strings=tuple(args.stop),
-                sampling=SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed))
+                sampling=args.sampling_flags.build(args))
 
 
 def describe_event(event, labels: list[str]) -> str:
@@ -140,7 +107,8 @@ def cmd_chat(args) -> int:
     engine = engine_from_args(args)
     session = ChatSession(engine, system=args.system)
     labels = engine.dyn.state.labels
-    print(f"{DIM}dynalora chat — {len(labels)} adapters, hypernetwork {args.hyper}. {CHAT_HELP}{RESET}")
+    hyper = type(engine.hypernetwork).__name__
+    print(f"{DIM}dynalora chat — {len(labels)} adapters, hypernetwork {hyper}. {CHAT_HELP}{RESET}")
     while True:
         try:
             line = input(f"{BOLD}you>{RESET} ").strip()

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from dynalora.lora import DynamicLoraModel, InjectConfig, LoraBank, StateConfig, module_shapes_of
 from dynalora.lora.bank import is_bank_folder
-from dynalora.models import load_base_model, model_device
-from dynalora.runtime.engine import Engine, EngineConfig
-from dynalora.runtime.memory_writers import DistillConfig
+from dynalora.models import load_base_model, model_device, resolve_dtype
+from dynalora.runtime.engine import KV_POLICIES, Engine, EngineConfig
+from dynalora.runtime.memory_writers import WRITERS, DistillConfig
 from dynalora.runtime.special_tokens import THINK_TOKEN, add_trigger_tokens, load_trigger_tokens
 from dynalora.runtime.trigger_lora import merge_trigger_lora, trigger_lora_beside
 from dynalora.runtime.triggers import (EveryN, SpecialToken, Surprise, TokenProbability, TriggerConfig,
@@ -35,6 +35,7 @@ class EngineSpec:
     """``prototype`` (nearest bank adapter by its description's features), ``shift`` (the trained shift
     network in ``shift_dir``; the bank must be the one it was trained on) or ``none``."""
     shift_dir: Path = Path("checkpoints/shift")
+    """The trained shift network (with --hyper shift)."""
     escalate: Path | None = None
     """With ``hypernetwork="shift"``: the levels above it (``dynalora train escalate``). ``<|think|>`` then
     runs the whole stack; its trained probability threshold is added as a trigger."""
@@ -44,9 +45,13 @@ class EngineSpec:
     triggers: list[str] = field(default_factory=lambda: ["token"])
     """Trigger policies, each one of: """ + TRIGGER_SPECS
     min_gap: int = 8
+    """At least this many tokens between two updates of a row."""
     max_per_sequence: int = 32
+    """At most this many updates per row and generation."""
     kv_policy: str = "keep"
+    """After a LoRA change: keep the cache, recompute_last (its last 32 positions) or recompute_all."""
     max_batch: int = 8
+    """Rows the LoRA state holds (prompts generated together)."""
     window: int | None = None
     """Window budget in tokens: past it the oldest chunk is absorbed into memory and evicted (None: off)."""
     compressor: Path = Path("checkpoints/absorb")
@@ -61,6 +66,13 @@ class EngineSpec:
     """Write absorbed chunks on a background thread while generation goes on (``EngineConfig``)."""
     relevance_gate: bool = False
     """Memory on only for prompts that name something it absorbed (``AbsorbConfig.relevance_gate``)."""
+
+    def __post_init__(self):  # choices checked before any model loads
+        for name, value, allowed in (("hypernetwork", self.hypernetwork, HYPERNETWORKS),
+                                     ("kv_policy", self.kv_policy, KV_POLICIES), ("absorber", self.absorber, WRITERS)):
+            if value not in allowed:
+                raise ValueError(f"EngineSpec.{name}={value!r}: choose one of {list(allowed)}")
+        resolve_dtype(self.dtype)
 
 
 def parse_trigger(spec: str, token_ids: dict[str, int]) -> TriggerPolicy:
