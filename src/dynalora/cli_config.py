@@ -202,3 +202,22 @@ def read_config_file(path: Path) -> dict:
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as error:
         raise SystemExit(f"--config {path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {error}")
 
+
+
+def add_config_command(commands, name: str, config_cls, run, help_text: str, aliases: dict | None = None,
+                       out: Path | None = None) -> argparse.ArgumentParser:
+    """A subcommand whose flags are ``config_cls``'s: it calls ``run(config)``, or with ``out`` (the default
+    result file) ``run(config, out=PATH)`` and adds ``--out``. Returns the subparser (for extra flags)."""
+    parser = commands.add_parser(name, help=help_text, description=help_text)
+    flags = ConfigFlags(parser, config_cls, aliases=aliases)
+    if out is not None:
+        parser.add_argument("--out", type=Path, default=out,
+                            help="where the JSON result goes (the table is printed; default: %(default)s)")
+
+    def handler(args) -> int:
+        config = flags.build(args)
+        result = run(config) if out is None else run(config, out=args.out)
+        return result if isinstance(result, int) else 0
+
+    parser.set_defaults(handler=handler)
+    return parser

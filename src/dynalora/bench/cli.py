@@ -4,12 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dynalora.cli_config import ConfigFlags
-
-
-def _run(bench_fn, flags: ConfigFlags, args) -> int:
-    bench_fn(flags.build(args), out=args.out)  # prints its table and writes the JSON
-    return 0
+from dynalora.cli_config import add_config_command
 
 
 def add_bench_commands(commands) -> None:
@@ -34,8 +29,4 @@ def add_bench_commands(commands) -> None:
          "generation time per token: PEFT X-LoRA vs dynalora's engine vs plain generate"),
     ]
     for name, config_cls, bench_fn, aliases, help_text in benchmarks:
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        flags = ConfigFlags(p, config_cls, aliases=aliases)
-        p.add_argument("--out", type=Path, default=Path(f"results/bench_{name}.json"),
-                       help="where the JSON result goes (the table is printed; default: %(default)s)")
-        p.set_defaults(handler=lambda args, flags=flags, bench_fn=bench_fn: _run(bench_fn, flags, args))
+        add_config_command(sub, name, config_cls, bench_fn, help_text, aliases, out=Path(f"results/bench_{name}.json"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dynalora.cli_config import ConfigFlags
+from dynalora.cli_config import add_config_command
 
 
 def cmd_absorb(args) -> int:
@@ -26,11 +26,6 @@ def cmd_absorb(args) -> int:
                                  chunk_tokens=args.chunk_tokens, sequence=args.sequence,
                                  relevance_gate=args.relevance_gate, threads=args.threads),
                 out=args.out)
-    return 0
-
-
-def _run(evaluate_fn, flags: ConfigFlags, args) -> int:
-    evaluate_fn(flags.build(args), out=args.out)  # prints its table and writes the JSON
     return 0
 
 
@@ -56,11 +51,9 @@ def add_eval_commands(commands) -> None:
          "the learned mix gate vs shift only, absorb only, a fixed 50/50 mix (domain NLL and absorbed-fact answers)"),
     ]
     for name, config_cls, evaluate_fn, aliases, help_text in evaluations:
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        flags = ConfigFlags(p, config_cls, aliases=aliases)
-        p.add_argument("--out", type=Path, default=Path(f"results/eval_{name}.json"),
-                       help="where the JSON result goes (the table is printed; default: %(default)s)")
-        p.set_defaults(handler=lambda args, flags=flags, evaluate_fn=evaluate_fn: _run(evaluate_fn, flags, args))
+        add_config_command(sub, name, config_cls, evaluate_fn, help_text, aliases,
+                           out=Path(f"results/eval_{name}.json"))
+
     from dynalora.eval.absorb import METHODS as ABSORB_METHODS
 
     p = sub.add_parser("absorb", help="questions about a document evicted from the window: memory LoRA vs full "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dynalora.cli_config import ConfigFlags
+from dynalora.cli_config import add_config_command
 
 
 def cmd_library(args) -> int:
@@ -164,9 +164,7 @@ def add_train_commands(commands) -> None:
          "meta-learn the distill memory writer's step sizes and start on train-seed documents"),
     ]
     for name, config_cls, handler, aliases, help_text in recipes:
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        flags = ConfigFlags(p, config_cls, aliases=aliases)
-        p.set_defaults(handler=lambda args, flags=flags, handler=handler: handler(flags.build(args)))
+        add_config_command(sub, name, config_cls, handler, help_text, aliases)
 
     p = sub.add_parser("rescan-triggers", help="train nothing: choose trained triggers' thresholds again on their "
                                                "validation streams")
