@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(VENV)/bin/dynalora demo
+	$(VENV)/bin/dynalora demo --plot results/demo_timeline.png
 
 test: install
 	$(PY) -m pytest -q

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# How the shipped gradient compressor (checkpoints/absorb) was made, on the 2-core CPU machine
+# How the shipped gradient compressor (src/dynalora/checkpoints/absorb) was made, on the 2-core CPU machine
 # (~35 minutes of training). Train seeds / split only; validation seeds / split for the curve.
 # Usage: scripts/train_absorb.sh [work folder]   (default /tmp/absorb-train)
 set -euo pipefail

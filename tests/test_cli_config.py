@@ -100,6 +100,6 @@ def test_every_recipe_field_is_a_flag_with_its_help():
     recipes = commands["train"]._subparsers._group_actions[0].choices
     for name, cls in (("shift", ShiftTrainConfig), ("trigger-lora", TriggerLoraTrainConfig)):
         text = recipes[name].format_help()
-        for field in dataclasses.fields(cls):
-            assert "--" + field.name.replace("_", "-") in text, (name, field.name)
+        for config_field in dataclasses.fields(cls):
+            assert "--" + config_field.name.replace("_", "-") in text, (name, config_field.name)
     assert "Rank of the trigger LoRA. (default: 4)" in " ".join(recipes["trigger-lora"].format_help().split())

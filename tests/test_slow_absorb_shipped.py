@@ -3,7 +3,6 @@ neither saw (slow)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,10 +12,11 @@ from dynalora.data.facts import facts_document
 from dynalora.models import load_base_model
 from dynalora.runtime.absorb import load_absorber
 from dynalora.runtime.chat import answer_tokens, chat_prompt, end_of_turn_id
+from dynalora.shipped import shipped
 from dynalora.train.absorb import answer_log_probs
 
 pytestmark = pytest.mark.slow
-SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "absorb"
+SHIPPED = shipped("absorb")
 TEST_OFFSET = 200
 """Test-split seeds of these documents: not the evaluation's (0–7) nor the demo's (100)."""
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from dynalora.runtime.build import EngineSpec, build_engine
+from dynalora.shipped import shipped
 
 pytestmark = pytest.mark.slow
-CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+CHECKPOINTS = shipped()
 PROMPT = "The committee met on Tuesday to discuss the budget for the coming year, and the chair said that"
 
 

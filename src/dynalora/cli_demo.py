@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dynalora.models import dynalora_home
+from dynalora.shipped import shipped
+
 
 def cmd_demo(args) -> int:
     from dynalora.demo import DemoConfig, run_demo
@@ -35,9 +38,10 @@ def cmd_plot(args) -> int:
 
 def add_demo_commands(commands) -> None:
     p = commands.add_parser("demo", help="the shipped shift system on a stream that changes domain, then live")
-    p.add_argument("--checkpoints", type=Path, default=Path("checkpoints"))
+    p.add_argument("--checkpoints", type=Path, default=shipped())
     p.add_argument("--model", default=None)
-    p.add_argument("--plot", type=Path, default=Path("results/demo_timeline.png"), help="PNG blend timeline")
+    p.add_argument("--plot", type=Path, default=dynalora_home() / "demo_timeline.png",
+                   help="PNG blend timeline (default: %(default)s)")
     p.add_argument("--no-absorb", action="store_true", help="skip the absorb part (a document read into memory)")
     from dynalora.runtime.memory_writers import WRITERS, DistillConfig
 
@@ -46,13 +50,13 @@ def add_demo_commands(commands) -> None:
     p.add_argument("--absorb-steps", type=int, default=DistillConfig.steps,
                    help="distillation steps per chunk (distill writers; default: %(default)s)")
     p.add_argument("--absorb-step-sizes", type=Path, default=None,
-                   help="meta-learned step sizes for the distill writers (e.g. checkpoints/absorb_steps)")
+                   help="meta-learned step sizes for the distill writers (e.g. CHECKPOINTS/absorb_steps)")
     p.set_defaults(handler=cmd_demo)
 
     p = commands.add_parser("plot", help="PNG timeline of the blend weights over one stream's tokens")
     p.add_argument("--data", type=Path, required=True, help="streams JSONL (`dynalora data streams`)")
     p.add_argument("--index", type=int, default=0, help="which stream of the file")
     p.add_argument("--out", type=Path, default=Path("results/blend_timeline.png"))
-    p.add_argument("--checkpoints", type=Path, default=Path("checkpoints"))
+    p.add_argument("--checkpoints", type=Path, default=shipped())
     p.add_argument("--model", default=None)
     p.set_defaults(handler=cmd_plot)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dynalora.console import styles
+from dynalora.shipped import shipped
 
 DIM, BOLD, RESET = styles()  # empty when piped or NO_COLOR is set
 DEMO_DOMAINS = ["news", "drama-shakespeare", "code-python", "scripture"]
@@ -18,11 +19,12 @@ DEMO_DOMAINS = ["news", "drama-shakespeare", "code-python", "scripture"]
 
 @dataclass
 class DemoConfig:
-    checkpoints: Path = Path("checkpoints")
+    checkpoints: Path = shipped()
     model: str | None = None
     seed: int = 3
     segment_chars: int = 600
-    plot: Path | None = Path("results/demo_timeline.png")
+    plot: Path | None = None
+    """Where to draw the blend timeline (None: no plot)."""
 
 
 def run_demo(config: DemoConfig) -> dict:

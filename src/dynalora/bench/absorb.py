@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 
 from dynalora.bench.common import machine, stats, targets_report, write_result
+from dynalora.shipped import shipped
 
 
 @dataclass
 class AbsorbBenchConfig:
     model: str | None = None
-    compressor_dir: Path = Path("checkpoints/absorb")
+    compressor_dir: Path = shipped("absorb")
     short: int = 10
     """Chunks of the short conversation."""
     long: int = 100

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from dynalora.bench.common import machine, stats, timed, write_result
+from dynalora.shipped import shipped
 
 PROMPT = ("The committee met on Tuesday to discuss the budget for the coming year. Several members argued that "
           "the library and the parks deserved more money, while others wanted to repair the roads first. ")
@@ -22,7 +23,7 @@ PROMPT = ("The committee met on Tuesday to discuss the budget for the coming yea
 
 @dataclass
 class XLoraBenchConfig:
-    checkpoints: Path = Path("checkpoints")
+    checkpoints: Path = shipped()
     """Folder with ``library``, ``shift``, ``triggers`` and ``xlora`` (the shipped ones by default)."""
     model: str | None = None
     prompt_tokens: int = 256

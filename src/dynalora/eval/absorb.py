@@ -31,6 +31,7 @@ from dynalora.eval.answers import score_answers
 from dynalora.eval.report import report
 from dynalora.runtime.chat import chat_prompt
 from dynalora.runtime.memory_writers import WRITERS, DistillConfig
+from dynalora.shipped import shipped
 
 METHODS = ("full_context", "no_context", "dynalora", "gradient_lora", "summary")
 SUMMARY_INSTRUCTION = "Summarise the text above in one or two sentences. Keep every name and number."
@@ -40,7 +41,7 @@ SUMMARY_INSTRUCTION = "Summarise the text above in one or two sentences. Keep ev
 class AbsorbEvalConfig:
     data: Path | None = None
     """Documents JSONL (``dynalora data absorb --split test``); not needed with ``needle``."""
-    compressor_dir: Path = Path("checkpoints/absorb")
+    compressor_dir: Path = shipped("absorb")
     model: str | None = None
     window: int = 512
     """Window budget in tokens (summaries must fit in it; ``needle`` streams through it)."""

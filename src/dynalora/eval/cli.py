@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dynalora.cli_config import add_config_command
+from dynalora.shipped import shipped
 
 
 def cmd_absorb(args) -> int:
@@ -60,7 +61,7 @@ def add_eval_commands(commands) -> None:
                                       "context, no context, gradient LoRA, summaries; --needle, --locality")
     p.add_argument("--data", type=Path, default=None, help="documents JSONL (`dynalora data absorb --split test`)")
     p.add_argument("--out", type=Path, default=Path("results/eval_absorb.json"))
-    p.add_argument("--compressor", type=Path, default=Path("checkpoints/absorb"))
+    p.add_argument("--compressor", type=Path, default=shipped("absorb"))
     p.add_argument("--model", default=None)
     p.add_argument("--window", type=int, default=512, help="window budget in tokens")
     p.add_argument("--methods", nargs="+", default=list(ABSORB_METHODS),

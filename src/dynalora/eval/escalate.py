@@ -29,17 +29,18 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dynalora.eval.report import report
+from dynalora.shipped import shipped
 
 
 @dataclass
 class EscalateEvalConfig:
-    library_dir: Path = Path("checkpoints/library")
+    library_dir: Path = shipped("library")
     """The trained library (``dynalora train library``)."""
-    shift_dir: Path = Path("checkpoints/shift")
+    shift_dir: Path = shipped("shift")
     """The shift network (``dynalora train shift``)."""
-    triggers_dir: Path = Path("checkpoints/triggers")
+    triggers_dir: Path = shipped("triggers")
     """The trained trigger (``dynalora train triggers``)."""
-    escalate_dir: Path = Path("checkpoints/escalate")
+    escalate_dir: Path = shipped("escalate")
     """Levels above the shift network (``dynalora train escalate``)."""
     model: str | None = None
     """Base model: HF id or folder (None: the embedded SmolLM2-135M-Instruct)."""

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from dynalora.eval.report import report
+from dynalora.shipped import shipped
 
 RIVALS = ("shift_only", "absorb_only", "fixed_half")
 
@@ -25,13 +26,13 @@ RIVALS = ("shift_only", "absorb_only", "fixed_half")
 class MixEvalConfig:
     facts: Path
     """Fact documents JSONL (``dynalora data absorb --kind facts --split test``)."""
-    library_dir: Path = Path("checkpoints/library")
+    library_dir: Path = shipped("library")
     """The trained library (``dynalora train library``)."""
-    shift_dir: Path = Path("checkpoints/shift")
+    shift_dir: Path = shipped("shift")
     """The shift network (``dynalora train shift``)."""
-    compressor_dir: Path = Path("checkpoints/absorb")
+    compressor_dir: Path = shipped("absorb")
     """The absorb compressor (``dynalora train absorb``)."""
-    gate_dir: Path = Path("checkpoints/mix")
+    gate_dir: Path = shipped("mix")
     """The mix gate (``dynalora train mix``)."""
     model: str | None = None
     """Base model: HF id or folder (None: the embedded SmolLM2-135M-Instruct)."""

@@ -28,6 +28,7 @@ from transformers import DynamicCache
 from dynalora.data.streams import read_streams, tokenize_stream
 from dynalora.eval.report import report
 from dynalora.data.trigger_metrics import trigger_metrics
+from dynalora.shipped import shipped
 
 METHODS = ("base", "uniform_merge", "peft_linear_merge", "router_select", "oracle", "dynalora", "xlora")
 
@@ -36,13 +37,13 @@ METHODS = ("base", "uniform_merge", "peft_linear_merge", "router_select", "oracl
 class ShiftEvalConfig:
     data: Path | list[Path]
     """One or more streams JSONL files."""
-    library_dir: Path = Path("checkpoints/library")
+    library_dir: Path = shipped("library")
     """The trained library (``dynalora train library``)."""
-    shift_dir: Path = Path("checkpoints/shift")
+    shift_dir: Path = shipped("shift")
     """The shift network (``dynalora train shift``)."""
-    triggers_dir: Path = Path("checkpoints/triggers")
+    triggers_dir: Path = shipped("triggers")
     """The trained trigger (``dynalora train triggers``)."""
-    xlora_dir: Path = Path("checkpoints/xlora")
+    xlora_dir: Path = shipped("xlora")
     """X-LoRA classifier folder (``dynalora train xlora``)."""
     model: str | None = None
     """Base model: HF id or folder (None: the embedded SmolLM2-135M-Instruct)."""

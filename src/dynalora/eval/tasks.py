@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from dynalora.eval.report import report
+from dynalora.shipped import shipped
 
 METHODS = ("base", "best_adapter", "uniform_merge", "lorahub", "dynalora_description", "dynalora_examples")
 SUPPORT_SPLIT, QUERY_SPLIT = "train", "test"
@@ -45,11 +46,11 @@ SUPPORT_SPLIT, QUERY_SPLIT = "train", "test"
 class TaskEvalConfig:
     tasks: list[str] | None = None
     """BIG-Bench task names (default: the library's ``held_out_tasks`` in ``library.json``)."""
-    library_dir: Path = Path("checkpoints/library")
+    library_dir: Path = shipped("library")
     """The trained library (``dynalora train library``)."""
-    shift_dir: Path = Path("checkpoints/shift")
+    shift_dir: Path = shipped("shift")
     """The shift network (``dynalora train shift``)."""
-    triggers_dir: Path = Path("checkpoints/triggers")
+    triggers_dir: Path = shipped("triggers")
     """The trained trigger (``dynalora train triggers``)."""
     model: str | None = None
     """Base model: HF id or folder (None: the embedded SmolLM2-135M-Instruct)."""

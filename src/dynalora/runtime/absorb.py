@@ -61,7 +61,7 @@ class AbsorbReport:
 class Absorber:
     """Example::
 
-        absorber = load_absorber(model, "checkpoints/absorb", writer="distill", tokenizer=tokenizer)
+        absorber = load_absorber(model, shipped("absorb"), writer="distill", tokenizer=tokenizer)
         absorber.absorb(0, tokenizer(document)["input_ids"][:128])   # row 0 now remembers it
 
     ``writer`` is a memory writer (:mod:`dynalora.runtime.memory_writers`: ``write(dyn, ids, memory)`` →

@@ -14,6 +14,7 @@ from dynalora.runtime.special_tokens import THINK_TOKEN, add_trigger_tokens, loa
 from dynalora.runtime.trigger_lora import merge_trigger_lora, trigger_lora_beside
 from dynalora.runtime.triggers import (EveryN, SpecialToken, Surprise, TokenProbability, TriggerConfig,
                                        TriggerPolicy, WindowPressure)
+from dynalora.shipped import shipped
 
 HYPERNETWORKS = ("prototype", "shift", "none")
 TRIGGER_SPECS = "token | prob[:THRESHOLD] | think[:THRESHOLD] | surprise[:K] | every:N | window:TOKENS"
@@ -34,7 +35,7 @@ class EngineSpec:
     hypernetwork: str = "prototype"
     """``prototype`` (nearest bank adapter by its description's features), ``shift`` (the trained shift
     network in ``shift_dir``; the bank must be the one it was trained on) or ``none``."""
-    shift_dir: Path = Path("checkpoints/shift")
+    shift_dir: Path = shipped("shift")
     """The trained shift network (with --hyper shift)."""
     escalate: Path | None = None
     """With ``hypernetwork="shift"``: the levels above it (``dynalora train escalate``). ``<|think|>`` then
@@ -54,7 +55,7 @@ class EngineSpec:
     """Rows the LoRA state holds (prompts generated together)."""
     window: int | None = None
     """Window budget in tokens: past it the oldest chunk is absorbed into memory and evicted (None: off)."""
-    compressor: Path = Path("checkpoints/absorb")
+    compressor: Path = shipped("absorb")
     """The absorb compressor folder (used with ``window`` by the writers that use it)."""
     absorber: str = "compressor"
     """The memory writer used with ``window``: compressor, distill or compressor+distill."""

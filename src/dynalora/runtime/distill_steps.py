@@ -9,8 +9,8 @@ Example::
 
     sizes = StepSizes.constant(["model.layers.20.mlp.down_proj"], steps=8, lr=0.02)
     sizes.at(3)                     # (M, 2) step sizes of A and B at step 3 (the last one past the schedule)
-    sizes.save("checkpoints/absorb_steps", record={...})
-    StepSizes.load("checkpoints/absorb_steps")
+    sizes.save(trained("absorb_steps"), record={...})
+    StepSizes.load(shipped("absorb_steps"))
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from dynalora.runtime.chat import answer_tokens, chat_prompt, end_of_turn_id  # noqa: F401 (chat_prompt re-exported)
 from dynalora.runtime.padding import pad_rows
 from dynalora.train.data import config_record
+from dynalora.shipped import trained
 
 COMPRESSORS = ("gradient", "perceiver")
 
@@ -44,7 +45,7 @@ class AbsorbTrainConfig:
     """Training documents (JSONL from ``dynalora data absorb --split train``)."""
     validation: Path | None = None
     """Validation documents (``--split validation``): loss and answer accuracy with/without memory."""
-    out_dir: Path = Path("checkpoints/absorb")
+    out_dir: Path = field(default_factory=lambda: trained("absorb"))
     """Where the compressor is written."""
     model: str | None = None
     """Base model: HF id or folder (None: the embedded SmolLM2-135M-Instruct)."""

@@ -33,13 +33,14 @@ from dynalora.runtime.distill_steps import StepSizes
 from dynalora.runtime.memory_writers import DistillConfig, answer_positions, ScoredTexts
 from dynalora.runtime.padding import pad_rows
 from dynalora.train.data import config_record
+from dynalora.shipped import trained
 
 
 @dataclass
 class AbsorbStepsTrainConfig:
     data: Path
     """Training documents (``dynalora data absorb --kind facts --split train``)."""
-    out_dir: Path = Path("checkpoints/absorb_steps")
+    out_dir: Path = field(default_factory=lambda: trained("absorb_steps"))
     """Where the step sizes are written."""
     model: str | None = None
     """Base model: HF id or folder (None: the embedded SmolLM2-135M-Instruct)."""

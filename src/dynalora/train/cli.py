@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dynalora.cli_config import add_config_command
+from dynalora.shipped import shipped_config
 
 
 def cmd_library(args) -> int:
@@ -129,7 +130,8 @@ def add_train_commands(commands) -> None:
     train = commands.add_parser("train", help="training recipes (resumable, with progress bars and loss plots)")
     sub = train.add_subparsers(dest="train_command", required=True, metavar="RECIPE")
     p = sub.add_parser("library", help="train the labelled LoRA library (one PEFT adapter per entry)")
-    p.add_argument("--config", type=Path, default=Path("configs/library.toml"), help="TOML config")
+    p.add_argument("--config", type=Path, default=shipped_config("library.toml"),
+                   help="TOML config (default: the shipped library's, %(default)s)")
     p.add_argument("--out-dir", type=Path, default=None, help="override the config's out_dir")
     p.add_argument("--steps", type=int, default=None, help="override the config's steps")
     p.add_argument("--only", nargs="+", default=None, help="train only these labels")

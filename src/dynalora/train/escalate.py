@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,17 +32,18 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dynalora.train.data import config_record
+from dynalora.shipped import shipped, trained
 
 
 @dataclass
 class EscalateTrainConfig:
-    library_dir: Path = Path("checkpoints/library")
+    library_dir: Path = shipped("library")
     """The trained library (``dynalora train library``)."""
-    shift_dir: Path = Path("checkpoints/shift")
+    shift_dir: Path = shipped("shift")
     """Level 1: the shift network (``dynalora train shift``)."""
-    triggers_dir: Path = Path("checkpoints/triggers")
+    triggers_dir: Path = shipped("triggers")
     """The trained trigger tokens; the ``<|think|>`` row is fitted on top of them."""
-    out_dir: Path = Path("checkpoints/escalate")
+    out_dir: Path = field(default_factory=lambda: trained("escalate"))
     """Where level 2 and the ``<|think|>`` row are written."""
     model: str | None = None
     """Base model: HF id or folder (None: the embedded SmolLM2-135M-Instruct)."""

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from dynalora.train.data import (TokenBatch, batch_nll, config_record, domain_token_stream, pair_batches, source_kind,
                                  task_pairs, window_batches)
+from dynalora.shipped import trained
 
 METADATA_FILE = "dynalora_adapter.json"
 
@@ -37,7 +38,7 @@ class AdapterSpec:
 @dataclass
 class LibraryConfig:
     adapters: list[AdapterSpec]
-    out_dir: Path = Path("checkpoints/library")
+    out_dir: Path = field(default_factory=lambda: trained("library"))
     model: str | None = None
     """Base model (None: the embedded SmolLM2-135M-Instruct)."""
     rank: int = 8

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dynalora.train.data import config_record
+from dynalora.shipped import shipped, trained
 
 FIXED_MIXES = {"base": (0.0, 0.0), "shift_only": (1.0, 0.0), "absorb_only": (0.0, 1.0), "fixed_half": (0.5, 0.5),
                "both": (1.0, 1.0)}
@@ -37,13 +38,13 @@ class MixTrainConfig:
     """Fictional-fact documents the compressor never trained on (``dynalora data absorb --kind facts --split
     validation --seed-offset 100``): on its own training documents the memory is far more useful than on
     unseen ones, and the gate would learn to trust it too much."""
-    library_dir: Path = Path("checkpoints/library")
+    library_dir: Path = shipped("library")
     """The trained library (``dynalora train library``)."""
-    shift_dir: Path = Path("checkpoints/shift")
+    shift_dir: Path = shipped("shift")
     """The shift network (``dynalora train shift``)."""
-    compressor_dir: Path = Path("checkpoints/absorb")
+    compressor_dir: Path = shipped("absorb")
     """The absorb compressor (``dynalora train absorb``)."""
-    out_dir: Path = Path("checkpoints/mix")
+    out_dir: Path = field(default_factory=lambda: trained("mix"))
     """Where the gate is written."""
     model: str | None = None
     """Base model: HF id or folder (None: the embedded SmolLM2-135M-Instruct)."""

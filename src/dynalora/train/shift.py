@@ -24,13 +24,14 @@ from tqdm import tqdm
 
 from dynalora.train.data import config_record, domain_token_stream, source_kind
 from dynalora.train.library import load_library_bank
+from dynalora.shipped import shipped, trained
 
 
 @dataclass
 class ShiftTrainConfig:
-    library_dir: Path = Path("checkpoints/library")
+    library_dir: Path = shipped("library")
     """The trained library the network blends (``dynalora train library``)."""
-    out_dir: Path = Path("checkpoints/shift")
+    out_dir: Path = field(default_factory=lambda: trained("shift"))
     """Where the network is written (``shift_net.safetensors`` + ``shift_net.json``)."""
     model: str | None = None
     """Base model: HF id or folder (None: the embedded SmolLM2-135M-Instruct)."""

@@ -28,14 +28,15 @@ from transformers import DynamicCache
 
 from dynalora.train.data import config_record
 from dynalora.train.triggers import TriggerTrainConfig, schedule_chunks
+from dynalora.shipped import shipped, trained
 
 
 @dataclass
 class TriggerLoraTrainConfig(TriggerTrainConfig):
     """The row-only recipe's settings (streams, delay, scoring window, threshold rule) plus the LoRA's."""
-    row_dir: Path = Path("checkpoints/triggers")
+    row_dir: Path = shipped("triggers")
     """The row-only trigger to start from (``dynalora train triggers``)."""
-    out_dir: Path = Path("checkpoints/triggers_lora")
+    out_dir: Path = field(default_factory=lambda: trained("triggers_lora"))
     layers: int = 4
     """The LoRA goes on the last this many decoder layers."""
     target_modules: list[str] = field(default_factory=lambda: ["k_proj", "o_proj"])

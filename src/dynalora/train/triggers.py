@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,13 +30,14 @@ from transformers import DynamicCache
 
 from dynalora.data.streams import StreamConfig, build_streams, tokenize_stream
 from dynalora.data.trigger_metrics import simulate_policy, trigger_metrics
+from dynalora.shipped import shipped, trained
 
 
 @dataclass
 class TriggerTrainConfig:
-    library_dir: Path = Path("checkpoints/library")
+    library_dir: Path = shipped("library")
     """The trained library whose domains make the streams (``dynalora train library``)."""
-    out_dir: Path = Path("checkpoints/triggers")
+    out_dir: Path = field(default_factory=lambda: trained("triggers"))
     """Where the trigger rows and ``triggers.json`` (threshold, metrics) are written."""
     model: str | None = None
     """Base model: HF id or folder (None: the embedded SmolLM2-135M-Instruct)."""
@@ -240,7 +241,7 @@ def train_triggers(config: TriggerTrainConfig) -> dict:
     return metadata
 
 
-def rescan_thresholds(triggers_dir: Path, library_dir: Path = Path("checkpoints/library"), model: str | None = None,
+def rescan_thresholds(triggers_dir: Path, library_dir: Path = shipped("library"), model: str | None = None,
                       threads: int = 2) -> dict:
     """Choose the firing threshold again on the same validation streams (the grid in ``THRESHOLDS``) for a
     trained trigger — either form; its LoRA, if any, is merged — and rewrite ``triggers.json``'s threshold,

@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from dynalora.train.data import config_record
+from dynalora.shipped import shipped, trained
 
 CONFIG_FILE = "xlora.json"
 WEIGHTS_FILE = "classifier.safetensors"
@@ -30,9 +31,9 @@ WEIGHTS_FILE = "classifier.safetensors"
 
 @dataclass
 class XLoraTrainConfig:
-    library_dir: Path = Path("checkpoints/library")
+    library_dir: Path = shipped("library")
     """The trained library X-LoRA mixes (``dynalora train library``)."""
-    out_dir: Path = Path("checkpoints/xlora")
+    out_dir: Path = field(default_factory=lambda: trained("xlora"))
     """Where the classifier is written."""
     model: str | None = None
     """Base model: HF id or folder (None: the embedded SmolLM2-135M-Instruct)."""

@@ -1,0 +1,7 @@
+"""``python -m dynalora``: the same command as ``dynalora``."""
+
+import sys
+
+from dynalora.cli import main
+
+sys.exit(main())
