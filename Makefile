@@ -30,6 +30,7 @@ test-fast: install
 
 lint: install
 	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/lint-imports  # the import contracts in pyproject.toml: layers, independent recipes
 
 bench: install
 	$(VENV)/bin/dynalora bench switch --out results/bench_switch.json

@@ -25,7 +25,7 @@ from dynalora.hyper.shift_net import ShiftHypernetwork
 from dynalora.models import ByteTokenizer
 from dynalora.runtime import Engine, EngineConfig, TriggerConfig
 from dynalora.runtime.features import HiddenCapture
-from dynalora.shift_system import ShiftSystem
+from dynalora.system.shift import ShiftSystem
 
 
 def test_lorahub_search_lowers_a_quadratic_seeded_within_budget_and_bounds():

@@ -32,7 +32,7 @@ def fake_streams(config):
 @pytest.fixture
 def synthetic_domains(monkeypatch):
     monkeypatch.setattr("dynalora.train.library.domain_token_stream", fake_stream)
-    monkeypatch.setattr("dynalora.train.shift.domain_token_stream", fake_stream)
+    monkeypatch.setattr("dynalora.data.batches.domain_token_stream", fake_stream)
 
 
 def library_config(tmp_path, steps=6):
@@ -209,8 +209,9 @@ def test_xlora_with_a_one_hot_classifier_scores_like_that_library_adapter(tmp_pa
     from dynalora.eval.shift import _Scorer
     from dynalora.lora import DynamicLoraModel, InjectConfig, StateConfig
     from dynalora.models import load_base_model
-    from dynalora.train.library import load_library_bank
-    from dynalora.train.xlora import XLoraTrainConfig, _classifier, build_xlora, train_xlora, xlora_token_nll
+    from dynalora.lora.library_folder import load_library_bank
+    from dynalora.train.xlora import XLoraTrainConfig, train_xlora
+    from dynalora.system.xlora import xlora_classifier, build_xlora, xlora_token_nll
 
     config = library_config(tmp_path, steps=3)
     train_library(config)
@@ -228,7 +229,7 @@ def test_xlora_with_a_one_hot_classifier_scores_like_that_library_adapter(tmp_pa
         dyn.state.set_blend(0, [1.0 if j == k else 0.0 for j in range(len(labels))])
         per_adapter.append(scorer.nll(tokens, [(0, None)]))
     assert not torch.allclose(per_adapter[0], per_adapter[1], atol=1e-3)  # the adapters differ
-    linear = [m for m in _classifier(model).modules() if isinstance(m, torch.nn.Linear)][-1]
+    linear = [m for m in xlora_classifier(model).modules() if isinstance(m, torch.nn.Linear)][-1]
     for k in range(len(labels)):
         with torch.no_grad():
             linear.weight.zero_()

@@ -13,7 +13,7 @@ from dynalora.models import load_base_model
 from dynalora.runtime.absorb import load_absorber
 from dynalora.runtime.chat import answer_tokens, chat_prompt, end_of_turn_id
 from dynalora.shipped import shipped
-from dynalora.train.absorb import answer_log_probs
+from dynalora.runtime.chat import answer_log_probs
 
 pytestmark = pytest.mark.slow
 SHIPPED = shipped("absorb")

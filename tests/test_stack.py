@@ -147,7 +147,7 @@ def test_continuation_nll_scores_the_original_vocabulary_only():
     """Trigger tokens added after the vocabulary (a large row, as a fitted <|think|> gets) must not take
     probability mass from the text the escalate NLL scores."""
     from dynalora.models import tiny_model
-    from dynalora.train.escalate import continuation_nll
+    from dynalora.system.escalate import continuation_nll
 
     model = tiny_model("llama", vocab_size=256)
     continuations = torch.randint(0, 256, (3, 12))

@@ -32,7 +32,7 @@ def run_demo(config: DemoConfig) -> dict:
     from dynalora.plot import plot_blend_timeline
     from dynalora.runtime import SamplingConfig
     from dynalora.runtime.special_tokens import SHIFT_TOKEN
-    from dynalora.shift_system import load_shift_system
+    from dynalora.system.shift import load_shift_system
 
     system = load_shift_system(*(config.checkpoints / name for name in ("library", "shift", "triggers")), config.model)
     base, bank, net, dyn, threshold = system.base, system.bank, system.net, system.dyn, system.threshold
@@ -58,8 +58,8 @@ def run_demo(config: DemoConfig) -> dict:
                   + ", ".join(f"{label} {w:.2f}" for label, w in top) + f"  ({detail.seconds * 1e3:.1f} ms){RESET}")
     result = {"tokens": len(tokens), "segments": domains, "segment_starts": starts, "shifts": fired}
     if config.plot is not None:
-        plot_blend_timeline(blends, bank.labels, starts, domains, fired, config.plot)
-        print(f"\nblend timeline written to {config.plot}")
+        if plot_blend_timeline(blends, bank.labels, starts, domains, fired, config.plot):
+            print(f"\nblend timeline written to {config.plot}")
 
     print(f"\n{BOLD}Live generation{RESET} (greedy with repetition penalty 1.3, the shift network on the learned "
           "trigger):")

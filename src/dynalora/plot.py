@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def pyplot(path: str | Path):
+    """``matplotlib.pyplot`` (headless), or None with a warning naming ``path`` when matplotlib is not installed:
+    plots are an extra (``pip install dynalora[plot]``), and what draws them goes on without."""
+    try:
+        import matplotlib
+    except ImportError:
+        logger.warning("matplotlib is not installed (pip install 'dynalora[plot]'): %s not drawn", path)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot_blend_timeline(blends: list[list[float]], labels: list[str], starts: list[int], domains: list[str],
-                        fired: list[int], path: str | Path) -> Path:
+                        fired: list[int], path: str | Path) -> Path | None:
     """Stacked blend weights per token, segment boundaries (labelled with their domain) and trigger marks."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot(path)
+    if plt is None:
+        return None
     import numpy as np
 
     weights = np.clip(np.array(blends, dtype=float), 0, None)  # (L, K)
@@ -40,13 +56,12 @@ def plot_blend_timeline(blends: list[list[float]], labels: list[str], starts: li
     return path
 
 
-def plot_step_sizes(log_lr, modules: list[str], path: str | Path) -> Path:
+def plot_step_sizes(log_lr, modules: list[str], path: str | Path) -> Path | None:
     """Meta-learned step sizes (``log_lr (steps, M, 2)``) as four heat maps: per step (rows) and module
     (columns, in depth order), for ``A`` and ``B`` of each module kind, on one log colour scale."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot(path)
+    if plt is None:
+        return None
     import numpy as np
 
     values = np.exp(np.asarray(log_lr, dtype=float))  # (S, M, 2)
@@ -74,3 +89,18 @@ def plot_step_sizes(log_lr, modules: list[str], path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_losses(losses: list[float], path: Path, title: str) -> None:
+    plt = pyplot(path)
+    if plt is None:
+        return
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(range(1, len(losses) + 1), losses, lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("train NLL (nats/token)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

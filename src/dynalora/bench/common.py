@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from dynalora.eval.report import report
+from dynalora.report import report
 
 
 def timed(fn) -> float:

@@ -228,3 +228,9 @@ def summarize_absorb_docs(documents: list[dict]) -> dict[str, dict[str, float]]:
         entry["words"] += len(document["context"].split())
     return {kind: {"documents": entry["documents"], "questions": entry["questions"],
                    "mean_words": entry["words"] / entry["documents"]} for kind, entry in summary.items()}
+
+
+def read_docs(paths: list[Path] | Path) -> list[dict]:
+    from dynalora.data.absorb import read_absorb_docs
+
+    return [doc for path in (paths if isinstance(paths, list) else [paths]) for doc in read_absorb_docs(path)]

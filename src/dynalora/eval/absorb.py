@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from dynalora.eval.answers import score_answers
-from dynalora.eval.report import report
+from dynalora.report import report
 from dynalora.runtime.chat import chat_prompt
 from dynalora.runtime.memory_writers import WRITERS, DistillConfig
 from dynalora.shipped import shipped

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dynalora.eval.report import report
+from dynalora.plot import pyplot
+from dynalora.report import report
 from dynalora.shipped import shipped
 
 
@@ -85,7 +86,7 @@ def compute_costs(dyn, stack, features: torch.Tensor, continuation: torch.Tensor
                   repeats: int) -> dict:
     """Per continuation token, for ``base`` / ``level1`` / ``level2``: FLOPs and seconds of the scored forward
     under that LoRA plus one hypernetwork call (``features (1, H)``, ``continuation (1, T)``)."""
-    from dynalora.train.escalate import level1_lora
+    from dynalora.system.escalate import level1_lora
 
     tokens = continuation.shape[1]
     costs = {}
@@ -120,8 +121,8 @@ def curve(nll: dict, order: torch.Tensor, rates: list[float]) -> list[float]:
 def eval_escalate(config: EscalateEvalConfig, out: Path | None = None) -> dict:
     from dynalora.hyper.stack import load_stack
     from dynalora.runtime.special_tokens import THINK_TOKEN, load_trigger_tokens
-    from dynalora.shift_system import load_shift_system
-    from dynalora.train.escalate import escalate_examples, last_hidden_and_log_z, nll_table
+    from dynalora.system.shift import load_shift_system
+    from dynalora.system.escalate import escalate_examples, last_hidden_and_log_z, nll_table
 
     torch.set_num_threads(config.threads)
     trained = json.loads((Path(config.escalate_dir) / "escalate.json").read_text())
@@ -186,10 +187,9 @@ def eval_escalate(config: EscalateEvalConfig, out: Path | None = None) -> dict:
 
 
 def plot_curves(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot(path)
+    if plt is None:
+        return
 
     curves, methods = result["curves"], result["methods"]
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from dynalora.eval.report import report
+from dynalora.report import report
 from dynalora.shipped import shipped
 
 RIVALS = ("shift_only", "absorb_only", "fixed_half")
@@ -56,8 +56,8 @@ class MixEvalConfig:
 
 def eval_mix(config: MixEvalConfig, out: Path | None = None) -> dict:
     from dynalora.hyper.mix_gate import MixGate
-    from dynalora.train.absorb import read_docs
-    from dynalora.train.mix import MixSetup, mix_examples, score_mixes
+    from dynalora.data.absorb import read_docs
+    from dynalora.system.mix import MixSetup, mix_examples, score_mixes
 
     torch.set_num_threads(config.threads)
     gate = MixGate.load(config.gate_dir)

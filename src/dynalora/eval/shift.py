@@ -26,7 +26,7 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from dynalora.data.streams import read_streams, tokenize_stream
-from dynalora.eval.report import report
+from dynalora.report import report
 from dynalora.data.trigger_metrics import trigger_metrics
 from dynalora.shipped import shipped
 
@@ -105,8 +105,8 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
     from dynalora.hyper import NearestPrototype
     from dynalora.hyper.protocol import TriggerFeatures
     from dynalora.models import load_base_model
-    from dynalora.shift_system import load_shift_system
-    from dynalora.train.data import domain_token_stream, source_kind, task_pairs
+    from dynalora.system.shift import load_shift_system
+    from dynalora.data.batches import domain_token_stream, source_kind, task_pairs
 
     torch.set_num_threads(config.threads)
     paths = config.data if isinstance(config.data, list) else [config.data]
@@ -140,7 +140,7 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
 
     xlora_model, xlora_note = None, None
     if "xlora" in run:
-        from dynalora.train.xlora import load_xlora
+        from dynalora.system.xlora import load_xlora
 
         try:
             xlora_model, _ = load_xlora(config.xlora_dir, config.library_dir, config.model)
@@ -192,7 +192,7 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
             nll = -torch.log_softmax(logits, -1).gather(1, torch.tensor(tokens[1:])[:, None])[:, 0]
             scores["peft_linear_merge"] = segment_scores(nll, starts, length, config.skip)
         if xlora_model is not None:
-            from dynalora.train.xlora import xlora_token_nll
+            from dynalora.system.xlora import xlora_token_nll
 
             scores["xlora"] = segment_scores(xlora_token_nll(xlora_model, tokens, vocab_size), starts, length,
                                              config.skip)

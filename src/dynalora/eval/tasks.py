@@ -19,7 +19,7 @@ of the best one (``choice_scores``: partial credit where a task gives it, else 1
 ``exact_match`` — greedy generation, cut at the first newline / the task's ``stop_string``, the task's
 ``output_regex`` applied as BIG-Bench does, compared after ``strip`` with every accepted target (a
 case-insensitive variant is reported beside it). Answers are tokenised as the library was trained
-(:func:`dynalora.train.data.task_pairs`: ``" " + answer``, plus EOS for the support NLL).
+(:func:`dynalora.data.batches.task_pairs`: ``" " + answer``, plus EOS for the support NLL).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from dynalora.eval.report import report
+from dynalora.report import report
 from dynalora.shipped import shipped
 
 METHODS = ("base", "best_adapter", "uniform_merge", "lorahub", "dynalora_description", "dynalora_examples")
@@ -400,7 +400,7 @@ class TaskRunner:
 def eval_tasks(config: TaskEvalConfig, out: Path | None = None) -> dict:
     from dynalora.data import list_tasks, load_task
     from dynalora.runtime import Engine, EngineConfig, TriggerConfig
-    from dynalora.shift_system import load_shift_system
+    from dynalora.system.shift import load_shift_system
 
     torch.set_num_threads(config.threads)
     held_out = library_held_out(config.library_dir)

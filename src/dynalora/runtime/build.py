@@ -113,7 +113,7 @@ def build_engine(spec: EngineSpec) -> Engine:
         raise ValueError("--hyper shift needs --bank: the library the shift network was trained on "
                          "(e.g. checkpoints/library)")
     if spec.bank is not None and (Path(spec.bank) / "library.json").is_file():  # a trained library folder
-        from dynalora.train.library import load_library_bank
+        from dynalora.lora.library_folder import load_library_bank
 
         bank, _ = load_library_bank(spec.bank, base.model)
     elif spec.bank is not None and not is_bank_folder(spec.bank):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import torch
+
+from dynalora.runtime.padding import pad_rows
+
 ANSWER_INSTRUCTION = "Answer in a few words."
 
 
@@ -29,3 +33,17 @@ def end_of_turn_id(tokenizer) -> int | None:
 def answer_tokens(tokenizer, answer: str, end_id: int | None) -> list[int]:
     """The answer as the assistant says it, then the end-of-turn token (so the student learns to stop)."""
     return tokenizer(answer, add_special_tokens=False)["input_ids"] + ([end_id] if end_id is not None else [])
+
+
+def answer_log_probs(model, sequences: list[list[int]], answer_lengths: list[int], pad_id: int,
+                     device) -> torch.Tensor:
+    """Log-probs at the positions that predict each sequence's answer (its last tokens), concatenated:
+    ``(sum(answer_lengths), V)``. Rows are left-padded so the answers end together and the LM head runs
+    on the last ``max(answer)+1`` positions only (the full ``(N, T, V)`` logits would dominate the cost)."""
+    ids, mask = pad_rows(sequences, pad_id, device, left=True)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    keep = max(answer_lengths) + 1
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                   logits_to_keep=keep).logits  # (N, keep, V)
+    parts = [logits[i, keep - answer - 1:keep - 1] for i, answer in enumerate(answer_lengths)]
+    return torch.log_softmax(torch.cat(parts).float(), dim=-1)

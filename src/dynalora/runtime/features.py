@@ -72,3 +72,17 @@ class HiddenCapture:
 
     def remove(self) -> None:
         self._handle.remove()
+
+
+@torch.no_grad()
+def pooled_features(dyn, capture, contexts: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """``contexts (N, T)`` → pooled feature-layer hidden states ``(N, H)`` under the zero state."""
+    dyn.state.reset()
+    out = []
+    for start in range(0, len(contexts), batch_size):
+        chunk = contexts[start:start + batch_size]
+        capture.reset()
+        dyn(input_ids=chunk, use_cache=False)
+        out.append(torch.stack([capture.pooled(b) for b in range(len(chunk))]))
+    capture.reset()
+    return torch.cat(out)

@@ -11,8 +11,10 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 SHIFT_TOKEN = "<|shift|>"
 THINK_TOKEN = "<|think|>"
@@ -96,3 +98,23 @@ def load_trigger_tokens(path: str | Path, model, tokenizer) -> dict[str, int]:
             if f"output.{token}" in tensors and output is not None:
                 output.weight[token_id] = tensors[f"output.{token}"].to(output.weight.dtype)
     return ids
+
+
+def fit_token_row(initial: torch.Tensor, hidden: torch.Tensor, log_z: torch.Tensor, target: torch.Tensor,
+                  positive_weight: float, steps: int, lr: float, desc: str = "train trigger row"):
+    """Fit one tied embedding row ``e (H,)`` so that ``p(token) = σ(h·e − log Z)`` predicts ``target (N,)`` ∈ {0, 1}
+    from final hidden states ``hidden (N, H)`` and ``log_z (N,)`` (weighted logistic regression, Adam).
+    Returns the row and the loss per step."""
+    row = initial.detach().clone().float().requires_grad_(True)  # (H,)
+    weights = torch.where(target == 1, positive_weight, 1.0)
+    optimizer = torch.optim.Adam([row], lr=lr)
+    losses = []
+    for _ in tqdm(range(steps), desc=desc, leave=False):
+        margin = hidden @ row - log_z  # (N,) logit of p(token)
+        loss = (weights * F.binary_cross_entropy_with_logits(margin, target.float(), reduction="none")).sum() \
+            / weights.sum()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    return row.detach().to(initial.dtype), losses

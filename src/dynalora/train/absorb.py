@@ -33,8 +33,10 @@ from tqdm import tqdm
 
 from dynalora.runtime.chat import answer_tokens, chat_prompt, end_of_turn_id  # noqa: F401 (chat_prompt re-exported)
 from dynalora.runtime.padding import pad_rows
-from dynalora.train.data import config_record
+from dynalora.data.batches import config_record
 from dynalora.shipped import trained
+from dynalora.data.absorb import read_docs
+from dynalora.runtime.chat import answer_log_probs
 
 COMPRESSORS = ("gradient", "perceiver")
 
@@ -139,12 +141,6 @@ def chunk_ids(tokenizer, text: str, chunk_tokens: int) -> list[list[int]]:
     return [ids[i:i + chunk_tokens] for i in range(0, len(ids), chunk_tokens)]
 
 
-def read_docs(paths: list[Path] | Path) -> list[dict]:
-    from dynalora.data.absorb import read_absorb_docs
-
-    return [doc for path in (paths if isinstance(paths, list) else [paths]) for doc in read_absorb_docs(path)]
-
-
 def build_examples(tokenizer, docs: list[dict], config: AbsorbTrainConfig, seed: int) -> list[AbsorbExample]:
     rng = random.Random(seed)
     chunked = [chunk_ids(tokenizer, d["context"], config.chunk_tokens) for d in docs]
@@ -166,20 +162,6 @@ def build_examples(tokenizer, docs: list[dict], config: AbsorbTrainConfig, seed:
                                               len(answer), document=i))
     rng.shuffle(examples)
     return examples
-
-
-def answer_log_probs(model, sequences: list[list[int]], answer_lengths: list[int], pad_id: int,
-                     device) -> torch.Tensor:
-    """Log-probs at the positions that predict each sequence's answer (its last tokens), concatenated:
-    ``(sum(answer_lengths), V)``. Rows are left-padded so the answers end together and the LM head runs
-    on the last ``max(answer)+1`` positions only (the full ``(N, T, V)`` logits would dominate the cost)."""
-    ids, mask = pad_rows(sequences, pad_id, device, left=True)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    keep = max(answer_lengths) + 1
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                   logits_to_keep=keep).logits  # (N, keep, V)
-    parts = [logits[i, keep - answer - 1:keep - 1] for i, answer in enumerate(answer_lengths)]
-    return torch.log_softmax(torch.cat(parts).float(), dim=-1)
 
 
 @torch.no_grad()
@@ -293,7 +275,7 @@ def document_batches(examples: list[AbsorbExample], batch_size: int, steps: int,
 
 def _lr_at(step: int, seconds: float, config: AbsorbTrainConfig) -> float:
     """The library's schedule; with a time limit, progress is whichever of steps and time runs out first."""
-    from dynalora.train.library import cosine_lr
+    from dynalora.lr_schedule import cosine_lr
 
     progress = None
     if config.time_limit_minutes and step >= config.warmup_steps:
@@ -363,7 +345,7 @@ def new_compressor(config: AbsorbTrainConfig, hidden_size: int, module_shapes: d
 def train_absorb(config: AbsorbTrainConfig) -> dict:
     from dynalora.lora import DynamicLoraModel, InjectConfig, LoraBank, StateConfig, module_shapes_of
     from dynalora.models import load_base_model
-    from dynalora.train.library import plot_losses
+    from dynalora.plot import plot_losses
 
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)

@@ -32,7 +32,7 @@ from dynalora.runtime.chat import answer_tokens, chat_prompt, end_of_turn_id
 from dynalora.runtime.distill_steps import StepSizes
 from dynalora.runtime.memory_writers import DistillConfig, answer_positions, ScoredTexts
 from dynalora.runtime.padding import pad_rows
-from dynalora.train.data import config_record
+from dynalora.data.batches import config_record
 from dynalora.shipped import trained
 
 

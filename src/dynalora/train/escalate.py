@@ -8,7 +8,7 @@ shipped system does (its gated blend; its generated factors raised the NLL on va
 escalated, level 1's generated factors are used too (``level2_factors``), now under level 2's LoRA.
 
 Then ``<|think|>``: on every training example, the gain of level 2 over level 1 (nats per token); the
-token's tied embedding row is fitted (:func:`~dynalora.train.triggers.fit_token_row`, as ``train
+token's tied embedding row is fitted (:func:`~dynalora.runtime.special_tokens.fit_token_row`, as ``train
 triggers``) to fire, at the context's last token, on the ``think_share`` of training examples where that gain
 is largest (a share, not a fixed margin: level 2 beats level 1 on nearly every training example, and a row
 fitted to fire almost everywhere ranks nothing). Its firing threshold is chosen on validation examples: the
@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from dynalora.train.data import config_record
+from dynalora.data.batches import config_record
 from dynalora.shipped import shipped, trained
+from dynalora.system.escalate import continuation_nll, escalate_examples, last_hidden_and_log_z, nll_table
 
 
 @dataclass
@@ -92,60 +92,6 @@ class EscalateTrainConfig:
                              f"{self.think_share} in (0, 1)")
 
 
-def level1_lora(out: dict, use_factors: bool) -> tuple[torch.Tensor, dict]:
-    """Level 1's answer against a zero current blend, as :class:`ShiftHypernetwork` applies it:
-    ``blend (N, K)`` and row factors ``{module: (A_t (N, in, r), B_t (N, r, out))}`` (empty without factors)."""
-    gate = out["gate"][:, None]  # (N, 1)
-    factors = {m: ((a * gate[:, :, None]).transpose(1, 2), b.transpose(1, 2))  # (N, in, r), (N, r, out)
-               for m, (a, b) in out["factors"].items()} if use_factors else {}
-    return gate * out["blend"], factors
-
-
-def continuation_nll(dyn, stack, features: torch.Tensor, continuations: torch.Tensor, depth: int | None,
-                     use_factors: bool, vocab_size: int) -> torch.Tensor:
-    """Per-example NLL ``(N,)`` (nats/token, over the first ``vocab_size`` tokens: the original vocabulary) of
-    ``continuations (N, T)`` under the LoRA the stack writes at ``depth`` from ``features (N, H)``;
-    ``depth=None``: the base model (zero LoRA)."""
-    if depth is None:
-        logits = dyn(input_ids=continuations, use_cache=False).logits[:, :-1, :vocab_size]  # (N, T-1, V)
-    else:
-        blend, factors = level1_lora(stack(features, depth, with_factors=use_factors), use_factors)
-        with dyn.state.functional(dyn.state.expand_blend(blend), factors):
-            logits = dyn(input_ids=continuations, use_cache=False).logits[:, :-1, :vocab_size]  # (N, T-1, V)
-    return F.cross_entropy(logits.transpose(1, 2).float(), continuations[:, 1:], reduction="none").mean(-1)
-
-
-@torch.no_grad()
-def last_hidden_and_log_z(model, contexts: torch.Tensor, vocab_size: int, batch_size: int = 16):
-    """At each context's last token (zero LoRA): the final hidden state ``(N, H)`` the LM head reads and
-    ``log Z (N,)`` over the original vocabulary — what ``p(<|think|>) = σ(h·e − log Z)`` needs."""
-    hidden, log_z = [], []
-    head = model.get_output_embeddings()
-    handle = head.register_forward_hook(lambda m, i, o: hidden.append(i[0][:, -1].detach()))
-    try:
-        for start in range(0, len(contexts), batch_size):
-            logits = model(input_ids=contexts[start:start + batch_size], use_cache=False, logits_to_keep=1).logits
-            log_z.append(torch.logsumexp(logits[:, -1, :vocab_size].float(), dim=-1))
-    finally:
-        handle.remove()
-    return torch.cat(hidden).float(), torch.cat(log_z)
-
-
-@torch.no_grad()
-def nll_table(dyn, stack, features, continuations, level2_factors: bool, vocab_size: int,
-              batch_size: int = 16, names: tuple[str, ...] = ("base", "level1", "level2")) -> dict:
-    """``{name: per-example continuation NLL (N,)}`` for ``names`` among base, level1 and level2."""
-    settings = {"base": (None, False), "level1": (1, False), "level2": (2, level2_factors)}
-    table = {}
-    for name in names:
-        depth, use_factors = settings[name]
-        table[name] = torch.cat([continuation_nll(dyn, stack, features[i:i + batch_size],
-                                                  continuations[i:i + batch_size], depth, use_factors, vocab_size)
-                                 for i in tqdm(range(0, len(features), batch_size), desc=f"nll {name}",
-                                               leave=False)])
-    return table
-
-
 def choose_think_threshold(p_think: torch.Tensor, gain: torch.Tensor, max_rate: float) -> dict:
     """The threshold (one of the distinct probabilities) that captures the most of ``gain (N,)`` — level 2's NLL
     gain over level 1 per example — escalating at most a ``max_rate`` share of the examples."""
@@ -160,26 +106,12 @@ def choose_think_threshold(p_think: torch.Tensor, gain: torch.Tensor, max_rate: 
             "gain_captured": float(captured[best]) / total if total > 0 else 0.0}
 
 
-def escalate_examples(system, config, split: str, per_domain: int, seed: int):
-    """``(features (N, H), continuations (N, Ty), contexts (N, Tc))`` from the library domains' ``split``:
-    the state vector pooled as level 1 was trained to read it (``train shift``)."""
-    from dynalora.runtime.features import HiddenCapture
-    from dynalora.train.shift import build_examples, pooled_features
-
-    contexts, continuations, _ = build_examples(system.base.tokenizer, system.adapters, config, split, per_domain, seed)
-    capture = HiddenCapture(system.base.model, system.net.config.feature_layer, system.net.config.pool_window)
-    try:
-        return pooled_features(system.dyn, capture, contexts), continuations, contexts
-    finally:
-        capture.remove()
-
-
 def train_escalate(config: EscalateTrainConfig) -> dict:
     from dynalora.hyper.stack import HyperStack, LevelNet, LevelNetConfig, linear_shapes
     from dynalora.runtime.special_tokens import THINK_TOKEN, save_trigger_tokens
-    from dynalora.shift_system import load_shift_system
-    from dynalora.train.library import plot_losses
-    from dynalora.train.triggers import fit_token_row
+    from dynalora.system.shift import load_shift_system
+    from dynalora.plot import plot_losses
+    from dynalora.runtime.special_tokens import fit_token_row
 
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)

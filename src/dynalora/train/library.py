@@ -10,7 +10,6 @@ resumes from its last checkpoint (``<label>.partial/``).
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 import tomllib
@@ -20,11 +19,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dynalora.train.data import (TokenBatch, batch_nll, config_record, domain_token_stream, pair_batches, source_kind,
+from dynalora.data.batches import (TokenBatch, batch_nll, config_record, domain_token_stream, pair_batches, source_kind,
                                  task_pairs, window_batches)
 from dynalora.shipped import trained
-
-METADATA_FILE = "dynalora_adapter.json"
+from dynalora.lora.library_folder import METADATA_FILE
+from dynalora.lr_schedule import cosine_lr
+from dynalora.plot import plot_losses
 
 
 @dataclass
@@ -111,35 +111,6 @@ def mean_nll(model, batches: list[TokenBatch]) -> float:
         loss, n = batch_nll(model, batch)
         total, count = total + float(loss), count + n
     return total / max(count, 1)
-
-
-def cosine_lr(step: int, steps: int, warmup_steps: int, lr: float, progress: float | None = None) -> float:
-    """Linear warm-up, then cosine decay to 0 over ``steps`` (or over ``progress`` ∈ [0, 1] when given)."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    if progress is None:
-        progress = (step - warmup_steps) / max(1, steps - warmup_steps)
-    return lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def plot_losses(losses: list[float], path: Path, title: str) -> None:
-    try:
-        import matplotlib
-    except ImportError:  # plots are an extra (`pip install dynalora[plot]`); training goes on without
-        print(f"matplotlib is not installed: {path} not drawn")
-        return
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot(range(1, len(losses) + 1), losses, lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("train NLL (nats/token)")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def save_half_precision(path: Path) -> None:
@@ -244,20 +215,3 @@ def train_library(config: LibraryConfig, base=None) -> list[dict]:
         {"config": config_record(config),
          "adapters": results}, indent=2))
     return results
-
-
-def load_library_bank(library_dir: Path, model):
-    """The trained library as a bank, with each adapter's metadata (label, description, source)."""
-    from dynalora.lora import LoraBank, module_shapes_of
-
-    index_path = Path(library_dir) / "library.json"
-    if not index_path.is_file():
-        raise FileNotFoundError(f"{index_path}: missing; train the library first (`dynalora train library`)")
-    adapters = json.loads(index_path.read_text())["adapters"]
-    bank = LoraBank(module_shapes_of(model))
-    for meta in adapters:
-        folder = Path(library_dir) / meta["label"]
-        if not (folder / METADATA_FILE).is_file():
-            raise FileNotFoundError(f"{folder}: adapter listed in library.json is missing")
-        bank.add_peft(folder, label=meta["label"], description=meta["description"])
-    return bank, adapters

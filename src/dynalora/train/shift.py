@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +21,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dynalora.train.data import config_record, domain_token_stream, source_kind
-from dynalora.train.library import load_library_bank
+from dynalora.data.batches import config_record
+from dynalora.lora.library_folder import load_library_bank
 from dynalora.shipped import shipped, trained
+from dynalora.data.batches import build_examples
+from dynalora.runtime.features import pooled_features
 
 
 @dataclass
@@ -69,45 +70,13 @@ class ShiftTrainConfig:
     """CPU threads torch uses."""
 
 
-@torch.no_grad()
-def pooled_features(dyn, capture, contexts: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
-    """``contexts (N, T)`` → pooled feature-layer hidden states ``(N, H)`` under the zero state."""
-    dyn.state.reset()
-    out = []
-    for start in range(0, len(contexts), batch_size):
-        chunk = contexts[start:start + batch_size]
-        capture.reset()
-        dyn(input_ids=chunk, use_cache=False)
-        out.append(torch.stack([capture.pooled(b) for b in range(len(chunk))]))
-    capture.reset()
-    return torch.cat(out)
-
-
-def build_examples(tokenizer, adapters: list[dict], config: ShiftTrainConfig, split: str, per_domain: int, seed: int):
-    """(contexts (N, Tc), continuations (N, Ty), adapter index (N,)) from every domain adapter's split."""
-    rng = random.Random(seed)
-    contexts, continuations, labels = [], [], []
-    span = config.context_tokens + config.continuation_tokens
-    for index, meta in enumerate(adapters):
-        kind, name = source_kind(meta["source"])
-        if kind != "domain":
-            continue
-        stream = domain_token_stream(tokenizer, name, split, seed=seed)
-        for _ in range(per_domain):
-            start = rng.randrange(0, len(stream) - span)
-            contexts.append(stream[start:start + config.context_tokens])
-            continuations.append(stream[start + config.context_tokens:start + span])
-            labels.append(index)
-    return torch.tensor(contexts), torch.tensor(continuations), torch.tensor(labels)
-
-
 def train_shift(config: ShiftTrainConfig) -> dict:
     from dynalora.hyper.shift_net import ShiftNet, ShiftNetConfig
     from dynalora.lora import DynamicLoraModel, InjectConfig, StateConfig
     from dynalora.lora.targets import find_target_modules
     from dynalora.models import load_base_model
     from dynalora.runtime.features import HiddenCapture
-    from dynalora.train.library import plot_losses
+    from dynalora.plot import plot_losses
 
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)

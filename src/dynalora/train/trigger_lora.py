@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import DynamicCache
 
-from dynalora.train.data import config_record
+from dynalora.data.batches import config_record
 from dynalora.train.triggers import TriggerTrainConfig, schedule_chunks
 from dynalora.shipped import shipped, trained
 
@@ -147,7 +147,8 @@ def train_trigger_lora(config: TriggerLoraTrainConfig) -> dict:
     from dynalora.models import load_base_model
     from dynalora.runtime.special_tokens import SHIFT_TOKEN, load_trigger_tokens, save_trigger_tokens
     from dynalora.runtime.trigger_lora import LORA_FILE, load_trigger_lora, merge_trigger_lora, save_trigger_lora
-    from dynalora.train.library import load_library_bank, plot_losses
+    from dynalora.lora.library_folder import load_library_bank
+    from dynalora.plot import plot_losses
     from dynalora.data.streams import tokenize_stream
     from dynalora.train.triggers import choose_threshold, collect, oracle_schedule, recipe_streams, targets_for
 

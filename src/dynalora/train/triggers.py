@@ -22,14 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from dynalora.train.data import config_record
+from dynalora.data.batches import config_record
 from transformers import DynamicCache
 
 from dynalora.data.streams import StreamConfig, build_streams, tokenize_stream
 from dynalora.data.trigger_metrics import simulate_policy, trigger_metrics
+from dynalora.runtime.special_tokens import fit_token_row
 from dynalora.shipped import shipped, trained
 
 
@@ -167,32 +167,12 @@ def choose_threshold(probs: list[torch.Tensor], starts: list[list[int]], lengths
     return max(allowed, key=lambda c: (c["boundary_recall"], c["threshold"])), candidates
 
 
-def fit_token_row(initial: torch.Tensor, hidden: torch.Tensor, log_z: torch.Tensor, target: torch.Tensor,
-                  positive_weight: float, steps: int, lr: float, desc: str = "train trigger row"):
-    """Fit one tied embedding row ``e (H,)`` so that ``p(token) = σ(h·e − log Z)`` predicts ``target (N,)`` ∈ {0, 1}
-    from final hidden states ``hidden (N, H)`` and ``log_z (N,)`` (weighted logistic regression, Adam).
-    Returns the row and the loss per step."""
-    row = initial.detach().clone().float().requires_grad_(True)  # (H,)
-    weights = torch.where(target == 1, positive_weight, 1.0)
-    optimizer = torch.optim.Adam([row], lr=lr)
-    losses = []
-    for _ in tqdm(range(steps), desc=desc, leave=False):
-        margin = hidden @ row - log_z  # (N,) logit of p(token)
-        loss = (weights * F.binary_cross_entropy_with_logits(margin, target.float(), reduction="none")).sum() \
-            / weights.sum()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-    return row.detach().to(initial.dtype), losses
-
-
 def train_triggers(config: TriggerTrainConfig) -> dict:
     from dynalora.lora import DynamicLoraModel
     from dynalora.models import load_base_model
     from dynalora.runtime.special_tokens import SHIFT_TOKEN, add_trigger_tokens, save_trigger_tokens
-    from dynalora.train.library import plot_losses
-    from dynalora.train.library import load_library_bank
+    from dynalora.plot import plot_losses
+    from dynalora.lora.library_folder import load_library_bank
 
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -250,7 +230,7 @@ def rescan_thresholds(triggers_dir: Path, library_dir: Path = shipped("library")
     from dynalora.models import load_base_model
     from dynalora.runtime.special_tokens import SHIFT_TOKEN, load_trigger_tokens
     from dynalora.runtime.trigger_lora import merge_trigger_lora, trigger_lora_beside
-    from dynalora.train.library import load_library_bank
+    from dynalora.lora.library_folder import load_library_bank
 
     torch.set_num_threads(threads)
     record_path = Path(triggers_dir) / "triggers.json"

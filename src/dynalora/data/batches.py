@@ -119,3 +119,21 @@ def batch_nll(model, batch: TokenBatch) -> tuple[torch.Tensor, int]:
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                                              ignore_index=IGNORE, reduction="sum")
     return loss, int((targets != IGNORE).sum())
+
+
+def build_examples(tokenizer, adapters: list[dict], config, split: str, per_domain: int, seed: int):
+    """(contexts (N, Tc), continuations (N, Ty), adapter index (N,)) from every domain adapter's split."""
+    rng = random.Random(seed)
+    contexts, continuations, labels = [], [], []
+    span = config.context_tokens + config.continuation_tokens
+    for index, meta in enumerate(adapters):
+        kind, name = source_kind(meta["source"])
+        if kind != "domain":
+            continue
+        stream = domain_token_stream(tokenizer, name, split, seed=seed)
+        for _ in range(per_domain):
+            start = rng.randrange(0, len(stream) - span)
+            contexts.append(stream[start:start + config.context_tokens])
+            continuations.append(stream[start + config.context_tokens:start + span])
+            labels.append(index)
+    return torch.tensor(contexts), torch.tensor(continuations), torch.tensor(labels)

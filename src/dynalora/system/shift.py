@@ -63,7 +63,7 @@ def load_shift_system(library_dir: Path, shift_dir: Path, triggers_dir: Path, mo
     from dynalora.runtime.features import HiddenCapture
     from dynalora.runtime.special_tokens import load_trigger_tokens
     from dynalora.runtime.trigger_lora import trigger_lora_beside
-    from dynalora.train.library import load_library_bank
+    from dynalora.lora.library_folder import load_library_bank
 
     for folder, command in ((library_dir, "train library"), (shift_dir, "train shift"),
                             (triggers_dir, "train triggers")):
