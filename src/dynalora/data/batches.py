@@ -8,6 +8,9 @@ from pathlib import Path
 
 import torch
 
+from dynalora.data.splits import split_documents
+from dynalora.data.text_sources import parse_source, source_documents
+
 IGNORE = -100  # label id that the loss skips
 
 
@@ -28,21 +31,19 @@ def config_record(config) -> dict:
 
 
 def source_kind(source: str) -> tuple[str, str]:
-    """``"domain:news"`` → ``("domain", "news")``; ``"bigbench:arithmetic"`` → ``("bigbench", ...)``."""
-    kind, sep, name = source.partition(":")
-    if not sep or kind not in ("domain", "bigbench") or not name:
-        raise ValueError(f"source {source!r}: use 'domain:NAME' or 'bigbench:TASK'")
-    return kind, name
+    """``"domain:news"`` → ``("domain", "news")``; ``"jsonl:a.jsonl#body"`` → ``("jsonl", "a.jsonl")``; the forms
+    are in :mod:`dynalora.data.text_sources` (``bigbench:TASK`` is a task, every other kind is text)."""
+    kind, target, _ = parse_source(source)
+    return kind, target
 
 
-def domain_token_stream(tokenizer, domain: str, split: str, max_documents: int | None = None,
-                        seed: int = 0) -> list[int]:
-    """All documents of one split of a domain, tokenised and joined with EOS (documents shuffled)."""
-    from dynalora.data import load_domain, split_documents
-
-    documents = split_documents(load_domain(domain, progress=False), split)
+def text_token_stream(tokenizer, source: str, split: str, max_documents: int | None = None,
+                      seed: int = 0) -> list[int]:
+    """All documents of one split of a text source, tokenised and joined with EOS (documents shuffled)."""
+    documents = split_documents(source_documents(source), split)
     if not documents:
-        raise ValueError(f"domain {domain!r} has no documents in split {split!r}")
+        raise ValueError(f"data source {source!r} has no documents in split {split!r} (too little text: give it "
+                         "more, every split needs some)")
     random.Random(seed).shuffle(documents)
     documents = documents[:max_documents] if max_documents else documents
     eos = tokenizer.eos_token_id
@@ -127,10 +128,12 @@ def build_examples(tokenizer, adapters: list[dict], config, split: str, per_doma
     contexts, continuations, labels = [], [], []
     span = config.context_tokens + config.continuation_tokens
     for index, meta in enumerate(adapters):
-        kind, name = source_kind(meta["source"])
-        if kind != "domain":
+        if not meta.get("source"):
+            raise ValueError(f"adapter {meta['label']!r} has no data source: the recipe needs its text (import it "
+                             "with `dynalora adapters import FOLDER --label LABEL --data SOURCE`)")
+        if source_kind(meta["source"])[0] == "bigbench":
             continue
-        stream = domain_token_stream(tokenizer, name, split, seed=seed)
+        stream = text_token_stream(tokenizer, meta["source"], split, seed=seed)
         for _ in range(per_domain):
             start = rng.randrange(0, len(stream) - span)
             contexts.append(stream[start:start + config.context_tokens])

@@ -11,9 +11,10 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dynalora.data.documents import LIBRARY_DOMAINS, UNSEEN_DOMAINS, load_domain
+from dynalora.data.documents import LIBRARY_DOMAINS, UNSEEN_DOMAINS
 from dynalora.data.jsonl import read_jsonl, write_jsonl
 from dynalora.data.splits import split_documents
+from dynalora.data.text_sources import TEXT_KINDS, parse_source, source_documents
 
 
 @dataclass
@@ -24,6 +25,10 @@ class StreamConfig:
     segment_chars: int = 700
     """Characters per segment (short documents are joined until they reach it)."""
     domains: list[str] = field(default_factory=lambda: list(LIBRARY_DOMAINS))
+    """Built-in domains the segments come from (when ``sources`` is empty)."""
+    sources: dict[str, str] = field(default_factory=dict)
+    """Label → data source (:mod:`dynalora.data.text_sources`) to cut the segments from, in place of ``domains``:
+    a user's own adapters' text. Every such segment counts as a library one."""
     seed: int = 0
 
 
@@ -44,11 +49,11 @@ def _segment(documents, rng: random.Random, chars: int) -> str:
 def build_streams(config: StreamConfig) -> list[dict]:
     rng = random.Random(config.seed)
     pools = {}
-    for domain in config.domains:
-        documents = split_documents(load_domain(domain, progress=False), config.split)
+    for label, source in (config.sources or {d: f"domain:{d}" for d in config.domains}).items():
+        documents = split_documents(source_documents(source), config.split)
         if not documents:
-            raise ValueError(f"domain {domain!r} has no {config.split} documents")
-        pools[domain] = documents
+            raise ValueError(f"{label} ({source}) has no {config.split} documents")
+        pools[label] = documents
     if len(pools) < 2 and config.segments > 1:
         raise ValueError("streams that change domain need at least two domains")
     streams = []
@@ -57,7 +62,7 @@ def build_streams(config: StreamConfig) -> list[dict]:
         for _ in range(config.segments):
             domain = rng.choice([d for d in pools if d != previous])
             segments.append({"domain": domain, "text": _segment(pools[domain], rng, config.segment_chars),
-                             "library": domain in LIBRARY_DOMAINS})
+                             "library": bool(config.sources) or domain in LIBRARY_DOMAINS})
             previous = domain
         streams.append({"segments": segments, "split": config.split})
     return streams
@@ -91,3 +96,16 @@ def tokenize_stream(tokenizer, stream: dict) -> tuple[list[int], list[int], list
         ids.extend(tokenizer(segment["text"], add_special_tokens=False)["input_ids"])
         domains.append(segment.get("domain", ""))
     return ids, starts, domains
+
+
+def library_streams(adapters: list[dict], split: str, count: int, seed: int, segments: int,
+                    segment_chars: int) -> list[dict]:
+    """Mixed-domain streams over a library's text adapters (``[{"label", "source"}, ...]``) from one split: each
+    segment is one adapter's text, labelled with the adapter (what the trigger and shift recipes train on)."""
+    sources = {a["label"]: a["source"] for a in adapters if a.get("source") and
+               parse_source(a["source"])[0] in TEXT_KINDS}
+    if len(sources) < 2:
+        raise ValueError(f"streams that change domain need at least two adapters with text sources; have {sources} "
+                         "(give each adapter one: `dynalora adapters import FOLDER --data SOURCE`)")
+    return build_streams(StreamConfig(split=split, streams=count, segments=segments, segment_chars=segment_chars,
+                                      sources=sources, seed=seed))

@@ -106,7 +106,7 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
     from dynalora.hyper.protocol import TriggerFeatures
     from dynalora.models import load_base_model
     from dynalora.system.shift import load_shift_system
-    from dynalora.data.batches import domain_token_stream, source_kind, task_pairs
+    from dynalora.data.batches import source_kind, task_pairs, text_token_stream
 
     torch.set_num_threads(config.threads)
     paths = config.data if isinstance(config.data, list) else [config.data]
@@ -152,8 +152,8 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
     prototypes = []
     for meta in adapters if "router_select" in run else []:
         kind, name = source_kind(meta["source"])
-        if kind == "domain":
-            stream = domain_token_stream(base.tokenizer, name, "train", max_documents=config.prototype_texts)
+        if kind != "bigbench":
+            stream = text_token_stream(base.tokenizer, meta["source"], "train", max_documents=config.prototype_texts)
             texts = [stream[i * 64:(i + 1) * 64] for i in range(config.prototype_texts)]
         else:
             texts = [p + a for p, a in task_pairs(base.tokenizer, name, "train", config.prototype_texts)]

@@ -70,6 +70,11 @@ class ShiftNet(nn.Module):
         self.factor_trunk = nn.Sequential(nn.Linear(width + 2 * emb, width), nn.GELU())
         shapes = {kind: config.module_shapes[self.modules_list[[k for _, k in located].index(kind)]]
                   for kind in self.kinds}
+        for name, (_, kind) in zip(self.modules_list, located):
+            if list(config.module_shapes[name]) != list(shapes[kind]):
+                raise ValueError(f"ShiftNetConfig.module_shapes: {name} {list(config.module_shapes[name])} and "
+                                 f"another {kind!r} module {list(shapes[kind])} differ in shape; one output head "
+                                 "serves a kind, so give factor_modules of one shape per kind")
         rank = config.generated_rank
         self.factor_out = nn.ModuleDict({kind: nn.Linear(width, rank * (i + o)) for kind, (i, o) in shapes.items()})
         for kind, layer in self.factor_out.items():

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from dynalora.data.text_sources import parse_source
 from dynalora.lora.peft_io import CONFIG_FILE, WEIGHTS_FILE, AdapterError, PeftAdapter, read_peft_adapter
 from dynalora.lora.targets import ModuleShapes
 
@@ -35,8 +36,12 @@ class AdapterInfo:
     label: str
     description: str
     source: str
+    """Where the factors came from (a PEFT folder), or empty."""
     rank: int
     modules: list[str]
+    data: str = ""
+    """Where the adapter's text is (:mod:`dynalora.data.text_sources`, e.g. ``jsonl:news.jsonl``): what the shift
+    and trigger recipes train on; empty when unknown."""
 
 
 class LoraBank:
@@ -86,7 +91,7 @@ class LoraBank:
 
     # -- adding ---------------------------------------------------------------------------------
     def add(self, label: str, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
-            description: str = "", source: str = "") -> AdapterInfo:
+            description: str = "", source: str = "", data: str = "") -> AdapterInfo:
         """Add factors ``{module: (A (r, in), B (out, r))}`` (scaling already in B). Validates everything
         first: on any error the bank is unchanged."""
         if not _LABEL_PATTERN.match(label or ""):
@@ -112,17 +117,20 @@ class LoraBank:
             if not (torch.isfinite(lora_a).all() and torch.isfinite(lora_b).all()):
                 raise AdapterError(f"adapter {label!r}: module {module!r} holds NaN or Inf values")
             checked[module] = (lora_a.detach().clone(), lora_b.detach().clone())
+        if data:
+            parse_source(data)  # a malformed source fails at import, naming the accepted forms
         info = AdapterInfo(label=label, description=description, source=source,
                            rank=max(a.shape[0] for a, _ in checked.values()),
-                           modules=[m for m in self.module_shapes if m in checked])
+                           modules=[m for m in self.module_shapes if m in checked], data=data)
         self.adapters.append(info)
         self._factors.append(checked)
         return info
 
-    def add_peft(self, folder: str | Path, label: str | None = None, description: str = "") -> AdapterInfo:
-        """Import a PEFT LoRA folder (label defaults to the folder name)."""
+    def add_peft(self, folder: str | Path, label: str | None = None, description: str = "",
+                 data: str = "") -> AdapterInfo:
+        """Import a PEFT LoRA folder (label defaults to the folder name); ``data``: where its text is."""
         adapter: PeftAdapter = read_peft_adapter(folder)
-        return self.add(label or Path(folder).name, adapter.factors, description, source=str(folder))
+        return self.add(label or Path(folder).name, adapter.factors, description, source=str(folder), data=data)
 
     def remove(self, label: str) -> None:
         k = self.index(label)
@@ -193,7 +201,8 @@ class LoraBank:
         bank = cls(module_shapes)
         for entry in entries:
             adapter = read_peft_adapter(folder / "adapters" / entry["label"])
-            bank.add(entry["label"], adapter.factors, entry.get("description", ""), entry.get("source", ""))
+            bank.add(entry["label"], adapter.factors, entry.get("description", ""), entry.get("source", ""),
+                     data=entry.get("data", ""))
         return bank
 
 

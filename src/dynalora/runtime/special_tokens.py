@@ -58,6 +58,21 @@ def add_trigger_tokens(model, tokenizer, tokens=DEFAULT_TRIGGER_TOKENS) -> dict[
     return ids
 
 
+def ordinary_vocab_size(model, tokenizer=None) -> int:
+    """How many ids are ordinary tokens (``0..n-1``): what text is scored over. Not the embedding's rows: a
+    padded matrix (Qwen2) has spare rows past the tokenizer, and trigger tokens sit past the ordinary ones."""
+    rows = model.get_output_embeddings().weight.shape[0]
+    size = min(rows, len(tokenizer)) if tokenizer is not None else rows
+    triggers = (getattr(model.config, "dynalora_trigger_tokens", None) or {}).values()
+    return min([size, *triggers])
+
+
+def trigger_row_tensor(model) -> torch.Tensor:
+    """The matrix whose trigger rows decide ``p(trigger)``: the LM head's weight (the input embedding too when
+    tied). A trigger is consumed, never fed, so its input row of an untied model plays no part."""
+    return model.get_output_embeddings().weight
+
+
 def trigger_token_rows(model, token_ids: dict[str, int]) -> dict[str, torch.Tensor]:
     """The embedding (and untied output) rows of the trigger tokens, for saving."""
     embeddings = model.get_input_embeddings().weight

@@ -61,7 +61,7 @@ def load_shift_system(library_dir: Path, shift_dir: Path, triggers_dir: Path, mo
     from dynalora.lora import DynamicLoraModel, InjectConfig, StateConfig
     from dynalora.models import load_base_model, model_device
     from dynalora.runtime.features import HiddenCapture
-    from dynalora.runtime.special_tokens import load_trigger_tokens
+    from dynalora.runtime.special_tokens import load_trigger_tokens, ordinary_vocab_size
     from dynalora.runtime.trigger_lora import trigger_lora_beside
     from dynalora.lora.library_folder import load_library_bank
 
@@ -70,12 +70,12 @@ def load_shift_system(library_dir: Path, shift_dir: Path, triggers_dir: Path, mo
         if not Path(folder).is_dir():
             raise FileNotFoundError(f"{folder}: missing; make it with `dynalora {command}`")
     base = load_base_model(model, dtype, device)
-    vocab_size = base.model.get_output_embeddings().weight.shape[0]
     bank, adapters = load_library_bank(library_dir, base.model)
     net = ShiftNet.load(shift_dir).to(model_device(base.model))
     threshold = json.loads((Path(triggers_dir) / "triggers.json").read_text())["threshold"]
     token_file = Path(triggers_dir) / "trigger_tokens.safetensors"
     token_ids = load_trigger_tokens(token_file, base.model, base.tokenizer)
+    vocab_size = ordinary_vocab_size(base.model, base.tokenizer)
     dyn = DynamicLoraModel.attach(base.model, bank, InjectConfig(
         state=StateConfig(max_batch=max_batch, generated_rank=net.config.generated_rank, memory_rank=0)))
     hyper = ShiftHypernetwork(net, use_factors=use_factors)

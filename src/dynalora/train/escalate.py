@@ -108,7 +108,7 @@ def choose_think_threshold(p_think: torch.Tensor, gain: torch.Tensor, max_rate: 
 
 def train_escalate(config: EscalateTrainConfig) -> dict:
     from dynalora.hyper.stack import HyperStack, LevelNet, LevelNetConfig, linear_shapes
-    from dynalora.runtime.special_tokens import THINK_TOKEN, save_trigger_tokens
+    from dynalora.runtime.special_tokens import THINK_TOKEN, save_trigger_tokens, trigger_row_tensor
     from dynalora.system.shift import load_shift_system
     from dynalora.plot import plot_losses
     from dynalora.runtime.special_tokens import fit_token_row
@@ -176,7 +176,7 @@ def train_escalate(config: EscalateTrainConfig) -> dict:
         level2.load_state_dict(best[2])
     level2.eval()
 
-    vocab_size, embedding = system.vocab_size, model.get_input_embeddings().weight
+    vocab_size, embedding = system.vocab_size, trigger_row_tensor(model)  # the LM head's row decides p(<|think|>)
     think_id = system.base.tokenizer.convert_tokens_to_ids(THINK_TOKEN)
     tables, think_inputs = {}, {}
     for split, (split_features, split_continuations, contexts) in data.items():

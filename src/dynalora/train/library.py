@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dynalora.data.batches import (TokenBatch, batch_nll, config_record, domain_token_stream, pair_batches, source_kind,
+from dynalora.data.batches import (TokenBatch, batch_nll, config_record, text_token_stream, pair_batches, source_kind,
                                  task_pairs, window_batches)
 from dynalora.shipped import trained
 from dynalora.lora.library_folder import METADATA_FILE
@@ -97,8 +97,8 @@ class LibraryConfig:
 def _batches(spec: AdapterSpec, tokenizer, config: LibraryConfig, split: str, count: int,
              seed: int) -> list[TokenBatch]:
     kind, name = source_kind(spec.source)
-    if kind == "domain":
-        stream = domain_token_stream(tokenizer, name, split, seed=seed)
+    if kind != "bigbench":
+        stream = text_token_stream(tokenizer, spec.source, split, seed=seed)
         return window_batches(stream, config.seq_len, config.batch_size, count, seed)
     pairs = task_pairs(tokenizer, name, split)
     return pair_batches(pairs, config.seq_len, config.batch_size, count, seed, tokenizer.pad_token_id or 0)

@@ -50,8 +50,9 @@ class ShiftTrainConfig:
     """Hidden width of the network's MLP."""
     generated_rank: int = 2
     """Rank of the LoRA factors the network generates besides its blend (0: blend only)."""
-    factor_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    """Module kinds the generated factors go on."""
+    factor_modules: list[str] | None = None
+    """Module kinds the generated factors go on (None: the kinds the bank's adapters adapt, e.g. q_proj and v_proj
+    for the shipped library, c_attn for GPT-2)."""
     steps: int = 150
     """Optimizer steps."""
     batch_size: int = 8
@@ -87,7 +88,9 @@ def train_shift(config: ShiftTrainConfig) -> dict:
     dyn = DynamicLoraModel.attach(base.model, bank, InjectConfig(
         state=StateConfig(max_batch=max(config.batch_size, 16), generated_rank=config.generated_rank, memory_rank=0)))
     capture = HiddenCapture(base.model, config.feature_layer, config.pool_window)
-    factor_modules = find_target_modules(base.model, config.factor_modules)
+    adapted = set(bank.modules)
+    factor_modules = (find_target_modules(base.model, config.factor_modules) if config.factor_modules
+                      else [m for m in bank.module_shapes if m in adapted])
     net = ShiftNet(ShiftNetConfig(
         feature_size=base.model.config.hidden_size, bank_labels=bank.labels,
         module_shapes={m: list(bank.module_shapes[m]) for m in factor_modules}, width=config.width,

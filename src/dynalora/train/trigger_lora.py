@@ -145,12 +145,13 @@ def train_step(dyn, tokens: list[int], schedule, target: torch.Tensor, reference
 def train_trigger_lora(config: TriggerLoraTrainConfig) -> dict:
     from dynalora.lora import DynamicLoraModel
     from dynalora.models import load_base_model
-    from dynalora.runtime.special_tokens import SHIFT_TOKEN, load_trigger_tokens, save_trigger_tokens
+    from dynalora.runtime.special_tokens import (SHIFT_TOKEN, load_trigger_tokens, ordinary_vocab_size,
+                                                 save_trigger_tokens, trigger_row_tensor)
     from dynalora.runtime.trigger_lora import LORA_FILE, load_trigger_lora, merge_trigger_lora, save_trigger_lora
     from dynalora.lora.library_folder import load_library_bank
     from dynalora.plot import plot_losses
-    from dynalora.data.streams import tokenize_stream
-    from dynalora.train.triggers import choose_threshold, collect, oracle_schedule, recipe_streams, targets_for
+    from dynalora.data.streams import library_streams, tokenize_stream
+    from dynalora.train.triggers import choose_threshold, collect, oracle_schedule, targets_for
 
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -158,20 +159,20 @@ def train_trigger_lora(config: TriggerLoraTrainConfig) -> dict:
     base = load_base_model(config.model)
     for p in base.model.parameters():
         p.requires_grad_(False)
-    vocab_size = base.model.get_output_embeddings().weight.shape[0]
     token_ids = load_trigger_tokens(Path(config.row_dir) / "trigger_tokens.safetensors", base.model, base.tokenizer)
     shift_id = token_ids[SHIFT_TOKEN]
-    bank, _ = load_library_bank(config.library_dir, base.model)
+    vocab_size = ordinary_vocab_size(base.model, base.tokenizer)
+    bank, adapters = load_library_bank(config.library_dir, base.model)
     dyn = DynamicLoraModel.attach(base.model, bank)
-    make = lambda split, count, seed: recipe_streams(  # noqa: E731
-        bank.labels, split, count, seed, config.segments, config.segment_chars)
+    make = lambda split, count, seed: library_streams(  # noqa: E731
+        adapters, split, count, seed, config.segments, config.segment_chars)
     train = []
     for stream in make("train", config.train_streams, config.seed):
         tokens, starts, names = tokenize_stream(base.tokenizer, stream)
         train.append((tokens, oracle_schedule(starts, names, bank.labels, config.delay, len(tokens)),
                       targets_for(starts, len(tokens), config.delay, config.ignore_after)))
 
-    embedding = base.model.get_input_embeddings().weight
+    embedding = trigger_row_tensor(base.model)  # the LM head's row decides p(<|shift|>)
     row = embedding[shift_id].detach().clone().requires_grad_(True)  # (H,)
     lora = StaticLora(top_layer_modules(base.model, config.layers, config.target_modules), config.rank)
     optimizer = torch.optim.Adam([{"params": lora.parameters(), "lr": config.lr},

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from dynalora.data.batches import config_record
 from transformers import DynamicCache
 
-from dynalora.data.streams import StreamConfig, build_streams, tokenize_stream
+from dynalora.data.streams import library_streams, tokenize_stream
 from dynalora.data.trigger_metrics import simulate_policy, trigger_metrics
 from dynalora.runtime.special_tokens import fit_token_row
 from dynalora.shipped import shipped, trained
@@ -141,15 +141,6 @@ def collect(dyn, tokenizer, labels, streams, delay: int, ignore_after: int, voca
     return hidden, log_z, targets, starts_all, lengths
 
 
-def recipe_streams(labels: list[str], split: str, count: int, seed: int, segments: int,
-                   segment_chars: int) -> list[dict]:
-    """Mixed-domain streams over the library's domain adapters (``labels``) from one split."""
-    from dynalora.data import LIBRARY_DOMAINS
-
-    return build_streams(StreamConfig(split=split, streams=count, segments=segments, segment_chars=segment_chars,
-                                      domains=[d for d in LIBRARY_DOMAINS if d in labels], seed=seed))
-
-
 THRESHOLDS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999,
               0.9995, 0.9998)
 
@@ -170,7 +161,8 @@ def choose_threshold(probs: list[torch.Tensor], starts: list[list[int]], lengths
 def train_triggers(config: TriggerTrainConfig) -> dict:
     from dynalora.lora import DynamicLoraModel
     from dynalora.models import load_base_model
-    from dynalora.runtime.special_tokens import SHIFT_TOKEN, add_trigger_tokens, save_trigger_tokens
+    from dynalora.runtime.special_tokens import (SHIFT_TOKEN, add_trigger_tokens, ordinary_vocab_size,
+                                                 save_trigger_tokens, trigger_row_tensor)
     from dynalora.plot import plot_losses
     from dynalora.lora.library_folder import load_library_bank
 
@@ -178,13 +170,13 @@ def train_triggers(config: TriggerTrainConfig) -> dict:
     torch.manual_seed(config.seed)
     started = time.perf_counter()
     base = load_base_model(config.model)
-    vocab_size = base.model.get_output_embeddings().weight.shape[0]
     token_ids = add_trigger_tokens(base.model, base.tokenizer)
+    vocab_size = ordinary_vocab_size(base.model, base.tokenizer)
     shift_id = token_ids[SHIFT_TOKEN]
-    bank, _ = load_library_bank(config.library_dir, base.model)
+    bank, adapters = load_library_bank(config.library_dir, base.model)
     dyn = DynamicLoraModel.attach(base.model, bank)
-    make = lambda split, count, seed: recipe_streams(  # noqa: E731
-        bank.labels, split, count, seed, config.segments, config.segment_chars)
+    make = lambda split, count, seed: library_streams(  # noqa: E731
+        adapters, split, count, seed, config.segments, config.segment_chars)
     train = collect(dyn, base.tokenizer, bank.labels, make("train", config.train_streams, config.seed), config.delay,
                     config.ignore_after, vocab_size)
     validation = collect(dyn, base.tokenizer, bank.labels,
@@ -192,7 +184,7 @@ def train_triggers(config: TriggerTrainConfig) -> dict:
                          config.delay, config.ignore_after, vocab_size)
     feature_seconds = time.perf_counter() - started
 
-    embedding = base.model.get_input_embeddings().weight
+    embedding = trigger_row_tensor(base.model)  # the LM head's row decides p(<|shift|>)
     h = torch.cat(train[0])  # (N, H)
     log_z = torch.cat(train[1])  # (N,)
     target = torch.cat(train[2])  # (N,)
@@ -228,7 +220,8 @@ def rescan_thresholds(triggers_dir: Path, library_dir: Path = shipped("library")
     validation and scan. Nothing is trained: the trigger's weights stay as they are."""
     from dynalora.lora import DynamicLoraModel
     from dynalora.models import load_base_model
-    from dynalora.runtime.special_tokens import SHIFT_TOKEN, load_trigger_tokens
+    from dynalora.runtime.special_tokens import (SHIFT_TOKEN, load_trigger_tokens, ordinary_vocab_size,
+                                                 trigger_row_tensor)
     from dynalora.runtime.trigger_lora import merge_trigger_lora, trigger_lora_beside
     from dynalora.lora.library_folder import load_library_bank
 
@@ -237,18 +230,18 @@ def rescan_thresholds(triggers_dir: Path, library_dir: Path = shipped("library")
     record = json.loads(record_path.read_text())
     saved = record["config"]
     base = load_base_model(model)
-    vocab_size = base.model.get_output_embeddings().weight.shape[0]
     token_file = Path(triggers_dir) / "trigger_tokens.safetensors"
     shift_id = load_trigger_tokens(token_file, base.model, base.tokenizer)[SHIFT_TOKEN]
+    vocab_size = ordinary_vocab_size(base.model, base.tokenizer)
     deltas = trigger_lora_beside(token_file)
     if deltas:
         merge_trigger_lora(base.model, deltas)
-    bank, _ = load_library_bank(library_dir, base.model)
+    bank, adapters = load_library_bank(library_dir, base.model)
     dyn = DynamicLoraModel.attach(base.model, bank)
-    streams = recipe_streams(bank.labels, "validation", saved["validation_streams"], saved["seed"] + 1,
+    streams = library_streams(adapters, "validation", saved["validation_streams"], saved["seed"] + 1,
                              saved["segments"], saved["segment_chars"])
     validation = collect(dyn, base.tokenizer, bank.labels, streams, saved["delay"], saved["ignore_after"], vocab_size)
-    row = base.model.get_input_embeddings().weight[shift_id].detach()  # as both recipes train it
+    row = trigger_row_tensor(base.model)[shift_id].detach()  # as both recipes train it
     probs = [torch.sigmoid(h @ row - z) for h, z in zip(validation[0], validation[1])]
     best, candidates = choose_threshold(probs, validation[3], validation[4], saved["window"], saved["min_gap"],
                                         saved["max_false_per_1k"])
