@@ -358,3 +358,55 @@ def test_new_trigger_tokens_start_at_the_mean_row_even_in_spare_embedding_rows()
     trained = embeddings[ids["<|shift|>"]].clone()
     assert add_trigger_tokens(model, tokenizer) == ids
     torch.testing.assert_close(embeddings[ids["<|shift|>"]], trained)
+
+
+def test_streamed_text_is_the_decode_of_the_tokens_however_a_character_is_cut():
+    from dynalora.models import ByteTokenizer
+    from dynalora.runtime.detokenize import IncrementalDecoder
+
+    tokenizer = ByteTokenizer()
+    ids = tokenizer("héllo wörld, 世界 🙂!")["input_ids"]  # characters of 2, 3 and 4 bytes
+    decoder = IncrementalDecoder(tokenizer.decode)
+    pieces = [decoder.add(token) for token in ids]
+    assert "".join(pieces) == decoder.text == tokenizer.decode(ids)
+    assert "\ufffd" not in "".join(pieces) and pieces[ids.index(0xe4)] == ""  # held back mid-character
+
+
+def test_a_transformers_logits_processor_steers_the_engine_as_it_steers_generate():
+    from transformers import LogitsProcessorList, SuppressTokensLogitsProcessor
+
+    engine, _ = make_engine()
+    engine.dyn.state.set_blend(0, [0.5, -0.2, 0.4])
+    first = engine.generate([PROMPT], max_new_tokens=12).token_ids[0]
+    suppress = LogitsProcessorList([SuppressTokensLogitsProcessor(first[:3], device="cpu")])
+    ours = engine.generate([PROMPT], max_new_tokens=12, logits_processor=suppress).token_ids[0]
+    reference = engine.model.generate(torch.tensor([PROMPT]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                                      pad_token_id=0, logits_processor=suppress)[0, len(PROMPT):].tolist()
+    assert ours == reference and not set(first[:3]) & set(ours)
+
+
+def test_the_id_buffers_grow_in_place_past_their_room():
+    from dynalora.runtime.engine import _Batch
+
+    batch = _Batch([[5, 6, 7], [8]], pad_id=0, device=torch.device("cpu"), room=2)
+    expected_ids = torch.tensor([[5, 6, 7], [0, 0, 8]])
+    for step in range(40):
+        tokens = torch.tensor([step, 100 + step])
+        batch.append(tokens)
+        expected_ids = torch.cat([expected_ids, tokens[:, None]], dim=1)
+    assert torch.equal(batch.ids, expected_ids)
+    assert batch.positions[1].tolist() == [0, 0] + list(range(41)) and batch.row_tokens(1)[:2] == [8, 100]
+
+
+def test_without_sampling_settings_the_models_generation_config_is_honoured():
+    engine, _ = make_engine()
+    engine.model.generation_config.do_sample = True
+    engine.model.generation_config.temperature = 1.5
+    engine.model.generation_config.top_k = 5
+    engine.model.generation_config.repetition_penalty = 1.2
+    assert SamplingConfig.from_generation_config(engine.model.generation_config) == SamplingConfig(
+        temperature=1.5, top_k=5, top_p=1.0, repetition_penalty=1.2)
+    greedy = engine.generate([PROMPT], max_new_tokens=12, sampling=SamplingConfig()).token_ids[0]
+    torch.manual_seed(0)
+    sampled = engine.generate([PROMPT], max_new_tokens=12).token_ids[0]
+    assert sampled != greedy

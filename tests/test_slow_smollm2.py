@@ -40,8 +40,10 @@ def test_engine_greedy_equals_hf_generate(smollm2):
             ids = chat_ids(smollm2.tokenizer, prompt)
             reference = smollm2.model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:].tolist()
             reference = [t for t in reference if t not in engine.eos_ids]
-            ours = engine.generate([ids[0].tolist()], max_new_tokens=24).token_ids[0]
-            assert ours == reference, prompt
+            result = engine.generate([ids[0].tolist()], max_new_tokens=24)
+            assert result.token_ids[0] == reference, prompt
+            # the streamed pieces (decoded incrementally) add up to the decode of the whole row
+            assert result.texts[0] == smollm2.tokenizer.decode(reference), prompt
     finally:
         engine.close()
         dyn.detach()

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, LogitsProcessorList
+from transformers import LogitsProcessor as HFLogitsProcessor
 
 from dynalora.hyper.protocol import Hypernetwork, TriggerFeatures
 from dynalora.lora.inject import DynamicLoraModel
@@ -24,6 +25,7 @@ from dynalora.models import model_device
 from dynalora.runtime.absorb import Absorber
 from dynalora.runtime.absorb_worker import AbsorbWorker
 from dynalora.runtime.events import Event, FinishEvent, GenerationResult, LoraEvent, TokenEvent
+from dynalora.runtime.detokenize import IncrementalDecoder
 from dynalora.runtime.features import HiddenCapture
 from dynalora.runtime.guard import GuardConfig
 from dynalora.runtime.sampling import SamplingConfig, choose_next
@@ -31,7 +33,8 @@ from dynalora.runtime.triggers import DelayedUpdate, RowTriggers, StepObservatio
 from dynalora.runtime.update import apply_update
 
 KV_POLICIES = ("keep", "recompute_last", "recompute_all")
-LogitsProcessor = Callable[[int, torch.Tensor], torch.Tensor]  # (step, logits (B, V)) -> logits
+LogitsProcessor = Callable[[int, torch.Tensor], torch.Tensor] | HFLogitsProcessor | LogitsProcessorList
+"""``(step, logits (B, V)) -> logits``, or transformers' processors (called with the ids so far and the logits)."""
 
 
 @dataclass
@@ -67,25 +70,57 @@ class EngineConfig:
 
 
 class _Batch:
-    """Token ids, mask and positions of every row so far, left-padded: all (B, L), on the model's device."""
+    """Token ids, mask and positions of every row so far, left-padded: all (B, L), on the model's device.
 
-    def __init__(self, rows: list[list[int]], pad_id: int, device: torch.device):
+    The buffers hold ``room`` more columns than the prompt from the start, so a step writes one column in place
+    instead of copying the whole batch (``append`` grows them only if a stream outruns its room)."""
+
+    def __init__(self, rows: list[list[int]], pad_id: int, device: torch.device, room: int = 0):
         width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device="cpu")
-        mask = torch.zeros((len(rows), width), dtype=torch.long, device="cpu")
+        ids = torch.full((len(rows), width + room), pad_id, dtype=torch.long, device="cpu")
+        mask = torch.zeros((len(rows), width + room), dtype=torch.long, device="cpu")
         for b, row in enumerate(rows):
-            ids[b, width - len(row):] = torch.tensor(row, dtype=torch.long, device="cpu")
-            mask[b, width - len(row):] = 1
-        self.ids, self.mask = ids.to(device), mask.to(device)  # built on the CPU: one copy, not one per row
-        self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+            ids[b, width - len(row):width] = torch.tensor(row, dtype=torch.long, device="cpu")
+            mask[b, width - len(row):width] = 1
+        self._ids, self._mask = ids.to(device), mask.to(device)  # built on the CPU: one copy, not one per row
+        self._positions = (self._mask.cumsum(-1) - 1).clamp(min=0)
+        self.length = width
+
+    @property
+    def ids(self) -> torch.Tensor:  # (B, L)
+        return self._ids[:, :self.length]
+
+    @property
+    def mask(self) -> torch.Tensor:  # (B, L)
+        return self._mask[:, :self.length]
+
+    @property
+    def positions(self) -> torch.Tensor:  # (B, L)
+        return self._positions[:, :self.length]
 
     def append(self, tokens: torch.Tensor) -> None:  # tokens (B,)
-        self.ids = torch.cat([self.ids, tokens[:, None]], dim=1)
-        self.mask = torch.cat([self.mask, torch.ones_like(tokens)[:, None]], dim=1)
-        self.positions = torch.cat([self.positions, self.positions[:, -1:] + 1], dim=1)
+        if self.length == self._ids.shape[1]:  # out of room: double it
+            grow = max(self.length, 16)
+            self._ids = torch.cat([self._ids, torch.zeros_like(self._ids[:, :grow])], dim=1)
+            self._mask = torch.cat([self._mask, torch.zeros_like(self._mask[:, :grow])], dim=1)
+            self._positions = torch.cat([self._positions, torch.zeros_like(self._positions[:, :grow])], dim=1)
+        self._ids[:, self.length] = tokens
+        self._mask[:, self.length] = 1
+        self._positions[:, self.length] = self._positions[:, self.length - 1] + 1
+        self.length += 1
 
     def row_tokens(self, b: int) -> list[int]:
         return self.ids[b][self.mask[b].bool()].tolist()
+
+
+@dataclass
+class _Row:
+    """One row's generation state: its trigger policies, its delayed update, its text so far, done or not."""
+
+    triggers: RowTriggers
+    delayed: DelayedUpdate
+    text: IncrementalDecoder
+    finished: bool = False
 
 
 class Engine:
@@ -226,7 +261,7 @@ class Engine:
                sampling: SamplingConfig | None = None, stop_strings: tuple[str, ...] = (), chat: bool = False,
                system: str | None = None, logits_processor: LogitsProcessor | None = None) -> Iterator[Event]:
         """Generate for every prompt (one row each, row ``b`` uses LoRA state row ``b``)."""
-        sampling = sampling or SamplingConfig()
+        sampling = sampling or SamplingConfig.from_generation_config(getattr(self.model, "generation_config", None))
         if isinstance(prompts, (str, bytes)):
             raise TypeError("prompts is a list (one prompt per row); wrap a single prompt in a list")
         rows = [self.encode_prompt(p, chat, system) for p in prompts]
@@ -250,32 +285,32 @@ class Engine:
             if self.absorber.config.relevance_gate:  # memory on only for prompts that name what it absorbed
                 for b in range(count):
                     self.dyn.state.set_memory_weight(b, self.absorber.relevance(b, self.decode(rows[b])))
-        batch = _Batch(rows, pad, self.device)
-        row_triggers = [RowTriggers(self.triggers) for _ in range(count)]
+        self._room = max_new_tokens
+        batch = _Batch(rows, pad, self.device, room=max_new_tokens)
+        state = [_Row(RowTriggers(self.triggers), DelayedUpdate(self.config.update_delay),
+                      IncrementalDecoder(self.decode)) for _ in range(count)]
         trigger_ids = set(self.trigger_token_ids.values())
         trigger_names = {v: k for k, v in self.trigger_token_ids.items()}
         cache = DynamicCache(config=self.model.config)
         self.capture.reset()
         self.interrupted = False
         self.fresh_logits: dict[int, torch.Tensor] = {}
-        want_prompt = any(t.wants_prompt for t in row_triggers)
+        want_prompt = any(row.triggers.wants_prompt for row in state)
 
         logits_all = self._forward_prompt(batch, cache, want_all=want_prompt)  # (B, T|1, V)
         logits = logits_all[:, -1]
         if want_prompt:  # policies that look at the prompt: p(trigger), surprise
-            yield from self._observe_prompt(batch, logits_all, row_triggers, cache)
+            yield from self._observe_prompt(batch, logits_all, [row.triggers for row in state], cache)
             for b, fresh in self.fresh_logits.items():  # a recompute after a prompt trigger
                 logits[b] = fresh
         seen = torch.zeros_like(logits, dtype=torch.bool)
         if sampling.repetition_penalty != 1.0:
             seen.scatter_(1, batch.ids, batch.mask.bool())
 
-        visible: list[list[int]] = [[] for _ in range(count)]
-        shown_text = [""] * count
-        finished = [False] * count
-        delayed = [DelayedUpdate(self.config.update_delay) for _ in range(count)]
         for step in range(max_new_tokens):
-            if logits_processor is not None:
+            if isinstance(logits_processor, (HFLogitsProcessor, LogitsProcessorList)):
+                logits = logits_processor(batch.ids, logits)  # transformers' processors see the ids so far
+            elif logits_processor is not None:
                 logits = logits_processor(step, logits)
             log_probs = torch.log_softmax(logits, dim=-1)  # (B, V), trigger tokens included
             if not self.config.sample_triggers and trigger_ids:
@@ -284,8 +319,8 @@ class Engine:
             next_tokens = choose_next(logits, seen, sampling, generator)  # (B,)
             length = cache.get_seq_length() + 1
             decisions: dict[int, tuple[str | None, str | None, LoraEvent | None]] = {}
-            for b in range(count):
-                if finished[b]:
+            for b, row in enumerate(state):
+                if row.finished:
                     next_tokens[b] = pad
                     continue
                 token = int(next_tokens[b])
@@ -293,7 +328,7 @@ class Engine:
                 obs = StepObservation(position=position, token_id=token, token_nll=-float(log_probs[b, token]),
                                       trigger_probs={t: float(log_probs[b, t].exp()) for t in trigger_ids},
                                       context_length=length)
-                reason, held_back = row_triggers[b].observe(obs)
+                reason, held_back = row.triggers.observe(obs)
                 applied = None
                 if token in trigger_ids:
                     # consumed: fired or not, a trigger never enters the context (the trigger rows were fitted,
@@ -313,8 +348,8 @@ class Engine:
                 decisions[b] = (reason, held_back, applied)
             seen.scatter_(1, next_tokens[:, None], True)
             batch.append(next_tokens)
-            for b in range(count):
-                if finished[b]:
+            for b, row in enumerate(state):
+                if row.finished:
                     continue
                 token = int(next_tokens[b])  # never a trigger: those were consumed above
                 position = int(batch.mask[b].sum()) - 1
@@ -322,19 +357,17 @@ class Engine:
                 if applied is not None:  # a consumed trigger's update: it came before this token
                     yield applied
                 if token not in self.eos_ids:
-                    visible[b].append(token)
-                    text = self.decode(visible[b])
-                    yield TokenEvent(row=b, position=position, token_id=token, text=text[len(shown_text[b]):])
-                    shown_text[b] = text
+                    yield TokenEvent(row=b, position=position, token_id=token, text=row.text.add(token))
                 if held_back:
                     yield LoraEvent("suppressed", b, position, held_back, 0.0, None, None)
-                due = delayed[b].due(reason) if applied is None else None
+                due = row.delayed.due(reason) if applied is None else None
                 if due:
                     yield self._apply(b, position, due, batch, cache)
-                stop = self._stop_reason(token, shown_text[b], stop_strings)
+                stop = self._stop_reason(token, row.text.text, stop_strings)
                 if stop or step == max_new_tokens - 1 or self.interrupted:
-                    finished[b] = True
+                    row.finished = True
                     yield FinishEvent(row=b, reason=stop or ("interrupted" if self.interrupted else "length"))
+            finished = [row.finished for row in state]
             if all(finished):
                 break
             if self.worker is not None:
@@ -366,7 +399,7 @@ class Engine:
             if not finished[b]:
                 rows[b], row_events = self._evict_row(b, row)
                 events += row_events
-        return (_Batch(rows, self._pad_id(), self.device), events) if events else None
+        return (_Batch(rows, self._pad_id(), self.device, self._room), events) if events else None
 
     def _absorb_in_background(self, batch: _Batch, finished: list[bool]) -> tuple[_Batch | None, list[LoraEvent]]:
         """Merge every finished background write (evicting its chunk) and start one for every row past the
@@ -404,7 +437,7 @@ class Engine:
                 events.append(LoraEvent("absorb_start", b, len(row), "window", 0.0, blend, blend,
                                         f"writing {len(chunk)} tokens into memory in the background; they stay in "
                                         "the window until it is done"))
-        return (_Batch(rows, self._pad_id(), self.device) if absorbed else None), absorbed + events
+        return (_Batch(rows, self._pad_id(), self.device, self._room) if absorbed else None), absorbed + events
 
     def _evict_row(self, row: int, token_ids: list[int]) -> tuple[list[int], list[LoraEvent]]:
         """One row through the absorber: its kept tokens and an ``absorb`` event per chunk evicted."""

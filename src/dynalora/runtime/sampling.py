@@ -36,6 +36,18 @@ class SamplingConfig:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @classmethod
+    def from_generation_config(cls, generation_config) -> "SamplingConfig":
+        """The model's own defaults (``model.generation_config``): greedy unless it sets ``do_sample``."""
+        if generation_config is None:
+            return cls()
+        get = lambda name, default: getattr(generation_config, name, None) or default  # noqa: E731
+        penalty = get("repetition_penalty", 1.0)
+        if not getattr(generation_config, "do_sample", False):
+            return cls(repetition_penalty=penalty)
+        return cls(temperature=get("temperature", 1.0), top_k=get("top_k", 0), top_p=get("top_p", 1.0),
+                   repetition_penalty=penalty)
+
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """``logits (B, V)``, ``seen (B, V)`` bool: tokens already in each row."""
