@@ -130,14 +130,14 @@ def test_engine_eviction_equals_a_fresh_forward_of_the_kept_tokens(prompt_length
 
 def test_compressor_save_load_round_trip(tmp_path):
     _, compressor, _ = make_absorber()
-    compressor.save(tmp_path / "c", dtype=torch.float32)
-    loaded = Compressor.load(tmp_path / "c")
+    compressor.save_pretrained(tmp_path / "c", dtype=torch.float32)
+    loaded = Compressor.from_pretrained(tmp_path / "c")
     hidden = {layer: torch.randn(1, 5, compressor.config.hidden_size) for layer in compressor.source_layers}
     for module, (a, b) in compressor.eval()(hidden).items():
         torch.testing.assert_close(loaded(hidden)[module][0], a)
         torch.testing.assert_close(loaded(hidden)[module][1], b)
     with pytest.raises(FileNotFoundError, match="compressor"):
-        Compressor.load(tmp_path / "missing")
+        Compressor.from_pretrained(tmp_path / "missing")
 
 
 def test_absorber_refuses_a_state_without_memory():

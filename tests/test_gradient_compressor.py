@@ -87,7 +87,7 @@ def test_absorber_keeps_the_memory_rank_with_a_gradient_compressor():
 
 def test_save_load_round_trip_and_load_compressor_picks_the_kind(tmp_path):
     dyn, compressor = make(trained=True)
-    compressor.save(tmp_path / "g", dtype=torch.float32)
+    compressor.save_pretrained(tmp_path / "g", dtype=torch.float32)
     loaded = load_compressor(tmp_path / "g")
     assert isinstance(loaded, GradientCompressor)
     ids = torch.randint(3, 200, (1, 8))
@@ -97,7 +97,7 @@ def test_save_load_round_trip_and_load_compressor_picks_the_kind(tmp_path):
         load_compressor(tmp_path / "missing")
     hidden = dyn.model.config.hidden_size
     Compressor(CompressorConfig(hidden, {m: list(s) for m, s in compressor.config.module_shapes.items()},
-                                rank=2, width=16, heads=2)).save(tmp_path / "p")
+                                rank=2, width=16, heads=2)).save_pretrained(tmp_path / "p")
     assert type(load_compressor(tmp_path / "p")) is Compressor
 
 
@@ -118,7 +118,7 @@ def test_absorb_demo_runs_on_a_tiny_model(tmp_path, writer):
     from dynalora.demo_absorb import run_absorb_demo
 
     _, compressor = make(memory_rank=4, trained=True)
-    compressor.save(tmp_path / "absorb")
+    compressor.save_pretrained(tmp_path / "absorb")
     (tmp_path / "absorb" / "train_absorb.json").write_text(json.dumps({"config": {"chunk_tokens": 32}}))
     result = run_absorb_demo(tmp_path / "absorb", "tiny:llama", questions=2, writer=writer, steps=1)
     assert result["questions"] == 2 and result["document_tokens"] > 384  # more than one chunk was absorbed

@@ -102,7 +102,7 @@ def test_shift_recipe_learns_to_pick_the_domain_adapter(tmp_path, synthetic_doma
                                           examples_per_domain=16, context_tokens=16, continuation_tokens=16,
                                           pool_window=8, width=32, steps=40, batch_size=8, lr=1e-2))
     assert result["final"]["acc"] > 0.8  # three synthetic domains are trivially separable
-    net = ShiftNet.load(tmp_path / "shift")
+    net = ShiftNet.from_pretrained(tmp_path / "shift")
     assert net.config.bank_labels == list(DOMAIN_TEXT)
 
 
@@ -265,7 +265,7 @@ def test_escalate_pipeline_on_a_tiny_model(tmp_path, synthetic_domains, monkeypa
                                                  lr=1e-2, think_steps=20, **folders))
     assert trained["nll"]["train"]["level2"] != trained["nll"]["train"]["level1"]  # level 2 acts
     assert 0 < trained["validation_choice"]["rate"] <= 0.5 and len(trained["history"]) == 6
-    assert load_stack(ShiftNet.load(tmp_path / "shift"), tmp_path / "escalate").depth == 2
+    assert load_stack(ShiftNet.from_pretrained(tmp_path / "shift"), tmp_path / "escalate").depth == 2
     # early stopping: validated at steps 0 (level 2 = level 1), 2, 4, 6; the kept weights are the best step's
     # (a learning rate far too high, so that the best is not the last step and keeping the last would show)
     stopped = train_escalate(EscalateTrainConfig(out_dir=tmp_path / "stopped", examples_per_domain=8,

@@ -44,8 +44,8 @@ def test_shift_net_round_trips_through_files(tmp_path):
     with torch.no_grad():
         for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    net.save(tmp_path / "net", dtype=torch.float32)
-    loaded = ShiftNet.load(tmp_path / "net")
+    net.save_pretrained(tmp_path / "net", dtype=torch.float32)
+    loaded = ShiftNet.from_pretrained(tmp_path / "net")
     x = torch.randn(3, 64)
     assert torch.allclose(net(x)["blend"], loaded(x)["blend"])
 

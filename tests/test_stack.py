@@ -98,8 +98,8 @@ def test_training_level_two_leaves_level_one_frozen():
 def test_level_net_round_trips_and_rejects_layers_the_level_below_lacks(tmp_path):
     level1 = shift_net()
     level2 = level_on(level1)
-    level2.save(tmp_path / "l2")
-    loaded = LevelNet.load(tmp_path / "l2")
+    level2.save_pretrained(tmp_path / "l2")
+    loaded = LevelNet.from_pretrained(tmp_path / "l2")
     features = torch.randn(2, H)
     for name, (lora_a, lora_b) in level2(features).items():
         torch.testing.assert_close(loaded(features)[name][1], lora_b, atol=2e-3, rtol=2e-3)  # fp16 on disk
@@ -107,7 +107,7 @@ def test_level_net_round_trips_and_rejects_layers_the_level_below_lacks(tmp_path
     with pytest.raises(ValueError, match="nope"):
         HyperStack([level1, stranger])
     with pytest.raises(FileNotFoundError, match="level_net.json"):
-        LevelNet.load(tmp_path / "missing")
+        LevelNet.from_pretrained(tmp_path / "missing")
 
 
 def test_escalating_hypernetwork_runs_level_two_only_when_think_fires():

@@ -60,7 +60,7 @@ def eval_mix(config: MixEvalConfig, out: Path | None = None) -> dict:
     from dynalora.system.mix import MixSetup, mix_examples, score_mixes
 
     torch.set_num_threads(config.threads)
-    gate = MixGate.load(config.gate_dir)
+    gate = MixGate.from_pretrained(config.gate_dir)
     setup = MixSetup(config)
     docs = read_docs(Path(config.facts))[:config.max_docs]
     examples, memories = mix_examples(setup, config, docs, config.split, config.seed)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dynalora.hyper.files import load_network, save_network
+from dynalora.hyper.files import PretrainedNetwork
 from dynalora.hyper.shift_net import _layer_and_kind
 
 CONFIG_FILE = "compressor.json"
@@ -48,7 +48,10 @@ class CompressorConfig:
                              f"(rank={self.rank}, width={self.width}, heads={self.heads})")
 
 
-class Compressor(nn.Module):
+class Compressor(nn.Module, PretrainedNetwork):
+    config_class, config_file, weights_file = CompressorConfig, CONFIG_FILE, WEIGHTS_FILE
+    folder_kind = "compressor folder; make one with `dynalora train absorb`"
+
     def __init__(self, config: CompressorConfig):
         super().__init__()
         self.config = config
@@ -127,15 +130,6 @@ class Compressor(nn.Module):
             hidden = layer_inputs(dyn.model, input_ids, self.source_layers, attention_mask)
         return self(hidden, None if attention_mask is None else attention_mask.bool())
 
-    # -- files -------------------------------------------------------------------------------------
-    def save(self, folder: str | Path, dtype: torch.dtype = torch.float16) -> Path:
-        return save_network(self, self.config, folder, CONFIG_FILE, WEIGHTS_FILE, dtype)
-
-    @classmethod
-    def load(cls, folder: str | Path) -> "Compressor":
-        return load_network(cls, CompressorConfig, folder, CONFIG_FILE, WEIGHTS_FILE,
-                            "compressor folder; make one with `dynalora train absorb`")
-
 
 def load_compressor(folder: str | Path) -> nn.Module:
     """Either compressor from its folder: a :class:`GradientCompressor` where its config file is, else a
@@ -144,8 +138,8 @@ def load_compressor(folder: str | Path) -> nn.Module:
     from dynalora.hyper.gradient_compressor import GradientCompressor
 
     if (Path(folder) / GRADIENT_CONFIG).is_file():
-        return GradientCompressor.load(folder)
-    return Compressor.load(folder)
+        return GradientCompressor.from_pretrained(folder)
+    return Compressor.from_pretrained(folder)
 
 
 def layer_inputs(model: nn.Module, input_ids: torch.Tensor, layers: list[int],

@@ -22,13 +22,12 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynalora.hyper.files import load_network, save_network
+from dynalora.hyper.files import PretrainedNetwork
 from dynalora.hyper.shift_net import _layer_and_kind
 
 CONFIG_FILE = "gradient_compressor.json"
@@ -54,7 +53,10 @@ class GradientCompressorConfig:
                              f"(rank={self.rank}, bottleneck={self.bottleneck}, init_step={self.init_step})")
 
 
-class GradientCompressor(nn.Module):
+class GradientCompressor(nn.Module, PretrainedNetwork):
+    config_class, config_file, weights_file = GradientCompressorConfig, CONFIG_FILE, WEIGHTS_FILE
+    folder_kind = "gradient compressor folder; make one with `dynalora train absorb`"
+
     def __init__(self, config: GradientCompressorConfig):
         super().__init__()
         self.config = config
@@ -101,15 +103,6 @@ class GradientCompressor(nn.Module):
     def read(self, dyn, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
         """Chunks ``(N, T)`` → factors: the base model's signals (:func:`chunk_signals`) through :meth:`forward`."""
         return self(chunk_signals(dyn, self.modules_list, input_ids, attention_mask))
-
-    # -- files -------------------------------------------------------------------------------------
-    def save(self, folder: str | Path, dtype: torch.dtype = torch.float16) -> Path:
-        return save_network(self, self.config, folder, CONFIG_FILE, WEIGHTS_FILE, dtype)
-
-    @classmethod
-    def load(cls, folder: str | Path) -> "GradientCompressor":
-        return load_network(cls, GradientCompressorConfig, folder, CONFIG_FILE, WEIGHTS_FILE,
-                            "gradient compressor folder; make one with `dynalora train absorb`")
 
 
 def _rms(values: torch.Tensor) -> torch.Tensor:

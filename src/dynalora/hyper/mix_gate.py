@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from dynalora.hyper.files import load_network, save_network
+from dynalora.hyper.files import PretrainedNetwork
 from dynalora.hyper.protocol import LoraUpdate, TriggerFeatures
 from dynalora.lora.state import LoraState
 
@@ -38,8 +37,11 @@ class MixGateConfig:
                              "in (0, 1)")
 
 
-class MixGate(nn.Module):
+class MixGate(nn.Module, PretrainedNetwork):
     """``features (N, H)`` → ``weights (N, 2)``: column 0 the shift LoRA's, column 1 the memory LoRA's."""
+
+    config_class, config_file, weights_file = MixGateConfig, CONFIG_FILE, WEIGHTS_FILE
+    folder_kind = "mix gate folder; make one with `dynalora train mix`"
 
     def __init__(self, config: MixGateConfig):
         super().__init__()
@@ -52,14 +54,6 @@ class MixGate(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.net(features))  # (N, 2)
-
-    def save(self, folder: str | Path, dtype: torch.dtype = torch.float16) -> Path:
-        return save_network(self, self.config, folder, CONFIG_FILE, WEIGHTS_FILE, dtype)
-
-    @classmethod
-    def load(cls, folder: str | Path) -> "MixGate":
-        return load_network(cls, MixGateConfig, folder, CONFIG_FILE, WEIGHTS_FILE,
-                            "mix gate folder; make one with `dynalora train mix`")
 
 
 class MixHypernetwork:

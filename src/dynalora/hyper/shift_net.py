@@ -13,12 +13,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from dynalora.hyper.files import load_network, save_network
+from dynalora.hyper.files import PretrainedNetwork
 from dynalora.hyper.protocol import LoraUpdate, TriggerFeatures
 from dynalora.lora.state import LoraState
 
@@ -48,7 +47,10 @@ def _layer_and_kind(name: str) -> tuple[int, str]:
     return layer, parts[-1]
 
 
-class ShiftNet(nn.Module):
+class ShiftNet(nn.Module, PretrainedNetwork):
+    config_class, config_file, weights_file = ShiftNetConfig, CONFIG_FILE, WEIGHTS_FILE
+    folder_kind = "shift network folder"
+
     def __init__(self, config: ShiftNetConfig):
         super().__init__()
         self.config = config
@@ -111,14 +113,6 @@ class ShiftNet(nn.Module):
                 lora_b = flat[:, rank * in_features:].reshape(count, out_features, rank)  # (N, out, r)
                 out["factors"][name] = (lora_a, lora_b)
         return out
-
-    # -- files -------------------------------------------------------------------------------------
-    def save(self, folder: str | Path, dtype: torch.dtype = torch.float16) -> Path:
-        return save_network(self, self.config, folder, CONFIG_FILE, WEIGHTS_FILE, dtype)
-
-    @classmethod
-    def load(cls, folder: str | Path) -> "ShiftNet":
-        return load_network(cls, ShiftNetConfig, folder, CONFIG_FILE, WEIGHTS_FILE, "shift network folder")
 
 
 class ShiftHypernetwork:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dynalora.hyper.files import load_network, save_network
+from dynalora.hyper.files import PretrainedNetwork
 from dynalora.hyper.protocol import TriggerFeatures
 from dynalora.hyper.shift_net import ShiftHypernetwork
 
@@ -85,8 +85,11 @@ class LevelNetConfig:
             raise ValueError("LevelNetConfig.target_shapes is empty: name the level below's Linear layers")
 
 
-class LevelNet(nn.Module):
+class LevelNet(nn.Module, PretrainedNetwork):
     """State vector ``(N, H)`` → ``{layer: (A (N, r, in), B (N, out, r))}`` for the level below."""
+
+    config_class, config_file, weights_file = LevelNetConfig, CONFIG_FILE, WEIGHTS_FILE
+    folder_kind = "level network folder; make one with `dynalora train escalate`"
 
     def __init__(self, config: LevelNetConfig):
         super().__init__()
@@ -111,14 +114,6 @@ class LevelNet(nn.Module):
             out[name] = (flat[:, :rank * in_features].reshape(count, rank, in_features),  # (N, r, in)
                          flat[:, rank * in_features:].reshape(count, out_features, rank))  # (N, out, r)
         return out
-
-    def save(self, folder: str | Path, dtype: torch.dtype = torch.float16) -> Path:
-        return save_network(self, self.config, folder, CONFIG_FILE, WEIGHTS_FILE, dtype)
-
-    @classmethod
-    def load(cls, folder: str | Path) -> "LevelNet":
-        return load_network(cls, LevelNetConfig, folder, CONFIG_FILE, WEIGHTS_FILE,
-                            "level network folder; make one with `dynalora train escalate`")
 
 
 class HyperStack(nn.Module):
@@ -176,7 +171,7 @@ def load_stack(level1: nn.Module, folder: str | Path) -> HyperStack:
     """Level 1 with the levels saved in ``folder`` (``level2/``, ``level3/``, ... from ``dynalora train escalate``)."""
     folder, levels = Path(folder), [level1]
     while (folder / f"level{len(levels) + 1}").is_dir():
-        levels.append(LevelNet.load(folder / f"level{len(levels) + 1}"))
+        levels.append(LevelNet.from_pretrained(folder / f"level{len(levels) + 1}"))
     if len(levels) == 1:
         raise FileNotFoundError(f"{folder / 'level2'}: missing (not an escalate folder; make one with "
                                 "`dynalora train escalate`)")

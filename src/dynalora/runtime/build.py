@@ -158,7 +158,7 @@ def build_engine(spec: EngineSpec) -> Engine:
         if spec.mix is not None:
             from dynalora.hyper.mix_gate import MixGate, MixHypernetwork
 
-            engine.hypernetwork = MixHypernetwork(shift_hyper, MixGate.load(spec.mix).to(device))
+            engine.hypernetwork = MixHypernetwork(shift_hyper, MixGate.from_pretrained(spec.mix).to(device))
     elif spec.hypernetwork == "prototype" and len(bank):
         from dynalora.hyper import NearestPrototype
 
@@ -176,7 +176,7 @@ def _shift_hypernetwork(spec: EngineSpec, base, device):
 
     from dynalora.hyper.shift_net import ShiftHypernetwork, ShiftNet
 
-    net = ShiftNet.load(spec.shift_dir).to(device)
+    net = ShiftNet.from_pretrained(spec.shift_dir).to(device)
     if spec.escalate is None:
         return ShiftHypernetwork(net, use_factors=False), None
     from dynalora.hyper.stack import EscalatingHypernetwork, load_stack

@@ -42,7 +42,7 @@ class MixSetup:
         for p in self.base.model.parameters():
             p.requires_grad_(False)
         self.bank, self.adapters = load_library_bank(config.library_dir, self.base.model)
-        self.net = ShiftNet.load(config.shift_dir)
+        self.net = ShiftNet.from_pretrained(config.shift_dir)
         compressor = load_compressor(config.compressor_dir)
         kinds = {name.rsplit(".", 1)[-1] for name in list(self.bank.modules) + compressor.modules_list}
         self.dyn = DynamicLoraModel.attach(self.base.model, self.bank, InjectConfig(

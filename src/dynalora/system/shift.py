@@ -71,7 +71,7 @@ def load_shift_system(library_dir: Path, shift_dir: Path, triggers_dir: Path, mo
             raise FileNotFoundError(f"{folder}: missing; make it with `dynalora {command}`")
     base = load_base_model(model, dtype, device)
     bank, adapters = load_library_bank(library_dir, base.model)
-    net = ShiftNet.load(shift_dir).to(model_device(base.model))
+    net = ShiftNet.from_pretrained(shift_dir).to(model_device(base.model))
     threshold = json.loads((Path(triggers_dir) / "triggers.json").read_text())["threshold"]
     token_file = Path(triggers_dir) / "trigger_tokens.safetensors"
     token_ids = load_trigger_tokens(token_file, base.model, base.tokenizer)

@@ -439,7 +439,7 @@ def train_absorb(config: AbsorbTrainConfig) -> dict:
     scores = evaluate(dyn, compressor, validation, validation_targets, pad_id, device, config) if validation else {}
     dyn.detach()
     config.out_dir.mkdir(parents=True, exist_ok=True)
-    compressor.cpu().save(config.out_dir)
+    compressor.cpu().save_pretrained(config.out_dir)
     if history:  # steps=0 saves the untrained compressor (the gradient one: one SGD step), a baseline
         plot_losses([h["gold_nll"] for h in history], config.out_dir / "loss.png",
                     "absorb compressor: gold answer NLL with the memory LoRA")

@@ -196,7 +196,7 @@ def train_escalate(config: EscalateTrainConfig) -> dict:
     chosen = choose_think_threshold(p_think["validation"], gain["validation"], config.max_rate)
 
     config.out_dir.mkdir(parents=True, exist_ok=True)
-    level2.save(config.out_dir / "level2")
+    level2.save_pretrained(config.out_dir / "level2")
     save_trigger_tokens(config.out_dir / "think_token.safetensors", model, {THINK_TOKEN: think_id})
     plot_losses(history, config.out_dir / "loss.png", "level 2: continuation NLL at depth 2")
     mean = lambda t: float(t.mean())  # noqa: E731

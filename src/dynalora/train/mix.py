@@ -112,7 +112,7 @@ def train_mix(config: MixTrainConfig) -> dict:
     gate.eval()
     setup.close()
     config.out_dir.mkdir(parents=True, exist_ok=True)
-    gate.save(config.out_dir)
+    gate.save_pretrained(config.out_dir)
     plot_losses([h["nll"] for h in history], config.out_dir / "loss.png", "mix gate: NLL (domain + facts rows)")
     metadata = {"config": config_record(config), "train_seconds": round(train_seconds, 1),
                 "prepare_seconds": round(prepare_seconds, 1), "parameters": sum(p.numel() for p in gate.parameters()),

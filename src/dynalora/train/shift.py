@@ -146,7 +146,7 @@ def train_shift(config: ShiftTrainConfig) -> dict:
     dyn.detach()
     net.eval()
     config.out_dir.mkdir(parents=True, exist_ok=True)
-    net.save(config.out_dir)
+    net.save_pretrained(config.out_dir)
     plot_losses([h["lm"] for h in history], config.out_dir / "loss.png", "shift hypernetwork: continuation NLL")
     metadata = {"config": config_record(config),
                 "train_seconds": round(seconds, 1), "feature_seconds": round(feature_seconds, 1),
