@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 
 def report(result: dict, table: str, out: Path | None) -> dict:
-    print(table)
+    logger.info(table)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=2))
-        print(f"wrote {out}")
+        logger.info(f"wrote {out}")
     return result

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import random
 import re
 import time
@@ -37,6 +38,8 @@ import torch
 
 from dynalora.report import report
 from dynalora.shipped import shipped
+
+logger = logging.getLogger(__name__)
 
 METHODS = ("base", "best_adapter", "uniform_merge", "lorahub", "dynalora_description", "dynalora_examples")
 SUPPORT_SPLIT, QUERY_SPLIT = "train", "test"
@@ -433,7 +436,7 @@ def eval_tasks(config: TaskEvalConfig, out: Path | None = None) -> dict:
                                "train_examples": support_pool, "test_examples": query_pool,
                                "description": description_text(task),
                                "seconds": round(time.perf_counter() - task_started, 1), "methods": methods}
-        print(f"{task.name}: " + ", ".join(f"{m} {v['accuracy']:.3f}" for m, v in methods.items()), flush=True)
+        logger.info(f"{task.name}: " + ", ".join(f"{m} {v['accuracy']:.3f}" for m, v in methods.items()))
     engine.close()
     system.capture.remove()
     system.dyn.detach()

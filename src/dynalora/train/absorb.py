@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import random
 import time
@@ -31,12 +32,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dynalora.runtime.chat import answer_tokens, chat_prompt, end_of_turn_id  # noqa: F401 (chat_prompt re-exported)
-from dynalora.runtime.padding import pad_rows
-from dynalora.data.batches import config_record
-from dynalora.shipped import trained
 from dynalora.data.absorb import read_docs
-from dynalora.runtime.chat import answer_log_probs
+from dynalora.data.batches import config_record
+from dynalora.runtime.chat import answer_log_probs, answer_tokens, chat_prompt, end_of_turn_id
+from dynalora.runtime.padding import pad_rows
+from dynalora.shipped import trained
+
+logger = logging.getLogger(__name__)
 
 COMPRESSORS = ("gradient", "perceiver")
 
@@ -399,12 +401,12 @@ def train_absorb(config: AbsorbTrainConfig) -> dict:
         optimizer.load_state_dict(saved["optimizer"])
         start, history, seconds = saved["step"], saved["history"], saved["seconds"]
         untrained = saved.get("untrained", {})
-        print(f"resuming train absorb from step {start}")
+        logger.info(f"resuming train absorb from step {start}")
     batches = document_batches(train, config.batch_size, config.steps, config.seed)
     if validation and start == 0:  # what the compressor writes before training (the gradient one: one SGD step)
         compressor.eval()
         untrained = evaluate(dyn, compressor, validation, validation_targets, pad_id, device, config)
-        print("validation before training: " + ", ".join(f"{k} gold NLL {v['gold_nll']:.3f}"
+        logger.info("validation before training: " + ", ".join(f"{k} gold NLL {v['gold_nll']:.3f}"
                                                         for k, v in untrained.items()))
     compressor.train()
     progress = tqdm(range(start, config.steps), desc="train absorb", initial=start, total=config.steps)
@@ -429,7 +431,7 @@ def train_absorb(config: AbsorbTrainConfig) -> dict:
         progress.set_postfix(distill=f"{parts['distill']:.3f}", gold=f"{parts['gold_nll']:.3f}",
                              acc=f"{parts['answer_acc']:.2f}")
         if config.time_limit_minutes and seconds > 60 * config.time_limit_minutes:
-            print(f"train absorb: time limit of {config.time_limit_minutes} min reached after {step + 1} steps")
+            logger.info(f"train absorb: time limit of {config.time_limit_minutes} min reached after {step + 1} steps")
             break
         if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
             config.out_dir.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ resumes from its last checkpoint (``<label>.partial/``).
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 import tomllib
@@ -19,12 +20,22 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dynalora.data.batches import (TokenBatch, batch_nll, config_record, text_token_stream, pair_batches, source_kind,
-                                 task_pairs, window_batches)
-from dynalora.shipped import trained
+from dynalora.data.batches import (
+    TokenBatch,
+    batch_nll,
+    config_record,
+    pair_batches,
+    source_kind,
+    task_pairs,
+    text_token_stream,
+    window_batches,
+)
 from dynalora.lora.library_folder import METADATA_FILE
 from dynalora.lr_schedule import cosine_lr
 from dynalora.plot import plot_losses
+from dynalora.shipped import trained
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -204,12 +215,12 @@ def train_library(config: LibraryConfig, base=None) -> list[dict]:
     for spec in config.adapters:
         done = config.out_dir / spec.label / METADATA_FILE
         if done.is_file():
-            print(f"{spec.label}: already trained, skipping ({done})")
+            logger.info(f"{spec.label}: already trained, skipping ({done})")
             results.append(json.loads(done.read_text()))
             continue
         results.append(train_adapter(spec, base, config))
         r = results[-1]
-        print(f"{spec.label}: validation NLL {r['validation_nll_base']:.3f} → {r['validation_nll_adapter']:.3f} "
+        logger.info(f"{spec.label}: validation NLL {r['validation_nll_base']:.3f} → {r['validation_nll_adapter']:.3f} "
               f"in {r['train_seconds']:.0f}s")
     (config.out_dir / "library.json").write_text(json.dumps(
         {"config": config_record(config),
