@@ -26,6 +26,7 @@ from dynalora.lora.library_folder import load_library_bank
 from dynalora.shipped import shipped, trained
 from dynalora.data.batches import build_examples
 from dynalora.runtime.features import pooled_features
+from dynalora.training import RunConfig, TrainingRun
 
 
 @dataclass
@@ -69,6 +70,8 @@ class ShiftTrainConfig:
     """Random seed (data order, initialisation)."""
     threads: int = 2
     """CPU threads torch uses."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Device, mixed precision, gradient accumulation, resumable checkpoints (accelerate)."""
 
 
 def train_shift(config: ShiftTrainConfig) -> dict:
@@ -81,7 +84,8 @@ def train_shift(config: ShiftTrainConfig) -> dict:
 
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    base = load_base_model(config.model)
+    run = TrainingRun(config.run, config.out_dir)
+    base = load_base_model(config.model, device=run.device)
     for p in base.model.parameters():
         p.requires_grad_(False)
     bank, adapters = load_library_bank(config.library_dir, base.model)
@@ -94,64 +98,78 @@ def train_shift(config: ShiftTrainConfig) -> dict:
     net = ShiftNet(ShiftNetConfig(
         feature_size=base.model.config.hidden_size, bank_labels=bank.labels,
         module_shapes={m: list(bank.module_shapes[m]) for m in factor_modules}, width=config.width,
-        generated_rank=config.generated_rank, feature_layer=capture.layer_index, pool_window=config.pool_window))
+        generated_rank=config.generated_rank, feature_layer=capture.layer_index, pool_window=config.pool_window)).to(
+        run.device)
 
     started = time.perf_counter()
     contexts, continuations, labels = build_examples(base.tokenizer, adapters, config, "train",
                                                      config.examples_per_domain, config.seed)
-    features = pooled_features(dyn, capture, contexts)  # (N, H)
+    features = pooled_features(dyn, capture, contexts.to(run.device))  # (N, H)
     feature_seconds = time.perf_counter() - started
     count, bank_size = len(labels), len(bank)
+    continuations = continuations.to(run.device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=0.01)
+    net, optimizer = run.accelerator.prepare(net, optimizer)
     rng = torch.Generator().manual_seed(config.seed)
-    history = []
+    start, history = run.resume(rng)
     net.train()
-    progress = tqdm(range(config.steps), desc="train shift")
+    progress = tqdm(range(start, config.steps), desc="train shift", initial=start, total=config.steps,
+                    disable=not run.is_main)
     for step in progress:
-        rows = torch.randint(0, count, (config.batch_size,), generator=rng)
-        target = labels[rows]
+        rows = torch.randint(0, count, (config.batch_size,), generator=rng)  # the global batch, as on every process
         # the row's current blend: zero, the right adapter, or a wrong one
         draw = torch.randint(0, 3, (config.batch_size,), generator=rng)
-        wrong = (target + torch.randint(1, bank_size, target.shape, generator=rng)) % bank_size
-        current = torch.zeros(config.batch_size, bank_size)
+        wrong = (labels[rows] + torch.randint(1, bank_size, (config.batch_size,), generator=rng)) % bank_size
+        mine = run.shard(torch.arange(config.batch_size))  # this process's slice of it
+        rows, draw, wrong = rows[mine], draw[mine], wrong[mine]
+        target = labels[rows]
+        current = torch.zeros(len(rows), bank_size)
         current[draw == 1, target[draw == 1]] = 1.0
         current[draw == 2, wrong[draw == 2]] = 1.0
-        out = net(features[rows])
-        gate = out["gate"][:, None]  # (B, 1)
-        blend = (1 - gate) * current + gate * out["blend"]  # (B, K)
-        row_factors = {m: ((a * gate[:, :, None]).transpose(1, 2), b.transpose(1, 2))  # (B, in, r), (B, r, out)
-                       for m, (a, b) in out["factors"].items()}
-        ids = continuations[rows]
-        with dyn.state.functional(dyn.state.expand_blend(blend), row_factors):
-            logits = dyn(input_ids=ids, use_cache=False).logits[:, :-1]  # (B, T-1, V)
-        lm = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-        aux = torch.nn.functional.nll_loss(torch.log(out["blend"] + 1e-6), target)
-        # ‖B‖‖A‖ per module (an upper bound of ‖BA‖); +eps: the factors start at exactly zero
-        factor_norm = sum((a.pow(2).sum((1, 2)) * b.pow(2).sum((1, 2)) + 1e-12).sqrt().mean()
-                          for a, b in out["factors"].values())
-        loss = lm + config.aux_blend_weight * aux + config.gate_penalty * out["gate"].mean() \
-            + config.factor_penalty * factor_norm
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        accuracy = float((out["blend"].argmax(-1) == target).float().mean())
-        history.append({"lm": float(lm.detach()), "aux": float(aux.detach()),
-                        "gate": float(out["gate"].mean().detach()), "acc": accuracy})
+        target, current = target.to(run.device), current.to(run.device)
+        with run.accelerator.accumulate(net), run.accelerator.autocast():
+            out = net(features[rows])
+            gate = out["gate"][:, None]  # (B, 1)
+            blend = (1 - gate) * current + gate * out["blend"]  # (B, K)
+            row_factors = {m: ((a * gate[:, :, None]).transpose(1, 2), b.transpose(1, 2))  # (B, in, r), (B, r, out)
+                           for m, (a, b) in out["factors"].items()}
+            ids = continuations[rows]
+            with dyn.state.functional(dyn.state.expand_blend(blend), row_factors):
+                logits = dyn(input_ids=ids, use_cache=False).logits[:, :-1]  # (B, T-1, V)
+            lm = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                   ids[:, 1:].reshape(-1))
+            aux = torch.nn.functional.nll_loss(torch.log(out["blend"].float() + 1e-6), target)
+            # ‖B‖‖A‖ per module (an upper bound of ‖BA‖); +eps: the factors start at exactly zero
+            factor_norm = sum((a.pow(2).sum((1, 2)) * b.pow(2).sum((1, 2)) + 1e-12).sqrt().mean()
+                              for a, b in out["factors"].values())
+            loss = lm + config.aux_blend_weight * aux + config.gate_penalty * out["gate"].mean() \
+                + config.factor_penalty * factor_norm
+            run.accelerator.backward(loss)
+            if run.accelerator.sync_gradients:
+                run.accelerator.clip_grad_norm_(net.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        accuracy = (out["blend"].argmax(-1) == target).float().mean()
+        history.append({"lm": run.mean(lm), "aux": run.mean(aux), "gate": run.mean(out["gate"].mean()),
+                        "acc": run.mean(accuracy)})
         if not all(map(math.isfinite, history[-1].values())):
             raise FloatingPointError(f"train shift: non-finite loss at step {step}: {history[-1]}")
-        progress.set_postfix(lm=f"{history[-1]['lm']:.3f}", acc=f"{accuracy:.2f}")
+        progress.set_postfix(lm=f"{history[-1]['lm']:.3f}", acc=f"{history[-1]['acc']:.2f}")
+        run.maybe_save(step + 1, history, rng)
     seconds = time.perf_counter() - started
     capture.remove()
     dyn.detach()
-    net.eval()
+    net = run.accelerator.unwrap_model(net).eval()
+    run.finish()
     config.out_dir.mkdir(parents=True, exist_ok=True)
-    net.save_pretrained(config.out_dir)
-    plot_losses([h["lm"] for h in history], config.out_dir / "loss.png", "shift hypernetwork: continuation NLL")
+    if run.is_main:
+        net.save_pretrained(config.out_dir)
+        plot_losses([h["lm"] for h in history], config.out_dir / "loss.png", "shift hypernetwork: continuation NLL")
     metadata = {"config": config_record(config),
                 "train_seconds": round(seconds, 1), "feature_seconds": round(feature_seconds, 1),
                 "examples": count, "parameters": sum(p.numel() for p in net.parameters()),
                 "final": {k: sum(h[k] for h in history[-20:]) / min(20, len(history)) for k in history[-1]},
-                "history": history, "split": "train"}
-    (config.out_dir / "train_shift.json").write_text(json.dumps(metadata, indent=2))
+                "history": history, "split": "train", "processes": run.accelerator.num_processes}
+    if run.is_main:
+        (config.out_dir / "train_shift.json").write_text(json.dumps(metadata, indent=2))
     return metadata

@@ -1,0 +1,107 @@
+"""What every training loop shares, on ``accelerate``: device placement, mixed precision, data-parallel shards of
+each batch, gradient accumulation, and a resumable state (``save_state``/``load_state``).
+
+A recipe runs unchanged alone or under ``accelerate launch --multi_gpu --num_processes N`` (on CPUs too: gloo).
+Every process draws the same global batch from the same seeded generator and takes its own slice of it, so N
+processes take the same optimizer steps as one (their gradients are averaged over equal slices; tested).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+@dataclass
+class RunConfig:
+    """How a recipe runs (not what it learns); a field of each recipe's config."""
+
+    device: str = "auto"
+    """auto (CUDA when there is one; under accelerate launch its process's device), cpu or cuda."""
+    mixed_precision: str = "no"
+    """no, bf16 or fp16 autocast for the forward and backward (weights and optimizer stay fp32)."""
+    gradient_accumulation_steps: int = 1
+    """Optimizer steps every this many batches."""
+    checkpoint_every: int = 0
+    """Save a resumable state every this many steps (0: never); a rerun with the same out_dir resumes from it."""
+
+    def __post_init__(self):
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"RunConfig.mixed_precision={self.mixed_precision!r}: choose one of {MIXED_PRECISION}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"RunConfig.device={self.device!r}: choose auto, cpu or cuda")
+        if self.gradient_accumulation_steps < 1 or self.checkpoint_every < 0:
+            raise ValueError("RunConfig.gradient_accumulation_steps must be ≥ 1 and checkpoint_every ≥ 0")
+
+
+@dataclass
+class TrainingRun:
+    """One recipe's run: its accelerator and where its resumable state lives (``out_dir/resume``)."""
+
+    config: RunConfig
+    out_dir: Path
+    accelerator: Accelerator = field(init=False)
+
+    def __post_init__(self):
+        # on a machine without CUDA, accelerate joins launched processes only when told cpu=True
+        cpu = self.config.device == "cpu" or (self.config.device == "auto" and not torch.cuda.is_available())
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision=self.config.mixed_precision,
+                                       gradient_accumulation_steps=self.config.gradient_accumulation_steps)
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched != self.accelerator.num_processes:  # each process would train alone, on the same data
+            raise RuntimeError(f"{launched} processes were launched but accelerate joined "
+                               f"{self.accelerator.num_processes}; check --device ({self.config.device})")
+        self.state_dir = Path(self.out_dir) / "resume"
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def shard(self, rows: torch.Tensor) -> torch.Tensor:
+        """This process's slice of a global batch ``rows (B,)``: every N-th, from its rank."""
+        count = self.accelerator.num_processes
+        if len(rows) % count:
+            raise ValueError(f"batch_size={len(rows)} does not split over {count} processes; use a multiple of it")
+        return rows[self.accelerator.process_index::count]
+
+    def mean(self, value: torch.Tensor) -> float:
+        """A per-process scalar averaged over the processes (for logs)."""
+        return float(self.accelerator.reduce(value.detach().float().reshape(1), "mean"))
+
+    def resume(self, generator: torch.Generator) -> tuple[int, list]:
+        """Load the saved state if there is one (models, optimizers, RNGs, ``generator``): ``(step, history)``."""
+        if not (self.state_dir / "progress.json").is_file():
+            return 0, []
+        self.accelerator.load_state(str(self.state_dir))
+        generator.set_state(torch.load(self.state_dir / "generator.pt", weights_only=True))
+        progress = json.loads((self.state_dir / "progress.json").read_text())
+        return progress["step"], progress["history"]
+
+    def maybe_save(self, step: int, history: list, generator: torch.Generator) -> None:
+        """After ``step`` steps: the resumable state, every ``checkpoint_every`` steps."""
+        every = self.config.checkpoint_every
+        if not every or step % every:
+            return
+        self.accelerator.save_state(str(self.state_dir))
+        if self.is_main:
+            torch.save(generator.get_state(), self.state_dir / "generator.pt")
+            (self.state_dir / "progress.json").write_text(json.dumps({"step": step, "history": history}))
+        self.accelerator.wait_for_everyone()
+
+    def finish(self) -> None:
+        """The run is done: its resumable state goes."""
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            shutil.rmtree(self.state_dir, ignore_errors=True)

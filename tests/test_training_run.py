@@ -1,0 +1,69 @@
+"""Training on accelerate: two processes take the same steps as one, and an interrupted run resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dynalora.cli import main
+from dynalora.training import TrainingRun
+from test_bring_your_own import user_folders
+
+SHIFT = ["--model", "tiny:llama", "--steps", "6", "--examples-per-domain", "8", "--context-tokens", "16",
+         "--continuation-tokens", "16", "--pool-window", "8", "--width", "32", "--batch-size", "4", "--threads", "1"]
+
+
+@pytest.fixture
+def bank(tmp_path):
+    adapters, sources = user_folders(tmp_path, "llama")
+    for label, folder in adapters.items():
+        assert main(["adapters", "import", str(folder), "--label", label, "--data", sources[label],
+                     "--bank", str(tmp_path / "bank"), "--model", "tiny:llama"]) == 0
+    return tmp_path / "bank"
+
+
+def weights(folder):
+    return load_file(str(folder / "shift_net.safetensors"))
+
+
+def test_two_processes_under_accelerate_launch_train_as_one(tmp_path, bank):
+    assert main(["train", "shift", "--library", str(bank), "--out-dir", str(tmp_path / "one"), *SHIFT]) == 0
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dynalora",
+              "train", "shift", "--library", str(bank), "--out-dir", str(tmp_path / "two"), *SHIFT]
+    done = subprocess.run(launch, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((tmp_path / "two" / "train_shift.json").read_text())
+    assert record["processes"] == 2  # it really ran data-parallel
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert one.keys() == two.keys()
+    for name in one:  # the same steps: gradients averaged over two halves of each batch (fp16 files)
+        torch.testing.assert_close(two[name].float(), one[name].float(), atol=2e-3, rtol=1e-2)
+
+
+def test_an_interrupted_run_resumes_from_its_last_state_to_the_same_weights(tmp_path, bank, monkeypatch):
+    every = ["--run.checkpoint-every", "3"]
+    assert main(["train", "shift", "--library", str(bank), "--out-dir", str(tmp_path / "whole"), *SHIFT, *every]) == 0
+    assert not (tmp_path / "whole" / "resume").exists()  # a finished run leaves no state behind
+
+    save = TrainingRun.maybe_save
+
+    def save_then_stop(self, step, history, generator):
+        save(self, step, history, generator)
+        if step == 3:
+            raise KeyboardInterrupt  # as if the machine went away after the checkpoint at step 3
+
+    monkeypatch.setattr(TrainingRun, "maybe_save", save_then_stop)
+    assert main(["train", "shift", "--library", str(bank), "--out-dir", str(tmp_path / "cut"), *SHIFT, *every]) == 130
+    assert (tmp_path / "cut" / "resume" / "progress.json").is_file()
+    monkeypatch.setattr(TrainingRun, "maybe_save", save)
+    assert main(["train", "shift", "--library", str(bank), "--out-dir", str(tmp_path / "cut"), *SHIFT, *every]) == 0
+    whole, cut = weights(tmp_path / "whole"), weights(tmp_path / "cut")
+    assert all(torch.equal(whole[name], cut[name]) for name in whole)
