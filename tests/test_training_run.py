@@ -55,8 +55,8 @@ def test_an_interrupted_run_resumes_from_its_last_state_to_the_same_weights(tmp_
 
     save = TrainingRun.maybe_save
 
-    def save_then_stop(self, step, history, generator):
-        save(self, step, history, generator)
+    def save_then_stop(self, step, history, rng, extra=None):
+        save(self, step, history, rng, extra)
         if step == 3:
             raise KeyboardInterrupt  # as if the machine went away after the checkpoint at step 3
 
@@ -67,3 +67,30 @@ def test_an_interrupted_run_resumes_from_its_last_state_to_the_same_weights(tmp_
     assert main(["train", "shift", "--library", str(bank), "--out-dir", str(tmp_path / "cut"), *SHIFT, *every]) == 0
     whole, cut = weights(tmp_path / "whole"), weights(tmp_path / "cut")
     assert all(torch.equal(whole[name], cut[name]) for name in whole)
+
+
+def test_escalate_under_two_processes_trains_as_one(tmp_path, bank):
+    """Level 2 runs inside the hypernetwork stack, not through accelerate's wrapper: its gradients are averaged
+    over the processes by hand (TrainingRun.average_gradients); the result matches one process."""
+    shift, triggers = tmp_path / "shift", tmp_path / "triggers"
+    assert main(["train", "shift", "--library", str(bank), "--out-dir", str(shift), *SHIFT]) == 0
+    assert main(["train", "triggers", "--library", str(bank), "--model", "tiny:llama", "--out-dir", str(triggers),
+                 "--streams", "4", "--validation-streams", "2", "--segment-chars", "300", "--delay", "8",
+                 "--steps", "10", "--threads", "1"]) == 0
+    escalate = ["train", "escalate", "--library", str(bank), "--shift", str(shift), "--triggers", str(triggers),
+                "--model", "tiny:llama", "--steps", "4", "--examples-per-domain", "8", "--validation-per-domain", "4",
+                "--context-tokens", "16", "--continuation-tokens", "16", "--rank", "2", "--width", "16",
+                "--batch-size", "4", "--lr", "0.01", "--think-steps", "5", "--threads", "1"]
+    assert main([*escalate, "--out-dir", str(tmp_path / "one")]) == 0
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dynalora",
+              *escalate, "--out-dir", str(tmp_path / "two")]
+    done = subprocess.run(launch, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "escalate.json").read_text())["processes"] == 2
+    one = load_file(str(tmp_path / "one" / "level2" / "level_net.safetensors"))
+    two = load_file(str(tmp_path / "two" / "level2" / "level_net.safetensors"))
+    assert any(v.abs().sum() > 0 for name, v in one.items() if name.endswith("bias") or "out" in name)
+    for name in one:
+        torch.testing.assert_close(two[name].float(), one[name].float(), atol=2e-3, rtol=1e-2)

@@ -76,27 +76,39 @@ class TrainingRun:
             raise ValueError(f"batch_size={len(rows)} does not split over {count} processes; use a multiple of it")
         return rows[self.accelerator.process_index::count]
 
+    def average_gradients(self, parameters) -> None:
+        """Average ``.grad`` over the processes, for a module the recipe calls other than through its
+        ``accelerator.prepare`` wrapper (a level inside a hypernetwork stack); a no-op on one process."""
+        if self.accelerator.num_processes > 1 and self.accelerator.sync_gradients:
+            for parameter in parameters:
+                if parameter.grad is not None:
+                    parameter.grad = self.accelerator.reduce(parameter.grad, "mean")
+
     def mean(self, value: torch.Tensor) -> float:
         """A per-process scalar averaged over the processes (for logs)."""
         return float(self.accelerator.reduce(value.detach().float().reshape(1), "mean"))
 
-    def resume(self, generator: torch.Generator) -> tuple[int, list]:
-        """Load the saved state if there is one (models, optimizers, RNGs, ``generator``): ``(step, history)``."""
+    def resume(self, rng) -> tuple[int, list, dict]:
+        """Load the saved state if there is one (models, optimizers, torch's RNGs, and ``rng``: a
+        ``torch.Generator`` or ``random.Random``): ``(step, history, extra)``; ``(0, [], {})`` when none."""
         if not (self.state_dir / "progress.json").is_file():
-            return 0, []
+            return 0, [], {}
         self.accelerator.load_state(str(self.state_dir))
-        generator.set_state(torch.load(self.state_dir / "generator.pt", weights_only=True))
+        saved = torch.load(self.state_dir / "recipe.pt", weights_only=False)  # written by this recipe
+        (rng.set_state if isinstance(rng, torch.Generator) else rng.setstate)(saved["rng"])
         progress = json.loads((self.state_dir / "progress.json").read_text())
-        return progress["step"], progress["history"]
+        return progress["step"], progress["history"], saved["extra"]
 
-    def maybe_save(self, step: int, history: list, generator: torch.Generator) -> None:
-        """After ``step`` steps: the resumable state, every ``checkpoint_every`` steps."""
+    def maybe_save(self, step: int, history: list, rng, extra: dict | None = None) -> None:
+        """After ``step`` steps, every ``checkpoint_every``: the resumable state, with the recipe's ``rng`` and any
+        ``extra`` it needs to go on (e.g. the best weights so far)."""
         every = self.config.checkpoint_every
         if not every or step % every:
             return
         self.accelerator.save_state(str(self.state_dir))
         if self.is_main:
-            torch.save(generator.get_state(), self.state_dir / "generator.pt")
+            rng_state = rng.get_state() if isinstance(rng, torch.Generator) else rng.getstate()
+            torch.save({"rng": rng_state, "extra": extra or {}}, self.state_dir / "recipe.pt")
             (self.state_dir / "progress.json").write_text(json.dumps({"step": step, "history": history}))
         self.accelerator.wait_for_everyone()
 

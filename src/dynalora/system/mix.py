@@ -29,7 +29,7 @@ class MixExample:
 class MixSetup:
     """Base model + library bank + memory slots, the shift network, the absorber and the capture."""
 
-    def __init__(self, config):
+    def __init__(self, config, device: str | torch.device = "cpu"):
         from dynalora.hyper.compressor import load_compressor
         from dynalora.hyper.shift_net import ShiftNet
         from dynalora.lora import DynamicLoraModel, InjectConfig, StateConfig
@@ -38,11 +38,12 @@ class MixSetup:
         from dynalora.runtime.features import HiddenCapture
         from dynalora.lora.library_folder import load_library_bank
 
-        self.base = load_base_model(config.model)
+        self.base = load_base_model(config.model, device=device)
+        self.device = torch.device(device)
         for p in self.base.model.parameters():
             p.requires_grad_(False)
         self.bank, self.adapters = load_library_bank(config.library_dir, self.base.model)
-        self.net = ShiftNet.from_pretrained(config.shift_dir)
+        self.net = ShiftNet.from_pretrained(config.shift_dir, device=device)
         compressor = load_compressor(config.compressor_dir)
         kinds = {name.rsplit(".", 1)[-1] for name in list(self.bank.modules) + compressor.modules_list}
         self.dyn = DynamicLoraModel.attach(self.base.model, self.bank, InjectConfig(
@@ -66,7 +67,7 @@ class MixSetup:
     def features_of(self, token_ids: list[int]) -> torch.Tensor:
         self.dyn.state.reset()
         self.capture.reset()
-        self.dyn(input_ids=torch.tensor([token_ids]), use_cache=False)
+        self.dyn(input_ids=torch.tensor([token_ids], device=self.device), use_cache=False)
         return self.capture.pooled(0)
 
     def memory_of(self, text: str) -> dict:
@@ -117,16 +118,16 @@ def mixed_nll(setup: MixSetup, examples: list[MixExample], memories: list[dict],
         a_t, b_t = [], []
         for e in examples:
             in_features, out_features = state.bank.module_shapes[module]
-            lora_a, lora_b = memories[e.document].get(module, (torch.zeros(0, in_features),
-                                                               torch.zeros(out_features, 0)))
+            lora_a, lora_b = memories[e.document].get(module, (torch.zeros(0, in_features, device=setup.device),
+                                                               torch.zeros(out_features, 0, device=setup.device)))
             pad = rank - lora_a.shape[0]
             a_t.append(F.pad(lora_a.T, (0, pad)))  # (in, R)
             b_t.append(F.pad(lora_b.T, (0, 0, 0, pad)))  # (R, out)
         factors[module] = (torch.stack(a_t), torch.stack(b_t) * weights[:, 1, None, None])  # (N, in, R), (N, R, out)
     with state.functional(state.expand_blend(weights[:, :1] * blends), factors):
         log_probs = answer_log_probs(setup.dyn.model, [e.tokens for e in examples], [e.scored for e in examples],
-                                     setup.base.tokenizer.pad_token_id or 0, torch.device("cpu"))
-    targets = torch.tensor([t for e in examples for t in e.tokens[-e.scored:]])
+                                     setup.base.tokenizer.pad_token_id or 0, setup.device)
+    targets = torch.tensor([t for e in examples for t in e.tokens[-e.scored:]], device=setup.device)
     nll = -log_probs.gather(1, targets[:, None])[:, 0]  # (sum scored,)
     return torch.stack([part.mean() for part in nll.split([e.scored for e in examples])])
 

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from dynalora.data.batches import config_record
 from dynalora.shipped import shipped, trained
+from dynalora.training import RunConfig, TrainingRun
 from dynalora.system.escalate import continuation_nll, escalate_examples, last_hidden_and_log_z, nll_table
 
 
@@ -83,6 +84,8 @@ class EscalateTrainConfig:
     """Random seed."""
     threads: int = 2
     """CPU threads torch uses."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Device, mixed precision, gradient accumulation, resumable checkpoints (accelerate)."""
 
     def __post_init__(self):
         if (self.rank < 1 or self.steps < 0 or self.validate_every < 0 or not 0 < self.max_rate <= 1
@@ -116,15 +119,16 @@ def train_escalate(config: EscalateTrainConfig) -> dict:
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     started = time.perf_counter()
+    run = TrainingRun(config.run, config.out_dir)
     system = load_shift_system(config.library_dir, config.shift_dir, config.triggers_dir, config.model,
-                               max_batch=max(config.batch_size, 16), use_factors=False)
+                               max_batch=max(config.batch_size, 16), use_factors=False, device=run.device)
     system.capture.remove()  # the examples pool their own features, as train shift did
     model, dyn, level1 = system.base.model, system.dyn, system.net
     for p in list(model.parameters()) + list(level1.parameters()):
         p.requires_grad_(False)
     level2 = LevelNet(LevelNetConfig(feature_size=level1.config.feature_size,
                                      target_shapes=linear_shapes(level1, config.targets), rank=config.rank,
-                                     width=config.width))
+                                     width=config.width)).to(run.device)
     stack = HyperStack([level1, level2])
     data = {split: escalate_examples(system, config, split, per_domain, seed)
             for split, per_domain, seed in (("train", config.examples_per_domain, config.seed),
@@ -149,28 +153,36 @@ def train_escalate(config: EscalateTrainConfig) -> dict:
             weights = {k: v.detach().clone() for k, v in level2.state_dict().items()}
             best = (validation_history[-1]["nll"], step, weights)
 
-    if config.validate_every:
-        validate(0)  # a fresh level 2 writes B = 0: level 1 exactly, the floor early stopping can fall back to
     optimizer = torch.optim.AdamW(level2.parameters(), lr=config.lr, weight_decay=0.01)
+    optimizer = run.accelerator.prepare(optimizer)  # level 2 runs inside the stack: its gradients averaged below
     generator = torch.Generator().manual_seed(config.seed)
-    history = []
+    start, history, extra = run.resume(generator)
+    validation_history, best = extra.get("validation_history", []), extra.get("best")
+    if config.validate_every and not start:
+        validate(0)  # a fresh level 2 writes B = 0: level 1 exactly, the floor early stopping can fall back to
     level2.train()
     began = time.perf_counter()
-    for step in (progress := tqdm(range(config.steps), desc="train escalate")):
-        rows = torch.randint(0, len(features), (config.batch_size,), generator=generator)
-        loss = continuation_nll(dyn, stack, features[rows], continuations[rows], 2, config.level2_factors,
-                                system.vocab_size).mean()
-        if not math.isfinite(float(loss.detach())):
-            raise FloatingPointError(f"train escalate: non-finite loss at step {step}")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(level2.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        history.append(float(loss.detach()))
+    for step in (progress := tqdm(range(start, config.steps), desc="train escalate", initial=start,
+                                  total=config.steps, disable=not run.is_main)):
+        rows = run.shard(torch.randint(0, len(features), (config.batch_size,), generator=generator))
+        with run.accelerator.accumulate(level2), run.accelerator.autocast():
+            loss = continuation_nll(dyn, stack, features[rows], continuations[rows], 2, config.level2_factors,
+                                    system.vocab_size).mean()
+            if not math.isfinite(float(loss.detach())):
+                raise FloatingPointError(f"train escalate: non-finite loss at step {step}")
+            run.accelerator.backward(loss)
+            run.average_gradients(level2.parameters())
+            if run.accelerator.sync_gradients:
+                torch.nn.utils.clip_grad_norm_(level2.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        history.append(run.mean(loss))
         progress.set_postfix(nll=f"{history[-1]:.3f}")
         if config.validate_every and ((step + 1) % config.validate_every == 0 or step + 1 == config.steps):
             validate(step + 1)
             progress.set_postfix(nll=f"{history[-1]:.3f}", validation=f"{validation_history[-1]['nll']:.3f}")
+        run.maybe_save(step + 1, history, generator, {"validation_history": validation_history, "best": best})
+    run.finish()
     train_seconds = time.perf_counter() - began
     if best is not None:
         level2.load_state_dict(best[2])
@@ -196,9 +208,10 @@ def train_escalate(config: EscalateTrainConfig) -> dict:
     chosen = choose_think_threshold(p_think["validation"], gain["validation"], config.max_rate)
 
     config.out_dir.mkdir(parents=True, exist_ok=True)
-    level2.save_pretrained(config.out_dir / "level2")
-    save_trigger_tokens(config.out_dir / "think_token.safetensors", model, {THINK_TOKEN: think_id})
-    plot_losses(history, config.out_dir / "loss.png", "level 2: continuation NLL at depth 2")
+    if run.is_main:
+        level2.save_pretrained(config.out_dir / "level2")
+        save_trigger_tokens(config.out_dir / "think_token.safetensors", model, {THINK_TOKEN: think_id})
+        plot_losses(history, config.out_dir / "loss.png", "level 2: continuation NLL at depth 2")
     mean = lambda t: float(t.mean())  # noqa: E731
     metadata = {
         "config": config_record(config), "threshold": chosen["threshold"], "validation_choice": chosen,
@@ -211,7 +224,9 @@ def train_escalate(config: EscalateTrainConfig) -> dict:
         "train_seconds": round(train_seconds, 1), "feature_seconds": round(feature_seconds, 1),
         "seconds": round(time.perf_counter() - started, 1), "think_loss": [think_losses[0], think_losses[-1]],
         "history": history, "validation_history": validation_history, "kept_step": best[1] if best else config.steps,
-        "split": {"train": "train", "threshold and kept step": "validation"}}
-    (config.out_dir / "escalate.json").write_text(json.dumps(metadata, indent=2))
+        "split": {"train": "train", "threshold and kept step": "validation"},
+        "processes": run.accelerator.num_processes}
+    if run.is_main:
+        (config.out_dir / "escalate.json").write_text(json.dumps(metadata, indent=2))
     dyn.detach()
     return metadata

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from dynalora.data.batches import config_record
 from dynalora.shipped import shipped, trained
 from dynalora.system.mix import MixSetup, mix_examples, mixed_nll
+from dynalora.training import RunConfig, TrainingRun
 
 @dataclass
 class MixTrainConfig:
@@ -65,6 +66,8 @@ class MixTrainConfig:
     """Random seed."""
     threads: int = 2
     """CPU threads torch uses."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Device, mixed precision, gradient accumulation, resumable checkpoints (accelerate)."""
     split: str = field(default="train", repr=False)
     """The domains' split the examples come from (the eval passes ``test``)."""
 
@@ -77,48 +80,58 @@ def train_mix(config: MixTrainConfig) -> dict:
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     started = time.perf_counter()
-    setup = MixSetup(config)
+    run = TrainingRun(config.run, config.out_dir)
+    setup = MixSetup(config, device=run.device)
     docs = read_docs(Path(config.facts))[:config.max_docs]
     examples, memories = mix_examples(setup, config, docs, config.split, config.seed)
     prepare_seconds = time.perf_counter() - started
     gate = MixGate(MixGateConfig(feature_size=setup.net.config.feature_size, width=config.width,
                                  initial_weight=config.initial_weight))
+    gate = gate.to(run.device)
     optimizer = torch.optim.AdamW(gate.parameters(), lr=config.lr, weight_decay=0.01)
+    gate, optimizer = run.accelerator.prepare(gate, optimizer)
     by_kind = {kind: [i for i, e in enumerate(examples) if e.kind == kind] for kind in ("domain", "facts")}
-    rng, history = random.Random(config.seed), []
+    rng = random.Random(config.seed)
+    start, history, _ = run.resume(rng)
     began = time.perf_counter()
-    for step in (progress := tqdm(range(config.steps), desc="train mix")):
+    for step in (progress := tqdm(range(start, config.steps), desc="train mix", initial=start, total=config.steps,
+                                  disable=not run.is_main)):
         rows = [i for kind in by_kind.values() for i in rng.sample(kind, min(len(kind), config.batch_size // 2))]
-        batch = [examples[i] for i in rows]
-        weights = gate(torch.stack([e.features for e in batch]))  # (N, 2)
-        nll = mixed_nll(setup, batch, memories, weights)
-        loss = nll.mean()
-        if not math.isfinite(float(loss.detach())):
-            raise FloatingPointError(f"train mix: non-finite loss at step {step}")
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        kinds = torch.tensor([e.kind == "domain" for e in batch])
-        history.append({"nll": float(loss.detach()), "domain_nll": float(nll[kinds].mean().detach()),
-                        "facts_nll": float(nll[~kinds].mean().detach()),
-                        "w_shift": float(weights[:, 0].mean().detach()),
-                        "w_memory": float(weights[:, 1].mean().detach()),
-                        "w_memory_domain": float(weights[kinds, 1].mean().detach()),
-                        "w_memory_facts": float(weights[~kinds, 1].mean().detach())})
+        batch = [examples[i] for i in run.shard(torch.tensor(rows)).tolist()]  # this process's slice
+        with run.accelerator.accumulate(gate), run.accelerator.autocast():
+            weights = gate(torch.stack([e.features for e in batch]))  # (N, 2)
+            nll = mixed_nll(setup, batch, memories, weights)
+            loss = nll.mean()
+            if not math.isfinite(float(loss.detach())):
+                raise FloatingPointError(f"train mix: non-finite loss at step {step}")
+            run.accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        kinds = torch.tensor([e.kind == "domain" for e in batch], device=nll.device)
+        history.append({"nll": run.mean(loss), "domain_nll": run.mean(nll[kinds].mean()),
+                        "facts_nll": run.mean(nll[~kinds].mean()), "w_shift": run.mean(weights[:, 0].mean()),
+                        "w_memory": run.mean(weights[:, 1].mean()),
+                        "w_memory_domain": run.mean(weights[kinds, 1].mean()),
+                        "w_memory_facts": run.mean(weights[~kinds, 1].mean())})
+        run.maybe_save(step + 1, history, rng)
         progress.set_postfix(nll=f"{history[-1]['nll']:.3f}", ws=f"{history[-1]['w_shift']:.2f}",
                              wm_domain=f"{history[-1]['w_memory_domain']:.2f}",
                              wm_facts=f"{history[-1]['w_memory_facts']:.2f}")
     train_seconds = time.perf_counter() - began
-    gate.eval()
+    gate = run.accelerator.unwrap_model(gate).eval()
     setup.close()
+    run.finish()
     config.out_dir.mkdir(parents=True, exist_ok=True)
-    gate.save_pretrained(config.out_dir)
-    plot_losses([h["nll"] for h in history], config.out_dir / "loss.png", "mix gate: NLL (domain + facts rows)")
+    if run.is_main:
+        gate.save_pretrained(config.out_dir)
+        plot_losses([h["nll"] for h in history], config.out_dir / "loss.png", "mix gate: NLL (domain + facts rows)")
     metadata = {"config": config_record(config), "train_seconds": round(train_seconds, 1),
                 "prepare_seconds": round(prepare_seconds, 1), "parameters": sum(p.numel() for p in gate.parameters()),
                 "examples": {kind: len(v) for kind, v in by_kind.items()}, "documents": len(docs),
                 "final": {k: sum(h[k] for h in history[-20:]) / len(history[-20:]) for k in history[-1]}
                 if history else {},
-                "history": history, "split": {"domains": config.split, "facts": str(config.facts)}}
-    (config.out_dir / "train_mix.json").write_text(json.dumps(metadata, indent=2))
+                "history": history, "split": {"domains": config.split, "facts": str(config.facts)},
+                "processes": run.accelerator.num_processes}
+    if run.is_main:
+        (config.out_dir / "train_mix.json").write_text(json.dumps(metadata, indent=2))
     return metadata

@@ -111,7 +111,7 @@ def train_shift(config: ShiftTrainConfig) -> dict:
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=0.01)
     net, optimizer = run.accelerator.prepare(net, optimizer)
     rng = torch.Generator().manual_seed(config.seed)
-    start, history = run.resume(rng)
+    start, history, _ = run.resume(rng)
     net.train()
     progress = tqdm(range(start, config.steps), desc="train shift", initial=start, total=config.steps,
                     disable=not run.is_main)
