@@ -115,6 +115,22 @@ class ShiftNet(nn.Module, PretrainedNetwork):
         return out
 
 
+def gated_answer(out: dict, current: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """What the network's output ``out`` (for N rows) writes: the blend ``(1 − g)·current + g·proposed``
+    ``(N, K)`` (``current`` None: zero) and the generated factors scaled by the gate,
+    ``{module: (A (N, r, in), B (N, out, r))}``. The one gate formula of the engine, the recipes and the evals."""
+    gate = out["gate"][:, None]  # (N, 1)
+    blend = gate * out["blend"] if current is None else (1 - gate) * current + gate * out["blend"]  # (N, K)
+    factors = {name: (lora_a * gate[:, :, None], lora_b) for name, (lora_a, lora_b) in out["factors"].items()}
+    return blend, factors
+
+
+def row_factors(factors: dict) -> dict:
+    """Per-row factors ``{module: (A (N, r, in), B (N, out, r))}`` in the state's layout for ``functional``:
+    ``{module: (A_t (N, in, r), B_t (N, r, out))}``."""
+    return {name: (lora_a.transpose(1, 2), lora_b.transpose(1, 2)) for name, (lora_a, lora_b) in factors.items()}
+
+
 class ShiftHypernetwork:
     """Adapts a :class:`ShiftNet` to the engine's hypernetwork protocol (one row at a time)."""
 
@@ -134,10 +150,6 @@ class ShiftHypernetwork:
     @torch.no_grad()
     def __call__(self, features: TriggerFeatures, state: LoraState) -> LoraUpdate:
         out, level = self.propose(features)
-        gate = out["gate"][0]
-        current = state.blend_weights[features.row].float()
-        blend = (1 - gate) * current + gate * out["blend"][0]
-        generated = None
-        if self.use_factors:
-            generated = {name: (lora_a[0] * gate, lora_b[0]) for name, (lora_a, lora_b) in out["factors"].items()}
-        return LoraUpdate(blend=blend, generated=generated, level=level)
+        blend, factors = gated_answer(out, state.blend_weights[features.row].float()[None])
+        generated = {name: (a[0], b[0]) for name, (a, b) in factors.items()} if self.use_factors else None
+        return LoraUpdate(blend=blend[0], generated=generated, level=level)

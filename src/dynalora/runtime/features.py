@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -86,3 +87,17 @@ def pooled_features(dyn, capture, contexts: torch.Tensor, batch_size: int = 16) 
         out.append(torch.stack([capture.pooled(b) for b in range(len(chunk))]))
     capture.reset()
     return torch.cat(out)
+
+
+@contextmanager
+def lm_head_inputs(model: nn.Module, detach: bool = True):
+    """The hidden states the LM head reads: one ``(B, T, H)`` per forward while the block is open (``T`` = the
+    positions whose logits are kept). ``p(token) = σ(h·e − log Z)`` of a new token row ``e`` needs only these
+    and ``log Z``, so trigger and think rows are fitted on them without a backward through the model."""
+    captured: list[torch.Tensor] = []
+    handle = model.get_output_embeddings().register_forward_hook(
+        lambda module, inputs, output: captured.append(inputs[0].detach() if detach else inputs[0]))
+    try:
+        yield captured
+    finally:
+        handle.remove()

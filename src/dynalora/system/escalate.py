@@ -7,14 +7,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from dynalora.hyper.shift_net import gated_answer, row_factors
+from dynalora.runtime.features import lm_head_inputs
+
 
 def level1_lora(out: dict, use_factors: bool) -> tuple[torch.Tensor, dict]:
     """Level 1's answer against a zero current blend, as :class:`ShiftHypernetwork` applies it:
     ``blend (N, K)`` and row factors ``{module: (A_t (N, in, r), B_t (N, r, out))}`` (empty without factors)."""
-    gate = out["gate"][:, None]  # (N, 1)
-    factors = {m: ((a * gate[:, :, None]).transpose(1, 2), b.transpose(1, 2))  # (N, in, r), (N, r, out)
-               for m, (a, b) in out["factors"].items()} if use_factors else {}
-    return gate * out["blend"], factors
+    blend, factors = gated_answer(out)
+    return blend, row_factors(factors) if use_factors else {}
 
 
 def continuation_nll(dyn, stack, features: torch.Tensor, continuations: torch.Tensor, depth: int | None,
@@ -35,15 +36,12 @@ def continuation_nll(dyn, stack, features: torch.Tensor, continuations: torch.Te
 def last_hidden_and_log_z(model, contexts: torch.Tensor, vocab_size: int, batch_size: int = 16):
     """At each context's last token (zero LoRA): the final hidden state ``(N, H)`` the LM head reads and
     ``log Z (N,)`` over the original vocabulary — what ``p(<|think|>) = σ(h·e − log Z)`` needs."""
-    hidden, log_z = [], []
-    head = model.get_output_embeddings()
-    handle = head.register_forward_hook(lambda m, i, o: hidden.append(i[0][:, -1].detach()))
-    try:
+    log_z = []
+    with lm_head_inputs(model) as captured:
         for start in range(0, len(contexts), batch_size):
             logits = model(input_ids=contexts[start:start + batch_size], use_cache=False, logits_to_keep=1).logits
             log_z.append(torch.logsumexp(logits[:, -1, :vocab_size].float(), dim=-1))
-    finally:
-        handle.remove()
+    hidden = [h[:, -1] for h in captured]  # (B, H) per batch: the last position
     return torch.cat(hidden).float(), torch.cat(log_z)
 
 

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from dynalora.hyper.shift_net import gated_answer
+
 
 @dataclass
 class MixExample:
@@ -61,7 +63,7 @@ class MixSetup:
     def blend_of(self, features: torch.Tensor) -> torch.Tensor:
         """The shift network's blend for ``features (N, H)`` against a zero current blend: ``(N, K)``."""
         out = self.net(features, with_factors=False)
-        return out["gate"][:, None] * out["blend"]
+        return gated_answer(out)[0]
 
     @torch.no_grad()
     def features_of(self, token_ids: list[int]) -> torch.Tensor:

@@ -26,6 +26,7 @@ from dynalora.lora.library_folder import load_library_bank
 from dynalora.shipped import shipped, trained
 from dynalora.data.batches import build_examples
 from dynalora.runtime.features import pooled_features
+from dynalora.hyper.shift_net import gated_answer, row_factors
 from dynalora.training import RunConfig, TrainingRun
 
 
@@ -129,12 +130,9 @@ def train_shift(config: ShiftTrainConfig) -> dict:
         target, current = target.to(run.device), current.to(run.device)
         with run.accelerator.accumulate(net), run.accelerator.autocast():
             out = net(features[rows])
-            gate = out["gate"][:, None]  # (B, 1)
-            blend = (1 - gate) * current + gate * out["blend"]  # (B, K)
-            row_factors = {m: ((a * gate[:, :, None]).transpose(1, 2), b.transpose(1, 2))  # (B, in, r), (B, r, out)
-                           for m, (a, b) in out["factors"].items()}
+            blend, factors = gated_answer(out, current)  # (B, K), gated factors
             ids = continuations[rows]
-            with dyn.state.functional(dyn.state.expand_blend(blend), row_factors):
+            with dyn.state.functional(dyn.state.expand_blend(blend), row_factors(factors)):
                 logits = dyn(input_ids=ids, use_cache=False).logits[:, :-1]  # (B, T-1, V)
             lm = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                                    ids[:, 1:].reshape(-1))

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from dynalora.data.batches import config_record
+from dynalora.runtime.features import lm_head_inputs
 from dynalora.train.triggers import TriggerTrainConfig, schedule_chunks
 from dynalora.shipped import shipped, trained
 
@@ -116,18 +117,16 @@ def train_step(dyn, tokens: list[int], schedule, target: torch.Tensor, reference
     chunk (the engine's state is rewritten in place between chunks, so each chunk's graph is used and freed
     before the next blend is set; the KV cache of earlier chunks is detached). Gradients accumulate."""
     model = dyn.model
-    captured = []
-    handle = model.get_output_embeddings().register_forward_hook(lambda m, i, o: captured.append(i[0][0]))
     keep = target >= 0
     weights = torch.where(target == 1, positive_weight, 1.0) * keep  # (L,) 0 where no loss
     weight_total = float(weights.sum())
     cache, trigger_total, kl_total = DynamicCache(config=model.config), 0.0, 0.0
-    try:
+    with lm_head_inputs(model, detach=False) as captured:  # the head's inputs keep their graph
         for start, stop in schedule_chunks(dyn, schedule, len(tokens)):
-            captured.clear()
             logits = model(input_ids=torch.tensor([tokens[start:stop]]), cache=cache, use_cache=True).logits[0]
             logits = logits[:, :vocab_size].float()  # (T, V)
-            margin = captured[0].float() @ row - torch.logsumexp(logits, -1)  # (T,) logit of p(<|shift|>)
+            hidden = captured.pop()[0].float()  # (T, H)
+            margin = hidden @ row - torch.logsumexp(logits, -1)  # (T,) logit of p(<|shift|>)
             trigger = (weights[start:stop] * F.binary_cross_entropy_with_logits(
                 margin, target[start:stop].clamp(min=0), reduction="none")).sum() / weight_total
             kl = F.kl_div(torch.log_softmax(logits, -1), reference[start:stop], log_target=True,
@@ -137,8 +136,6 @@ def train_step(dyn, tokens: list[int], schedule, target: torch.Tensor, reference
             kl_total += float(kl)
             for layer in cache.layers:
                 layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
-    finally:
-        handle.remove()
     return {"trigger": trigger_total, "kl": kl_total}
 
 

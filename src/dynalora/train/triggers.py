@@ -29,6 +29,7 @@ from transformers import DynamicCache
 
 from dynalora.data.streams import library_streams, tokenize_stream
 from dynalora.data.trigger_metrics import simulate_policy, trigger_metrics
+from dynalora.runtime.features import lm_head_inputs
 from dynalora.runtime.special_tokens import fit_token_row
 from dynalora.shipped import shipped, trained
 
@@ -94,16 +95,13 @@ def stream_hidden_states(dyn, tokens: list[int], schedule: list[tuple[int, list[
     """Run a stream in chunks under a LoRA schedule ``[(start, blend or None), ...]`` with a KV cache
     (keep policy); returns final hidden states ``(L, H)`` and ``log Z`` over the original vocab ``(L,)``."""
     model = dyn.model
-    captured = []
-    handle = model.get_output_embeddings().register_forward_hook(lambda m, i, o: captured.append(i[0][0].detach()))
     cache = DynamicCache(config=model.config)
     log_z = []
-    try:
+    with lm_head_inputs(model) as captured:
         for start, stop in schedule_chunks(dyn, schedule, len(tokens)):
             logits = model(input_ids=torch.tensor([tokens[start:stop]]), cache=cache, use_cache=True).logits[0]
             log_z.append(torch.logsumexp(logits[:, :vocab_size].float(), dim=-1))
-    finally:
-        handle.remove()
+    captured = [hidden[0] for hidden in captured]  # (T, H) per chunk
     return torch.cat(captured), torch.cat(log_z)
 
 
