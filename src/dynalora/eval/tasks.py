@@ -38,6 +38,7 @@ import torch
 
 from dynalora.report import report
 from dynalora.shipped import shipped
+from dynalora.runtime.padding import pad_rows
 
 logger = logging.getLogger(__name__)
 
@@ -161,12 +162,9 @@ def continuation_logprobs(model, pairs: list[tuple[list[int], list[int]]], pad_i
             raise ValueError("every prompt and every continuation needs at least one token")
         width = max(len(p) + len(a) for p, a in chunk)
         keep = max(len(a) for _, a in chunk) + 1
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)  # (B, T)
-        mask = torch.zeros_like(ids)
+        ids, mask = pad_rows([prompt + answer for prompt, answer in chunk], pad_id, "cpu", left=True)  # (B, T)
         scored = torch.zeros((len(chunk), keep - 1), dtype=torch.bool)  # (B, k-1): continuation tokens
-        for b, (prompt, answer) in enumerate(chunk):
-            ids[b, width - len(prompt) - len(answer):] = torch.tensor(prompt + answer)
-            mask[b, width - len(prompt) - len(answer):] = 1
+        for b, (_, answer) in enumerate(chunk):
             scored[b, keep - 1 - len(answer):] = True
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,

@@ -28,6 +28,7 @@ from dynalora.runtime.events import Event, FinishEvent, GenerationResult, LoraEv
 from dynalora.runtime.detokenize import IncrementalDecoder
 from dynalora.runtime.features import HiddenCapture
 from dynalora.runtime.guard import GuardConfig
+from dynalora.runtime.padding import pad_rows
 from dynalora.runtime.sampling import SamplingConfig, choose_next
 from dynalora.runtime.triggers import DelayedUpdate, RowTriggers, StepObservation, TriggerConfig
 from dynalora.runtime.update import apply_update
@@ -76,15 +77,9 @@ class _Batch:
     instead of copying the whole batch (``append`` grows them only if a stream outruns its room)."""
 
     def __init__(self, rows: list[list[int]], pad_id: int, device: torch.device, room: int = 0):
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width + room), pad_id, dtype=torch.long, device="cpu")
-        mask = torch.zeros((len(rows), width + room), dtype=torch.long, device="cpu")
-        for b, row in enumerate(rows):
-            ids[b, width - len(row):width] = torch.tensor(row, dtype=torch.long, device="cpu")
-            mask[b, width - len(row):width] = 1
-        self._ids, self._mask = ids.to(device), mask.to(device)  # built on the CPU: one copy, not one per row
+        self._ids, self._mask = pad_rows(rows, pad_id, device, left=True, room=room)
         self._positions = (self._mask.cumsum(-1) - 1).clamp(min=0)
-        self.length = width
+        self.length = max(len(r) for r in rows)
 
     @property
     def ids(self) -> torch.Tensor:  # (B, L)

@@ -5,15 +5,17 @@ from __future__ import annotations
 import torch
 
 
-def pad_rows(rows: list[list[int]], pad_id: int, device, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_rows(rows: list[list[int]], pad_id: int, device, left: bool = False,
+             room: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Padded ``(N, T)`` ids and mask: right-padded (causal scoring then needs no mask: a pad only follows the
-    positions that are scored), or left-padded so that every row ends at the last column."""
+    positions that are scored), or left-padded so that every row ends at column ``T - room - 1``; ``room`` empty
+    columns follow (mask 0) for tokens a generation will write in place. Built on the CPU, moved in one copy."""
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    ids = torch.full((len(rows), width + room), pad_id, dtype=torch.long, device="cpu")
+    mask = torch.zeros((len(rows), width + room), dtype=torch.long, device="cpu")
     for i, row in enumerate(rows):
         span = slice(width - len(row), width) if left else slice(0, len(row))
-        ids[i, span] = torch.tensor(row, dtype=torch.long)
+        ids[i, span] = torch.tensor(row, dtype=torch.long, device="cpu")
         mask[i, span] = 1
     return ids.to(device), mask.to(device)
 
