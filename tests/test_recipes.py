@@ -225,9 +225,7 @@ def test_xlora_with_a_one_hot_classifier_scores_like_that_library_adapter(tmp_pa
     scorer = _Scorer(dyn, dyn.model.config.vocab_size)
     per_adapter = []
     for k in range(len(labels)):
-        dyn.state.reset(0)
-        dyn.state.set_blend(0, [1.0 if j == k else 0.0 for j in range(len(labels))])
-        per_adapter.append(scorer.nll(tokens, [(0, None)]))
+        per_adapter.append(scorer.nll(tokens, [(0, [1.0 if j == k else 0.0 for j in range(len(labels))])]))
     assert not torch.allclose(per_adapter[0], per_adapter[1], atol=1e-3)  # the adapters differ
     linear = [m for m in xlora_classifier(model).modules() if isinstance(m, torch.nn.Linear)][-1]
     for k in range(len(labels)):

@@ -28,6 +28,7 @@ from transformers import DynamicCache
 from dynalora.data.streams import read_streams, tokenize_stream
 from dynalora.report import report
 from dynalora.data.trigger_metrics import trigger_metrics
+from dynalora.runtime.teacher_forced import schedule_chunks
 from dynalora.shipped import shipped
 
 METHODS = ("base", "uniform_merge", "peft_linear_merge", "router_select", "oracle", "dynalora", "xlora")
@@ -72,16 +73,12 @@ class _Scorer:
         self.dyn, self.vocab_size = dyn, vocab_size
 
     @torch.no_grad()
-    def nll(self, tokens: list[int], schedule) -> torch.Tensor:
-        """``schedule = [(start, update_fn or None), ...]``; returns NLL of tokens 1..L-1 ``(L-1,)``."""
+    def nll(self, tokens: list[int], schedule: list[tuple[int, list[float] | None]]) -> torch.Tensor:
+        """``schedule = [(start, blend or None), ...]`` (row 0's blend from each start on, walked by
+        :func:`schedule_chunks`); returns the NLL of tokens 1..L-1 ``(L-1,)``."""
         cache = DynamicCache(config=self.dyn.model.config)
         out = []
-        bounds = [s for s, _ in schedule] + [len(tokens)]
-        for (start, apply), stop in zip(schedule, bounds[1:]):
-            if stop <= start:
-                continue
-            if apply is not None:
-                apply()
+        for start, stop in schedule_chunks(self.dyn, schedule, len(tokens)):
             logits = self.dyn(input_ids=torch.tensor([tokens[start:stop]]), cache=cache, use_cache=True).logits[0]
             out.append(torch.log_softmax(logits[:, :self.vocab_size].float(), dim=-1))
         log_probs = torch.cat(out)[:-1]  # (L-1, V): position t predicts token t+1
@@ -167,9 +164,6 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
     router = NearestPrototype(torch.stack(prototypes), one_hot=True) if prototypes else None
     router_seconds = time.perf_counter() - started
 
-    def set_blend(blend):
-        return lambda: (dyn.state.reset(0), dyn.state.set_blend(0, blend))
-
     uniform = [1.0 / len(labels)] * len(labels)
     totals = {name: [0.0, 0] for name in METHODS if name in run}
     unseen_totals = {name: [0.0, 0] for name in totals}
@@ -181,10 +175,10 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
         length = len(tokens)
         scores = {}
         if "base" in run:
-            scores["base"] = segment_scores(scorer.nll(tokens, [(0, set_blend([0.0] * len(labels)))]), starts,
+            scores["base"] = segment_scores(scorer.nll(tokens, [(0, [0.0] * len(labels))]), starts,
                                             length, config.skip)
         if "uniform_merge" in run:
-            scores["uniform_merge"] = segment_scores(scorer.nll(tokens, [(0, set_blend(uniform))]), starts, length,
+            scores["uniform_merge"] = segment_scores(scorer.nll(tokens, [(0, uniform)]), starts, length,
                                                      config.skip)
         if peft_model is not None:
             with torch.no_grad():
@@ -197,7 +191,7 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
             scores["xlora"] = segment_scores(xlora_token_nll(xlora_model, tokens, vocab_size), starts, length,
                                              config.skip)
         if router is not None:  # told the boundaries, picks one adapter from each segment's first `skip` tokens
-            schedule = [(0, set_blend([0.0] * len(labels)))]
+            schedule = [(0, [0.0] * len(labels))]
             for start in starts:
                 capture.reset()
                 dyn.state.reset(0)
@@ -206,13 +200,13 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
                 choice = router(TriggerFeatures(0, start, "router", capture.last(0), capture.pooled(0)),
                                 dyn.state).blend
                 router_choices.append(labels[int(choice.argmax())])
-                schedule.append((min(start + config.skip, length), set_blend(choice.tolist())))
+                schedule.append((min(start + config.skip, length), choice.tolist()))
             scores["router_select"] = segment_scores(scorer.nll(tokens, schedule), starts, length, config.skip)
         if "oracle" in run:
             per_adapter = []
             for k in range(len(labels)):
                 one_hot = [1.0 if j == k else 0.0 for j in range(len(labels))]
-                per_adapter.append(segment_scores(scorer.nll(tokens, [(0, set_blend(one_hot))]), starts, length,
+                per_adapter.append(segment_scores(scorer.nll(tokens, [(0, one_hot)]), starts, length,
                                                   config.skip))
             scores["oracle"] = [min((per_adapter[k][s] for k in range(len(labels))), key=lambda x: x[0] / max(x[1], 1))
                                 for s in range(len(starts))]

@@ -91,3 +91,20 @@ def score_stream(engine: Engine, tokens: list[int], vocab_size: int, row: int = 
     log_probs = torch.cat(log_probs)  # (L-1, V)
     nll = -log_probs.gather(1, torch.tensor(tokens[1:], device=log_probs.device)[:, None])[:, 0]
     return StreamScore(nll, events, fired, blends)
+
+
+def schedule_chunks(dyn, schedule: list[tuple[int, list[float] | None]], length: int):
+    """Walk a LoRA schedule ``[(start, blend or None), ...]`` over a stream of ``length`` tokens: yields
+    ``(start, stop)`` of each non-empty span with row 0 of the state set to its blend (zero for None);
+    the state is reset when the walk ends."""
+    bounds = [s for s, _ in schedule] + [length]
+    try:
+        for (start, blend), stop in zip(schedule, bounds[1:]):
+            if stop <= start:
+                continue
+            dyn.state.reset(0)
+            if blend is not None:
+                dyn.state.set_blend(0, blend)
+            yield start, stop
+    finally:
+        dyn.state.reset(0)

@@ -28,7 +28,8 @@ from transformers import DynamicCache
 
 from dynalora.data.batches import config_record
 from dynalora.runtime.features import lm_head_inputs
-from dynalora.train.triggers import TriggerTrainConfig, schedule_chunks
+from dynalora.train.triggers import TriggerTrainConfig
+from dynalora.runtime.teacher_forced import schedule_chunks
 from dynalora.shipped import shipped, trained
 
 

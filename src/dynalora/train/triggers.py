@@ -30,6 +30,7 @@ from transformers import DynamicCache
 from dynalora.data.streams import library_streams, tokenize_stream
 from dynalora.data.trigger_metrics import simulate_policy, trigger_metrics
 from dynalora.runtime.features import lm_head_inputs
+from dynalora.runtime.teacher_forced import schedule_chunks
 from dynalora.runtime.special_tokens import fit_token_row
 from dynalora.shipped import shipped, trained
 
@@ -70,23 +71,6 @@ class TriggerTrainConfig:
     """Random seed (streams, data order)."""
     threads: int = 2
     """CPU threads torch uses."""
-
-
-def schedule_chunks(dyn, schedule: list[tuple[int, list[float] | None]], length: int):
-    """Walk a LoRA schedule ``[(start, blend or None), ...]`` over a stream of ``length`` tokens: yields
-    ``(start, stop)`` of each non-empty span with row 0 of the state set to its blend (zero for None);
-    the state is reset when the walk ends."""
-    bounds = [s for s, _ in schedule] + [length]
-    try:
-        for (start, blend), stop in zip(schedule, bounds[1:]):
-            if stop <= start:
-                continue
-            dyn.state.reset(0)
-            if blend is not None:
-                dyn.state.set_blend(0, blend)
-            yield start, stop
-    finally:
-        dyn.state.reset(0)
 
 
 @torch.no_grad()
