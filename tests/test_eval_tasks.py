@@ -107,9 +107,9 @@ def test_every_method_runs_on_a_tiny_system():
     capture = HiddenCapture(dyn.model, None, window=net.config.pool_window)
     capture.enabled = False
     system = ShiftSystem(base, dyn.bank, [], dyn, net, ShiftHypernetwork(net, use_factors=False), capture, 0.5, 0, 256)
-    live = system.engine()  # pools what the network was trained on (it once pooled the engine's default 32)
-    assert (live.config.pool_window, live.config.feature_layer) == (net.config.pool_window, net.config.feature_layer)
-    live.close()
+    with system.live() as live:  # pools what the network was trained on (it once pooled the engine's default 32)
+        assert (live.config.pool_window, live.config.feature_layer) == (net.config.pool_window,
+                                                                        net.config.feature_layer)
     engine = Engine(dyn, tokenizer, None, TriggerConfig(), EngineConfig(sample_triggers=False))
     config = TaskEvalConfig(lorahub_steps=7, batch_size=2, max_new_tokens=3)
     exact = parse_task({"description": "", "task_prefix": "Copy it. Then stop.", "preferred_score": "exact_str_match",

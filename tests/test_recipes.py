@@ -165,6 +165,21 @@ def test_trigger_lora_recipe_trains_saves_and_merges_exactly(tmp_path, synthetic
     merged = getattr(module, "base_layer", module).weight
     assert deltas[name].abs().max() > 1e-4  # large enough that a missing merge would show
     assert torch.allclose(merged, before[f"{name}.weight"] + deltas[name], atol=1e-6)
+    # the shift system's live engine (the demo's, bench xlora's, eval shift's) has it merged while it runs, and
+    # only then: an evaluation's other methods see the plain model
+    from dynalora.system.shift import load_shift_system
+    from dynalora.train.shift import ShiftTrainConfig, train_shift
+
+    train_shift(ShiftTrainConfig(library_dir=config.out_dir, out_dir=tmp_path / "shift", model="tiny:llama",
+                                 examples_per_domain=8, context_tokens=16, continuation_tokens=16, pool_window=8,
+                                 width=32, steps=2, batch_size=4))
+    system = load_shift_system(config.out_dir, tmp_path / "shift", tmp_path / "lora", "tiny:llama")
+    weight = lambda: getattr(dict(system.base.model.named_modules())[name], "base_layer",  # noqa: E731
+                             dict(system.base.model.named_modules())[name]).weight
+    plain = weight().detach().clone()
+    with system.live() as live_engine:
+        assert torch.allclose(weight(), plain + deltas[name], atol=1e-6) and live_engine.hypernetwork is system.hyper
+    assert torch.allclose(weight(), plain, atol=1e-6)
 
 
 def test_shift_pipeline_end_to_end_on_a_tiny_model(tmp_path, synthetic_domains, monkeypatch):

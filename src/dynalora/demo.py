@@ -64,17 +64,17 @@ def run_demo(config: DemoConfig) -> dict:
     print(f"\n{BOLD}Live generation{RESET} (greedy with repetition penalty 1.3, the shift network on the learned "
           "trigger):")
     dyn.state.reset()
-    engine = system.engine()
-    for prompt in ["Write a short Python function that reverses a string.", "Speak as Hamlet about the sea."]:
-        print(f"{BOLD}> {prompt}{RESET}")
-        for event in engine.stream([prompt], chat=True, max_new_tokens=48,
-                                   sampling=SamplingConfig(repetition_penalty=1.3)):
-            if event.kind == "token":
-                print(event.text, end="", flush=True)
-            elif event.kind in ("shift", "rejected"):
-                top = sorted(zip(bank.labels, event.new_blend), key=lambda x: -x[1])[:2]
-                print(f"{DIM}[{event.kind}: " + ", ".join(f"{label} {w:.2f}" for label, w in top) + f"]{RESET}", end="")
-        print("\n")
-        dyn.state.reset()
-    engine.close()
+    with system.live() as engine:
+        for prompt in ["Write a short Python function that reverses a string.", "Speak as Hamlet about the sea."]:
+            print(f"{BOLD}> {prompt}{RESET}")
+            for event in engine.stream([prompt], chat=True, max_new_tokens=48,
+                                       sampling=SamplingConfig(repetition_penalty=1.3)):
+                if event.kind == "token":
+                    print(event.text, end="", flush=True)
+                elif event.kind in ("shift", "rejected"):
+                    top = sorted(zip(bank.labels, event.new_blend), key=lambda x: -x[1])[:2]
+                    print(f"{DIM}[{event.kind}: " + ", ".join(f"{label} {w:.2f}" for label, w in top) + f"]{RESET}",
+                          end="")
+            print("\n")
+            dyn.state.reset()
     return result

@@ -47,7 +47,6 @@ def run_xlora_bench(config: XLoraBenchConfig, out: Path | None = None) -> dict:
     prompt = torch.tensor([ids])  # (1, P)
     plain = load_base_model(config.model).model.eval()
     xlora, _ = load_xlora(folder / "xlora", folder / "library", config.model)
-    engine = system.engine()
 
     def hf_generate(model):
         def run():
@@ -63,17 +62,17 @@ def run_xlora_bench(config: XLoraBenchConfig, out: Path | None = None) -> dict:
         counts.append(len(result.token_ids[0]))
         shifts.append(sum(1 for e in result.events if getattr(e, "kind", "") == "shift"))
 
-    methods, tokens_made, shifts = {}, {}, []
-    for name, run in (("hf_generate_base", hf_generate(plain)), ("dynalora_engine", dynalora_generate),
-                      ("peft_xlora_generate", hf_generate(xlora))):
-        counts = []
-        run()  # warm-up
-        counts.clear()
-        seconds = [timed(run) for _ in range(config.repeats)]
-        per_token = [s / max(c, 1) for s, c in zip(seconds, counts)]
-        methods[f"{name}_s_per_token"] = stats(per_token, "s")
-        tokens_made[name] = counts
-    engine.close()
+    with system.live() as engine:  # the trigger LoRA, if any, merged while the engine runs
+        methods, tokens_made, shifts = {}, {}, []
+        for name, run in (("hf_generate_base", hf_generate(plain)), ("dynalora_engine", dynalora_generate),
+                          ("peft_xlora_generate", hf_generate(xlora))):
+            counts = []
+            run()  # warm-up
+            counts.clear()
+            seconds = [timed(run) for _ in range(config.repeats)]
+            per_token = [s / max(c, 1) for s, c in zip(seconds, counts)]
+            methods[f"{name}_s_per_token"] = stats(per_token, "s")
+            tokens_made[name] = counts
     median = {name: m["median"] for name, m in methods.items()}
     ratios = {"dynalora_vs_hf_time_per_token": median["dynalora_engine_s_per_token"]
               / median["hf_generate_base_s_per_token"],

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from dynalora.runtime import Engine, EngineConfig, TokenProbability, TriggerConfig
 from dynalora.runtime.special_tokens import SHIFT_TOKEN
@@ -26,30 +28,34 @@ class ShiftSystem:
     vocab_size: int
     """The base vocabulary (trigger tokens excluded)."""
     trigger_deltas: dict | None = None
-    """The trigger LoRA (``dynalora train triggers --lora``) as ``{module: ΔW}``, merged only while
-    :meth:`run_stream` runs — the other methods of an evaluation see the plain base model — or None."""
+    """The trigger LoRA (``dynalora train trigger-lora``) as ``{module: ΔW}``, merged only inside :meth:`live` —
+    the other methods of an evaluation see the plain base model — or None."""
     update_delay: int = 12
     """Tokens between a trigger and its update (features then cover the new text; see EngineConfig)."""
     # Chosen on validation streams (results/eval_shift_validation_*.json): the blend alone with update
     # delay 12 (NLL 3.137) beat no delay (3.147) and the blend + generated factors (3.187, 3.201).
 
     def run_stream(self, tokens: list[int], min_gap: int = 32) -> StreamScore:
-        """Teacher-forced pass of a stream through :meth:`engine` (:func:`dynalora.runtime.teacher_forced.score_stream`)
-        with the trigger LoRA merged: the learned trigger fires the shift network mid-stream."""
-        engine = self.engine(min_gap)
+        """Teacher-forced pass of a stream through the live engine (:func:`~dynalora.runtime.teacher_forced.
+        score_stream`): the learned trigger fires the shift network mid-stream."""
+        with self.live(min_gap) as engine:
+            return score_stream(engine, tokens, self.vocab_size)
+
+    @contextmanager
+    def live(self, min_gap: int = 32) -> Iterator[Engine]:
+        """The live engine, with the trigger LoRA (if any) merged into the base weights while the block runs: the
+        learned ``<|shift|>`` probability fires the shift network (greedy triggers). Outside the block the base
+        model is as loaded, so an evaluation's other methods see the plain model."""
+        engine = Engine(self.dyn, self.base.tokenizer, self.hyper,
+                        TriggerConfig([TokenProbability(self.shift_id, self.threshold, SHIFT_TOKEN)], min_gap=min_gap),
+                        EngineConfig(update_delay=self.update_delay, sample_triggers=False,
+                                     feature_layer=self.net.config.feature_layer,
+                                     pool_window=self.net.config.pool_window))  # the features it was trained on
         try:
             with trigger_lora_merged(self.base.model, self.trigger_deltas):
-                return score_stream(engine, tokens, self.vocab_size)
+                yield engine
         finally:
             engine.close()
-
-    def engine(self, min_gap: int = 32):
-        """The live engine: the learned ``<|shift|>`` probability fires the shift network (greedy triggers)."""
-        return Engine(self.dyn, self.base.tokenizer, self.hyper,
-                      TriggerConfig([TokenProbability(self.shift_id, self.threshold, SHIFT_TOKEN)], min_gap=min_gap),
-                      EngineConfig(update_delay=self.update_delay, sample_triggers=False,
-                                   feature_layer=self.net.config.feature_layer,
-                                   pool_window=self.net.config.pool_window))  # the features it was trained on
 
 
 def load_shift_system(library_dir: Path, shift_dir: Path, triggers_dir: Path, model: str | None = None,
