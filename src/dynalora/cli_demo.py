@@ -4,19 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dynalora.models import dynalora_home
+from dynalora.cli_config import add_config_command
+from dynalora.demo import DemoConfig
 from dynalora.shipped import shipped
 
 
-def cmd_demo(args) -> int:
-    from dynalora.demo import DemoConfig, run_demo
+def cmd_demo(config) -> int:
+    from dynalora.demo import run_demo
 
-    run_demo(DemoConfig(checkpoints=args.checkpoints, model=args.model, plot=args.plot))
-    if not args.no_absorb:
+    run_demo(config)
+    if config.absorb:
         from dynalora.demo_absorb import run_absorb_demo
 
-        run_absorb_demo(args.checkpoints / "absorb", args.model, writer=args.absorber, steps=args.absorb_steps,
-                        step_sizes=args.absorb_step_sizes)
+        run_absorb_demo(config.checkpoints / "absorb", config.model, writer=config.absorber,
+                        steps=config.absorb_steps, step_sizes=config.absorb_step_sizes)
     return 0
 
 
@@ -37,21 +38,8 @@ def cmd_plot(args) -> int:
 
 
 def add_demo_commands(commands) -> None:
-    p = commands.add_parser("demo", help="the shipped shift system on a stream that changes domain, then live")
-    p.add_argument("--checkpoints", type=Path, default=shipped())
-    p.add_argument("--model", default=None)
-    p.add_argument("--plot", type=Path, default=dynalora_home() / "demo_timeline.png",
-                   help="PNG blend timeline (default: %(default)s)")
-    p.add_argument("--no-absorb", action="store_true", help="skip the absorb part (a document read into memory)")
-    from dynalora.runtime.memory_writers import WRITERS, DistillConfig
-
-    p.add_argument("--absorber", default="distill", choices=WRITERS,
-                   help="how the absorb part writes the memory LoRA (default: %(default)s)")
-    p.add_argument("--absorb-steps", type=int, default=DistillConfig.steps,
-                   help="distillation steps per chunk (distill writers; default: %(default)s)")
-    p.add_argument("--absorb-step-sizes", type=Path, default=None,
-                   help="meta-learned step sizes for the distill writers (e.g. CHECKPOINTS/absorb_steps)")
-    p.set_defaults(handler=cmd_demo)
+    add_config_command(commands, "demo", DemoConfig, cmd_demo,
+                       "the shipped shift system on a stream that changes domain, then live; then absorb")
 
     p = commands.add_parser("plot", help="PNG timeline of the blend weights over one stream's tokens")
     p.add_argument("--data", type=Path, required=True, help="streams JSONL (`dynalora data streams`)")

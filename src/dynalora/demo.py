@@ -7,10 +7,12 @@ events and blends are printed as they happen. Then a short generation shows the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dynalora.console import styles
+from dynalora.models import dynalora_home
+from dynalora.runtime.memory_writers import WRITERS, DistillConfig
 from dynalora.shipped import shipped
 
 DIM, BOLD, RESET = styles()  # empty when piped or NO_COLOR is set
@@ -20,11 +22,31 @@ DEMO_DOMAINS = ["news", "drama-shakespeare", "code-python", "scripture"]
 @dataclass
 class DemoConfig:
     checkpoints: Path = shipped()
+    """Folder with library, shift, triggers and absorb (default: the checkpoints shipped in the package)."""
     model: str | None = None
+    """Base model (None: the embedded SmolLM2-135M-Instruct, the one the checkpoints were trained on)."""
+    device: str = "cpu"
+    """cpu, cuda, cuda:N or auto: where the model, its LoRA state and the shift network run."""
+    dtype: str = "float32"
+    """float32, bfloat16 or float16 (the base model's weights and the LoRA state)."""
     seed: int = 3
+    """Which test-split stream the demo reads."""
     segment_chars: int = 600
-    plot: Path | None = None
-    """Where to draw the blend timeline (None: no plot)."""
+    """Characters per segment of that stream."""
+    plot: Path | None = field(default_factory=lambda: dynalora_home() / "demo_timeline.png")
+    """Where to draw the blend timeline (none: no plot)."""
+    absorb: bool = True
+    """Then the absorb part: a test document read into the memory LoRA, evicted, and asked about."""
+    absorber: str = "distill"
+    """How the absorb part writes the memory LoRA: compressor, distill or compressor+distill."""
+    absorb_steps: int = DistillConfig.steps
+    """Distillation steps per chunk (the distilling writers)."""
+    absorb_step_sizes: Path | None = None
+    """Meta-learned step sizes for the distilling writers (e.g. CHECKPOINTS/absorb_steps; none: a constant)."""
+
+    def __post_init__(self):
+        if self.absorber not in WRITERS:
+            raise ValueError(f"DemoConfig.absorber={self.absorber!r}: choose one of {', '.join(WRITERS)}")
 
 
 def run_demo(config: DemoConfig) -> dict:
@@ -34,7 +56,8 @@ def run_demo(config: DemoConfig) -> dict:
     from dynalora.runtime.special_tokens import SHIFT_TOKEN
     from dynalora.system.shift import load_shift_system
 
-    system = load_shift_system(*(config.checkpoints / name for name in ("library", "shift", "triggers")), config.model)
+    system = load_shift_system(*(config.checkpoints / name for name in ("library", "shift", "triggers")), config.model,
+                               device=config.device, dtype=config.dtype)
     base, bank, net, dyn, threshold = system.base, system.bank, system.net, system.dyn, system.threshold
     print(f"{BOLD}dynalora demo{RESET}: {base.name}, {len(bank)} library adapters {bank.labels},\n"
           f"shift network ({sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters), "
