@@ -65,6 +65,9 @@ def test_an_interrupted_run_resumes_from_its_last_state_to_the_same_weights(tmp_
     assert (tmp_path / "cut" / "resume" / "progress.json").is_file()
     monkeypatch.setattr(TrainingRun, "maybe_save", save)
     assert main(["train", "shift", "--library", str(bank), "--out-dir", str(tmp_path / "cut"), *SHIFT, *every]) == 0
+    # it went on from step 3 (a rerun from scratch would also end equal: the run is seeded)
+    assert json.loads((tmp_path / "cut" / "train_shift.json").read_text())["resumed_from_step"] == 3
+    assert json.loads((tmp_path / "whole" / "train_shift.json").read_text())["resumed_from_step"] == 0
     whole, cut = weights(tmp_path / "whole"), weights(tmp_path / "cut")
     assert all(torch.equal(whole[name], cut[name]) for name in whole)
 

@@ -231,6 +231,5 @@ def summarize_absorb_docs(documents: list[dict]) -> dict[str, dict[str, float]]:
 
 
 def read_docs(paths: list[Path] | Path) -> list[dict]:
-    from dynalora.data.absorb import read_absorb_docs
-
+    """The documents of one or several absorb JSONL files, in order."""
     return [doc for path in (paths if isinstance(paths, list) else [paths]) for doc in read_absorb_docs(path)]

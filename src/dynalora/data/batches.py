@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from dynalora.data.splits import split_documents
-from dynalora.data.text_sources import parse_source, source_documents
+from dynalora.data.text_sources import adapter_text_sources, parse_source, source_documents
 
 IGNORE = -100  # label id that the loss skips
 
@@ -127,13 +127,11 @@ def build_examples(tokenizer, adapters: list[dict], config, split: str, per_doma
     rng = random.Random(seed)
     contexts, continuations, labels = [], [], []
     span = config.context_tokens + config.continuation_tokens
+    sources = adapter_text_sources(adapters)
     for index, meta in enumerate(adapters):
-        if not meta.get("source"):
-            raise ValueError(f"adapter {meta['label']!r} has no data source: the recipe needs its text (import it "
-                             "with `dynalora adapters import FOLDER --label LABEL --data SOURCE`)")
-        if source_kind(meta["source"])[0] == "bigbench":
+        if meta["label"] not in sources:
             continue
-        stream = text_token_stream(tokenizer, meta["source"], split, seed=seed)
+        stream = text_token_stream(tokenizer, sources[meta["label"]], split, seed=seed)
         for _ in range(per_domain):
             start = rng.randrange(0, len(stream) - span)
             contexts.append(stream[start:start + config.context_tokens])

@@ -14,7 +14,7 @@ from pathlib import Path
 from dynalora.data.documents import LIBRARY_DOMAINS, UNSEEN_DOMAINS
 from dynalora.data.jsonl import read_jsonl, write_jsonl
 from dynalora.data.splits import split_documents
-from dynalora.data.text_sources import TEXT_KINDS, parse_source, source_documents
+from dynalora.data.text_sources import adapter_text_sources, source_documents
 
 
 @dataclass
@@ -102,8 +102,7 @@ def library_streams(adapters: list[dict], split: str, count: int, seed: int, seg
                     segment_chars: int) -> list[dict]:
     """Mixed-domain streams over a library's text adapters (``[{"label", "source"}, ...]``) from one split: each
     segment is one adapter's text, labelled with the adapter (what the trigger and shift recipes train on)."""
-    sources = {a["label"]: a["source"] for a in adapters if a.get("source") and
-               parse_source(a["source"])[0] in TEXT_KINDS}
+    sources = adapter_text_sources(adapters)
     if len(sources) < 2:
         raise ValueError(f"streams that change domain need at least two adapters with text sources; have {sources} "
                          "(give each adapter one: `dynalora adapters import FOLDER --data SOURCE`)")

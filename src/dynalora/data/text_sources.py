@@ -99,3 +99,13 @@ def _datasets_texts(path: Path, field: str, source: str):
     for index, text in enumerate(table[field]):
         if isinstance(text, str):
             yield f"{path.name}:{index}", text
+
+
+def adapter_text_sources(adapters: list[dict]) -> dict[str, str]:
+    """``{label: source}`` of the adapters whose source is text (``bigbench`` tasks are left out): what the
+    hypernetwork and trigger recipes read. An adapter with no source at all is an error that names it."""
+    missing = [a["label"] for a in adapters if not a.get("source")]
+    if missing:
+        raise ValueError(f"adapters {missing} have no data source: the recipe needs their text (import each with "
+                         "`dynalora adapters import FOLDER --label LABEL --data SOURCE`)")
+    return {a["label"]: a["source"] for a in adapters if parse_source(a["source"])[0] in TEXT_KINDS}

@@ -167,7 +167,8 @@ def train_shift(config: ShiftTrainConfig) -> dict:
                 "train_seconds": round(seconds, 1), "feature_seconds": round(feature_seconds, 1),
                 "examples": count, "parameters": sum(p.numel() for p in net.parameters()),
                 "final": {k: sum(h[k] for h in history[-20:]) / min(20, len(history)) for k in history[-1]},
-                "history": history, "split": "train", "processes": run.accelerator.num_processes}
+                "history": history, "split": "train", "processes": run.accelerator.num_processes,
+                "resumed_from_step": start}
     if run.is_main:
         (config.out_dir / "train_shift.json").write_text(json.dumps(metadata, indent=2))
     return metadata
