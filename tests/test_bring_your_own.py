@@ -15,7 +15,7 @@ from dynalora.cli import main
 from dynalora.data.streams import library_streams
 from dynalora.lora.library_folder import load_library_bank
 from dynalora.models import load_base_model, tiny_model
-from dynalora.system.shift import load_shift_system
+from dynalora.system.assemble import load_shift_system
 
 ATTENTION = {**ATTENTION, "gemma": ATTENTION["llama"]}
 PHRASES = {"news": "the market rose today as traders bought shares in the bank. ",

@@ -330,12 +330,12 @@ def test_masked_trigger_tokens_are_never_sampled_but_still_observed():
 
 def test_loading_one_trigger_token_keeps_the_others_registered(tmp_path):
     """An escalate checkpoint saves only ``<|think|>``; loading it must not make ``<|shift|>`` an ordinary token."""
-    from dynalora.runtime import THINK_TOKEN, load_trigger_tokens, save_trigger_tokens
+    from dynalora.runtime import THINK_TOKEN, TrainedTrigger
 
     model = tiny_model("llama")
     ids = add_trigger_tokens(model, None)
-    think_file = save_trigger_tokens(tmp_path / "think.safetensors", model, {THINK_TOKEN: ids[THINK_TOKEN]})
-    assert load_trigger_tokens(think_file, model, None) == {THINK_TOKEN: ids[THINK_TOKEN]}
+    folder = TrainedTrigger.from_model(model, {THINK_TOKEN: ids[THINK_TOKEN]}).save_pretrained(tmp_path, "think.st")
+    assert TrainedTrigger.from_pretrained(folder / "think.st").install(model, None) == {THINK_TOKEN: ids[THINK_TOKEN]}
     assert model.config.dynalora_trigger_tokens == ids
     assert Engine(DynamicLoraModel.attach(model, random_bank(model), InjectConfig()), None).trigger_token_ids == ids
 

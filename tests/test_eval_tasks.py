@@ -24,8 +24,7 @@ from dynalora.eval.tasks import (
 from dynalora.hyper.shift_net import ShiftHypernetwork
 from dynalora.models import ByteTokenizer
 from dynalora.runtime import Engine, EngineConfig, TriggerConfig
-from dynalora.runtime.features import HiddenCapture
-from dynalora.system.shift import ShiftSystem
+from dynalora.system.assemble import EngineSpec, System
 
 
 def test_lorahub_search_lowers_a_quadratic_seeded_within_budget_and_bounds():
@@ -104,12 +103,11 @@ def test_every_method_runs_on_a_tiny_system():
     net, dyn = tiny_shift_setup()
     tokenizer = ByteTokenizer()
     base = type("Base", (), {"model": dyn.model, "tokenizer": tokenizer})()
-    capture = HiddenCapture(dyn.model, None, window=net.config.pool_window)
+    system = System(EngineSpec(hypernetwork="shift"), base, dyn.bank, [], dyn,
+                     ShiftHypernetwork(net, use_factors=False), TriggerConfig(), EngineConfig(), {}, 256)
+    capture = system.capture
+    capture.window = net.config.pool_window  # as eval tasks sets it
     capture.enabled = False
-    system = ShiftSystem(base, dyn.bank, [], dyn, net, ShiftHypernetwork(net, use_factors=False), capture, 0.5, 0, 256)
-    with system.live() as live:  # pools what the network was trained on (it once pooled the engine's default 32)
-        assert (live.config.pool_window, live.config.feature_layer) == (net.config.pool_window,
-                                                                        net.config.feature_layer)
     engine = Engine(dyn, tokenizer, None, TriggerConfig(), EngineConfig(sample_triggers=False))
     config = TaskEvalConfig(lorahub_steps=7, batch_size=2, max_new_tokens=3)
     exact = parse_task({"description": "", "task_prefix": "Copy it. Then stop.", "preferred_score": "exact_str_match",

@@ -107,7 +107,8 @@ def test_shift_recipe_learns_to_pick_the_domain_adapter(tmp_path, synthetic_doma
 
 
 def test_trigger_recipe_learns_to_fire_at_domain_changes(tmp_path, synthetic_domains, monkeypatch):
-    from dynalora.runtime.special_tokens import SHIFT_TOKEN, load_trigger_tokens
+    from dynalora.runtime.special_tokens import SHIFT_TOKEN
+    from dynalora.runtime.trained_trigger import TrainedTrigger
     from dynalora.models import load_base_model
     from dynalora.train.triggers import TriggerTrainConfig, train_triggers
 
@@ -122,13 +123,20 @@ def test_trigger_recipe_learns_to_fire_at_domain_changes(tmp_path, synthetic_dom
     assert result["final_loss"] < 0.7 * result["initial_loss"]  # the row learned, not just a low threshold
     assert set(scan) and 0 <= result["validation"]["false_per_1k_tokens"]
     base = load_base_model("tiny:llama")
-    ids = load_trigger_tokens(tmp_path / "triggers" / "trigger_tokens.safetensors", base.model, base.tokenizer)
+    trigger = TrainedTrigger.from_pretrained(tmp_path / "triggers")
+    ids = trigger.install(base.model, base.tokenizer)
     assert ids[SHIFT_TOKEN] == 256 and base.model.get_input_embeddings().weight.shape[0] == 258
+    assert trigger.threshold == result["threshold"] and trigger.lora is None  # the row-only form
+    # saved and read again: the same rows, threshold and record
+    again = TrainedTrigger.from_pretrained(trigger.save_pretrained(tmp_path / "copy"))
+    assert again.tokens == trigger.tokens and again.record == trigger.record
+    assert all(torch.equal(again.rows[key], row) for key, row in trigger.rows.items())
 
 
 def test_trigger_lora_recipe_trains_saves_and_merges_exactly(tmp_path, synthetic_domains, monkeypatch):
     from dynalora.models import load_base_model
-    from dynalora.runtime.trigger_lora import LORA_FILE, load_trigger_lora, trigger_lora_beside, trigger_lora_merged
+    from dynalora.runtime.trained_trigger import TrainedTrigger
+    from dynalora.runtime.trigger_lora import trigger_lora_merged
     from dynalora.train.trigger_lora import TriggerLoraTrainConfig, train_trigger_lora
     from dynalora.train.triggers import TriggerTrainConfig, rescan_thresholds, train_triggers
 
@@ -142,10 +150,9 @@ def test_trigger_lora_recipe_trains_saves_and_merges_exactly(tmp_path, synthetic
         train_streams=4, validation_streams=2, delay=8, layers=1, rank=2, steps=12, lr=1e-2))
     assert result["final"]["trigger"] < result["initial"]["trigger"]  # the LoRA + row learned something
     assert 0 <= result["final"]["kl"] < 1.0 and "threshold" in result
-    deltas = load_trigger_lora(tmp_path / "lora" / LORA_FILE)
+    deltas = TrainedTrigger.from_pretrained(tmp_path / "lora").deltas
     assert deltas and all(int(torch.linalg.matrix_rank(d, atol=1e-5)) <= 2 for d in deltas.values())
     assert all(".1." in name for name in deltas)  # tiny:llama has 2 layers: only the last one
-    assert trigger_lora_beside(tmp_path / "triggers" / "trigger_tokens.safetensors") is None  # row-only form
     # choosing the threshold again from the saved files (LoRA merged at load) reproduces the training-time scan
     rescanned = rescan_thresholds(tmp_path / "lora", config.out_dir, "tiny:llama")
     assert [c["fired"] for c in rescanned["threshold_scan"]] == [c["fired"] for c in result["threshold_scan"]]
@@ -156,7 +163,7 @@ def test_trigger_lora_recipe_trains_saves_and_merges_exactly(tmp_path, synthetic
         assert sorted(changed) == sorted(f"{name}.weight" for name in deltas)
     assert all(torch.allclose(p, before[n], atol=1e-6) for n, p in model.named_parameters())  # taken out again
     # the engine built from the trigger files carries the LoRA merged into its base weights
-    from dynalora.runtime.build import EngineSpec, build_engine
+    from dynalora.system.assemble import EngineSpec, build_engine
 
     token_file = tmp_path / "lora" / "trigger_tokens.safetensors"
     engine = build_engine(EngineSpec(model="tiny:llama", trigger_tokens=token_file, hypernetwork="none"))
@@ -167,7 +174,7 @@ def test_trigger_lora_recipe_trains_saves_and_merges_exactly(tmp_path, synthetic
     assert torch.allclose(merged, before[f"{name}.weight"] + deltas[name], atol=1e-6)
     # the shift system's live engine (the demo's, bench xlora's, eval shift's) has it merged while it runs, and
     # only then: an evaluation's other methods see the plain model
-    from dynalora.system.shift import load_shift_system
+    from dynalora.system.assemble import load_shift_system
     from dynalora.train.shift import ShiftTrainConfig, train_shift
 
     train_shift(ShiftTrainConfig(library_dir=config.out_dir, out_dir=tmp_path / "shift", model="tiny:llama",
@@ -179,6 +186,9 @@ def test_trigger_lora_recipe_trains_saves_and_merges_exactly(tmp_path, synthetic
     plain = weight().detach().clone()
     with system.live() as live_engine:
         assert torch.allclose(weight(), plain + deltas[name], atol=1e-6) and live_engine.hypernetwork is system.hyper
+        # it pools the features the network was trained on (the demo's engine once pooled the default 32)
+        assert live_engine.config.pool_window == 8
+        assert live_engine.config.feature_layer == system.net.config.feature_layer
     assert torch.allclose(weight(), plain, atol=1e-6)
 
 
@@ -301,7 +311,7 @@ def test_escalate_pipeline_on_a_tiny_model(tmp_path, synthetic_domains, monkeypa
     assert costs["level2"]["hyper_flops_per_call"] > costs["level1"]["hyper_flops_per_call"] > 0
     assert (tmp_path / "eval.png").is_file() and json.loads((tmp_path / "eval.json").read_text())
     # the engine: --hyper shift with the stack; a think trigger that always fires escalates every update
-    from dynalora.runtime.build import EngineSpec, build_engine
+    from dynalora.system.assemble import EngineSpec, build_engine
 
     engine = build_engine(EngineSpec(model="tiny:llama", bank=config.out_dir, trigger_tokens=tmp_path / "triggers" /
                                      "trigger_tokens.safetensors", hypernetwork="shift", shift_dir=tmp_path / "shift",
@@ -310,14 +320,14 @@ def test_escalate_pipeline_on_a_tiny_model(tmp_path, synthetic_domains, monkeypa
     thought = [e for e in events if "think" in e.reason]
     assert thought and all(e.level == 2 for e in thought)
     plain = build_engine(EngineSpec(model="tiny:llama", bank=config.out_dir, hypernetwork="shift",
-                                    shift_dir=tmp_path / "shift", triggers=["every:4"], min_gap=1))
+                                    shift_dir=tmp_path / "shift", triggers=["every:4"], min_gap=1, update_delay=0))
     assert {e.level for e in plain.generate([[5, 6, 7, 8]], max_new_tokens=10).events if hasattr(e, "level")} == {1}
 
 
 def test_mix_pipeline_on_a_tiny_model(tmp_path, synthetic_domains):
     """shift network + compressor → train mix (only the gate moves) → eval mix → the gate in the engine."""
     from dynalora.eval.mix import MixEvalConfig, eval_mix
-    from dynalora.runtime.build import EngineSpec, build_engine
+    from dynalora.system.assemble import EngineSpec, build_engine
     from dynalora.train.absorb import AbsorbTrainConfig, train_absorb
     from dynalora.train.mix import MixTrainConfig, train_mix
     from dynalora.train.shift import ShiftTrainConfig, train_shift
@@ -348,7 +358,7 @@ def test_mix_pipeline_on_a_tiny_model(tmp_path, synthetic_domains):
     # the engine: the gate's memory weight lands in the row's state at each trigger
     engine = build_engine(EngineSpec(model="tiny:llama", bank=config.out_dir, hypernetwork="shift",
                                      shift_dir=tmp_path / "shift", mix=tmp_path / "mix", triggers=["every:3"],
-                                     min_gap=1, window=40, compressor=tmp_path / "absorb"))
+                                     min_gap=1, update_delay=0, window=40, compressor=tmp_path / "absorb"))
     events = [e for e in engine.generate([list(range(5, 45))], max_new_tokens=8).events
               if getattr(e, "kind", "") == "shift"]
     assert events and all("memory weight" in e.detail for e in events)

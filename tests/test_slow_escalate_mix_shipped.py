@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dynalora.runtime.build import EngineSpec, build_engine
+from dynalora.system.assemble import EngineSpec, build_engine
 from dynalora.shipped import shipped
 
 pytestmark = pytest.mark.slow
@@ -17,7 +17,7 @@ PROMPT = "The committee met on Tuesday to discuss the budget for the coming year
 def shipped_engine(**options):
     return build_engine(EngineSpec(bank=CHECKPOINTS / "library", trigger_tokens=CHECKPOINTS / "triggers" /
                                    "trigger_tokens.safetensors", hypernetwork="shift", shift_dir=CHECKPOINTS / "shift",
-                                   min_gap=4, max_batch=1, **options))
+                                   min_gap=4, max_batch=1, update_delay=0, **options))  # updates land at once
 
 
 def test_shipped_escalate_runs_level_2_only_when_think_fires_and_keeps_triggers_out_of_the_text():
@@ -40,4 +40,4 @@ def test_shipped_mix_gate_sets_a_memory_weight_when_it_absorbs_past_the_window()
     assert result.lora_events("absorb")
     shifts = result.lora_events("shift")
     assert shifts and all("memory weight" in e.detail for e in shifts)
-    assert 0 <= float(engine.dyn.state.memory_weights[0]) <= 1
+    assert float(engine.dyn.state.memory_weights[0]) != 1.0  # the gate's weight, not the row's initial 1

@@ -24,7 +24,7 @@ def cmd_demo(config) -> int:
 def cmd_plot(args) -> int:
     from dynalora.data.streams import read_streams, tokenize_stream
     from dynalora.plot import plot_blend_timeline
-    from dynalora.system.shift import load_shift_system
+    from dynalora.system.assemble import load_shift_system
 
     streams = read_streams(args.data)
     if not 0 <= args.index < len(streams):

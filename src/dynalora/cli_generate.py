@@ -16,7 +16,7 @@ DIM, BOLD, RESET = styles()  # empty when piped or NO_COLOR is set
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     """The engine's flags (generated from :class:`EngineSpec` and :class:`SamplingConfig`) and the run's."""
     from dynalora.runtime import SamplingConfig
-    from dynalora.runtime.build import EngineSpec
+    from dynalora.system.assemble import EngineSpec
 
     spec = ConfigFlags(p, EngineSpec, aliases={"hypernetwork": "--hyper", "shift_dir": "--shift",
                                                "triggers": "--trigger"})
@@ -28,7 +28,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def engine_from_args(args):
-    from dynalora.runtime.build import build_engine
+    from dynalora.system.assemble import build_engine
 
     engine = build_engine(args.engine_flags.build(args))
     if args.state:

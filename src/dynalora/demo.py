@@ -54,7 +54,7 @@ def run_demo(config: DemoConfig) -> dict:
     from dynalora.plot import plot_blend_timeline
     from dynalora.runtime import SamplingConfig
     from dynalora.runtime.special_tokens import SHIFT_TOKEN
-    from dynalora.system.shift import load_shift_system
+    from dynalora.system.assemble import load_shift_system
 
     system = load_shift_system(*(config.checkpoints / name for name in ("library", "shift", "triggers")), config.model,
                                device=config.device, dtype=config.dtype)

@@ -34,7 +34,7 @@ class XLoraBenchConfig:
 
 def run_xlora_bench(config: XLoraBenchConfig, out: Path | None = None) -> dict:
     from dynalora.models import load_base_model
-    from dynalora.system.shift import load_shift_system
+    from dynalora.system.assemble import load_shift_system
     from dynalora.system.xlora import load_xlora
 
     torch.set_num_threads(config.threads)

@@ -120,16 +120,17 @@ def curve(nll: dict, order: torch.Tensor, rates: list[float]) -> list[float]:
 
 def eval_escalate(config: EscalateEvalConfig, out: Path | None = None) -> dict:
     from dynalora.hyper.stack import load_stack
-    from dynalora.runtime.special_tokens import THINK_TOKEN, load_trigger_tokens
-    from dynalora.system.shift import load_shift_system
+    from dynalora.runtime.special_tokens import THINK_TOKEN
+    from dynalora.runtime.trained_trigger import TrainedTrigger
+    from dynalora.system.assemble import load_shift_system
     from dynalora.system.escalate import escalate_examples, last_hidden_and_log_z, nll_table
 
     torch.set_num_threads(config.threads)
     trained = json.loads((Path(config.escalate_dir) / "escalate.json").read_text())
     level2_factors, threshold = trained["config"]["level2_factors"], trained["threshold"]
     system = load_shift_system(config.library_dir, config.shift_dir, config.triggers_dir, config.model, max_batch=16)
-    system.capture.remove()  # the examples pool their own features, as train shift did
-    load_trigger_tokens(Path(config.escalate_dir) / "think_token.safetensors", system.base.model, system.base.tokenizer)
+    TrainedTrigger.from_pretrained(Path(config.escalate_dir) / "think_token.safetensors").install(
+        system.base.model, system.base.tokenizer)
     stack = load_stack(system.net, config.escalate_dir)
     features, continuations, contexts = escalate_examples(system, config, config.split, config.per_domain, config.seed)
     nll = nll_table(system.dyn, stack, features, continuations, level2_factors, system.vocab_size)

@@ -102,7 +102,7 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
     from dynalora.hyper import NearestPrototype
     from dynalora.hyper.protocol import TriggerFeatures
     from dynalora.models import load_base_model
-    from dynalora.system.shift import load_shift_system
+    from dynalora.system.assemble import load_shift_system
     from dynalora.data.batches import source_kind, task_pairs, text_token_stream
 
     torch.set_num_threads(config.threads)
@@ -113,8 +113,7 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
         raise ValueError(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
     run = set(config.methods)
     system = load_shift_system(config.library_dir, config.shift_dir, config.triggers_dir, config.model,
-                               use_factors=config.use_factors)
-    system.update_delay = config.update_delay
+                               use_factors=config.use_factors, update_delay=config.update_delay)
     dyn, capture, base, adapters = system.dyn, system.capture, system.base, system.adapters
     labels, vocab_size = system.bank.labels, system.vocab_size
     scorer = _Scorer(dyn, vocab_size)

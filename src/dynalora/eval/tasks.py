@@ -401,7 +401,7 @@ class TaskRunner:
 def eval_tasks(config: TaskEvalConfig, out: Path | None = None) -> dict:
     from dynalora.data import list_tasks, load_task
     from dynalora.runtime import Engine, EngineConfig, TriggerConfig
-    from dynalora.system.shift import load_shift_system
+    from dynalora.system.assemble import load_shift_system
 
     torch.set_num_threads(config.threads)
     held_out = library_held_out(config.library_dir)
@@ -436,8 +436,7 @@ def eval_tasks(config: TaskEvalConfig, out: Path | None = None) -> dict:
                                "seconds": round(time.perf_counter() - task_started, 1), "methods": methods}
         logger.info(f"{task.name}: " + ", ".join(f"{m} {v['accuracy']:.3f}" for m, v in methods.items()))
     engine.close()
-    system.capture.remove()
-    system.dyn.detach()
+    system.close()
 
     mean = {m: {"accuracy": sum(t["methods"][m]["accuracy"] for t in per_task.values()) / len(per_task),
                 "adapt_seconds": sum(t["methods"][m]["adapt_seconds"] for t in per_task.values()) / len(per_task)}

@@ -4,12 +4,12 @@ from dynalora.runtime.engine import KV_POLICIES, Engine, EngineConfig
 from dynalora.runtime.events import FinishEvent, GenerationResult, LoraEvent, TokenEvent
 from dynalora.runtime.guard import GuardConfig
 from dynalora.runtime.sampling import SamplingConfig
-from dynalora.runtime.special_tokens import (SHIFT_TOKEN, THINK_TOKEN, add_trigger_tokens, load_trigger_tokens,
-                                             save_trigger_tokens)
+from dynalora.runtime.special_tokens import SHIFT_TOKEN, THINK_TOKEN, add_trigger_tokens
+from dynalora.runtime.trained_trigger import TrainedTrigger
 from dynalora.runtime.triggers import (EveryN, SpecialToken, Surprise, TokenProbability, TriggerConfig,
                                        TriggerPolicy, WindowPressure)
 
 __all__ = ["KV_POLICIES", "Engine", "EngineConfig", "EveryN", "FinishEvent", "GenerationResult", "GuardConfig",
            "LoraEvent", "SHIFT_TOKEN", "SamplingConfig", "SpecialToken", "Surprise", "THINK_TOKEN", "TokenEvent",
-           "TokenProbability", "TriggerConfig", "TriggerPolicy", "WindowPressure", "add_trigger_tokens",
-           "load_trigger_tokens", "save_trigger_tokens"]
+           "TokenProbability", "TrainedTrigger", "TriggerConfig", "TriggerPolicy", "WindowPressure",
+           "add_trigger_tokens"]

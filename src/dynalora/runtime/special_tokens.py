@@ -7,13 +7,9 @@ so a checkpoint of trained trigger tokens is a few KB.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 SHIFT_TOKEN = "<|shift|>"
@@ -74,7 +70,7 @@ def trigger_row_tensor(model) -> torch.Tensor:
 
 
 def trigger_token_rows(model, token_ids: dict[str, int]) -> dict[str, torch.Tensor]:
-    """The embedding (and untied output) rows of the trigger tokens, for saving."""
+    """The embedding (and untied output) rows of the trigger tokens, for saving (detached copies)."""
     embeddings = model.get_input_embeddings().weight
     output = model.get_output_embeddings()
     tensors = {}
@@ -85,33 +81,21 @@ def trigger_token_rows(model, token_ids: dict[str, int]) -> dict[str, torch.Tens
     return tensors
 
 
-def save_trigger_tokens(path: str | Path, model, token_ids: dict[str, int]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(trigger_token_rows(model, token_ids), str(path), metadata={"tokens": json.dumps(list(token_ids))})
-    return path
-
-
-def load_trigger_tokens(path: str | Path, model, tokenizer) -> dict[str, int]:
-    """Add the tokens saved in ``path`` and copy their trained rows in; returns ``{token: id}``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no trigger token file")
-    with safe_open(str(path), framework="pt") as handle:
-        tokens = json.loads((handle.metadata() or {}).get("tokens", "[]"))
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+def install_trigger_rows(model, tokenizer, tokens: list[str], rows: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Add ``tokens`` and copy their ``rows`` (``input.<token>``, ``output.<token>`` for an untied head) in;
+    returns ``{token: id}``. Used through :class:`~dynalora.runtime.trained_trigger.TrainedTrigger`."""
     ids = add_trigger_tokens(model, tokenizer, tokens)
     embeddings = model.get_input_embeddings().weight
     output = model.get_output_embeddings()
     with torch.no_grad():
         for token, token_id in ids.items():
-            row = tensors[f"input.{token}"]
+            row = rows[f"input.{token}"]
             if row.shape != embeddings[token_id].shape:
-                raise ValueError(f"{path}: row for {token} has shape {tuple(row.shape)}, the model's embeddings "
-                                 f"have {tuple(embeddings[token_id].shape)}")
+                raise ValueError(f"trigger row for {token} has shape {tuple(row.shape)}, the model's embeddings "
+                                 f"have {tuple(embeddings[token_id].shape)}: trained on another model?")
             embeddings[token_id] = row.to(embeddings.dtype)
-            if f"output.{token}" in tensors and output is not None:
-                output.weight[token_id] = tensors[f"output.{token}"].to(output.weight.dtype)
+            if f"output.{token}" in rows and output is not None:
+                output.weight[token_id] = rows[f"output.{token}"].to(output.weight.dtype)
     return ids
 
 

@@ -8,30 +8,26 @@ the trigger token rows as ``trigger_lora.safetensors`` (rank-``r`` factors ``nam
 from __future__ import annotations
 
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 LORA_FILE = "trigger_lora.safetensors"
 
 
-def save_trigger_lora(path: Path, deltas: dict[str, torch.Tensor], rank: int) -> Path:
-    """Saved as fp16 factors (``name.A (r, in)``, ``name.B (out, r)``) from the SVD of each delta: small files."""
-    tensors = {}
+def lora_factors(deltas: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """fp16 rank-``rank`` factors (``name.A (r, in)``, ``name.B (out, r)``) from the SVD of each ``ΔW``: small files."""
+    factors = {}
     for name, delta in deltas.items():
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-        tensors[f"{name}.B"] = (u[:, :rank] * s[:rank]).half().contiguous()
-        tensors[f"{name}.A"] = vh[:rank].half().contiguous()
-    save_file(tensors, str(path))
-    return path
+        factors[f"{name}.B"] = (u[:, :rank] * s[:rank]).half().contiguous()
+        factors[f"{name}.A"] = vh[:rank].half().contiguous()
+    return factors
 
 
-def load_trigger_lora(path: Path) -> dict[str, torch.Tensor]:
-    """``{module name: ΔW (out, in)}`` from a ``trigger_lora.safetensors``."""
-    tensors = load_file(str(path))
-    names = sorted({key.rsplit(".", 1)[0] for key in tensors})
-    return {name: tensors[f"{name}.B"].float() @ tensors[f"{name}.A"].float() for name in names}
+def factor_deltas(factors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{module name: ΔW (out, in)}`` from :func:`lora_factors`' factors."""
+    names = sorted({key.rsplit(".", 1)[0] for key in factors})
+    return {name: factors[f"{name}.B"].float() @ factors[f"{name}.A"].float() for name in names}
 
 
 def merge_trigger_lora(model, deltas: dict[str, torch.Tensor], sign: float = 1.0) -> None:
@@ -59,9 +55,3 @@ def trigger_lora_merged(model, deltas: dict[str, torch.Tensor] | None):
     finally:
         if deltas:
             merge_trigger_lora(model, deltas, -1.0)
-
-
-def trigger_lora_beside(token_file: str | Path) -> dict[str, torch.Tensor] | None:
-    """The trigger LoRA saved next to a ``trigger_tokens.safetensors``, or None (the row-only form)."""
-    path = Path(token_file).with_name(LORA_FILE)
-    return load_trigger_lora(path) if path.is_file() else None

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dynalora.hyper.shift_net import gated_answer
+from dynalora.system.assemble import EngineSpec, System
 
 
 @dataclass
@@ -29,35 +30,22 @@ class MixExample:
 
 
 class MixSetup:
-    """Base model + library bank + memory slots, the shift network, the absorber and the capture."""
+    """The assembled system (:class:`System`: base model, library bank and memory slots, the shift network, the
+    absorber) and the pooled-feature capture the gate's examples are read with."""
 
     def __init__(self, config, device: str | torch.device = "cpu"):
-        from dynalora.hyper.compressor import load_compressor
-        from dynalora.hyper.shift_net import ShiftNet
-        from dynalora.lora import DynamicLoraModel, InjectConfig, StateConfig
-        from dynalora.models import load_base_model
-        from dynalora.runtime.absorb import AbsorbConfig, Absorber, trained_chunk_tokens
-        from dynalora.runtime.features import HiddenCapture
-        from dynalora.lora.library_folder import load_library_bank
-
-        self.base = load_base_model(config.model, device=device)
-        self.device = torch.device(device)
-        for p in self.base.model.parameters():
-            p.requires_grad_(False)
-        self.bank, self.adapters = load_library_bank(config.library_dir, self.base.model)
-        self.net = ShiftNet.from_pretrained(config.shift_dir, device=device)
-        compressor = load_compressor(config.compressor_dir)
-        kinds = {name.rsplit(".", 1)[-1] for name in list(self.bank.modules) + compressor.modules_list}
-        self.dyn = DynamicLoraModel.attach(self.base.model, self.bank, InjectConfig(
-            target_modules=sorted(kinds), state=StateConfig(max_batch=max(16, config.batch_size), generated_rank=0,
-                                                            memory_rank=compressor.config.rank)))
-        self.absorber = Absorber(self.dyn, compressor, AbsorbConfig(
-            window=10**6, chunk_tokens=trained_chunk_tokens(config.compressor_dir)))
-        self.capture = HiddenCapture(self.base.model, self.net.config.feature_layer, self.net.config.pool_window)
+        self.system = System.from_checkpoints(EngineSpec(
+            model=config.model, device=str(device), bank=config.library_dir, hypernetwork="shift",
+            shift_dir=config.shift_dir, triggers=[], window=10**6, compressor=config.compressor_dir,
+            absorber="compressor", max_batch=max(16, config.batch_size)))
+        self.base, self.bank, self.adapters, self.dyn = (self.system.base, self.system.bank, self.system.adapters,
+                                                         self.system.dyn)
+        self.net, self.absorber, self.device = self.system.net, self.system.absorber, torch.device(device)
+        self.capture = self.system.capture
+        self.capture.window = self.net.config.pool_window  # the features the network reads
 
     def close(self) -> None:
-        self.capture.remove()
-        self.dyn.detach()
+        self.system.close()
 
     @torch.no_grad()
     def blend_of(self, features: torch.Tensor) -> torch.Tensor:

@@ -111,8 +111,9 @@ def choose_think_threshold(p_think: torch.Tensor, gain: torch.Tensor, max_rate: 
 
 def train_escalate(config: EscalateTrainConfig) -> dict:
     from dynalora.hyper.stack import HyperStack, LevelNet, LevelNetConfig, linear_shapes
-    from dynalora.runtime.special_tokens import THINK_TOKEN, save_trigger_tokens, trigger_row_tensor
-    from dynalora.system.shift import load_shift_system
+    from dynalora.runtime.special_tokens import THINK_TOKEN, trigger_row_tensor
+    from dynalora.runtime.trained_trigger import TrainedTrigger
+    from dynalora.system.assemble import load_shift_system
     from dynalora.plot import plot_losses
     from dynalora.runtime.special_tokens import fit_token_row
 
@@ -122,7 +123,6 @@ def train_escalate(config: EscalateTrainConfig) -> dict:
     run = TrainingRun(config.run, config.out_dir)
     system = load_shift_system(config.library_dir, config.shift_dir, config.triggers_dir, config.model,
                                max_batch=max(config.batch_size, 16), use_factors=False, device=run.device)
-    system.capture.remove()  # the examples pool their own features, as train shift did
     model, dyn, level1 = system.base.model, system.dyn, system.net
     for p in list(model.parameters()) + list(level1.parameters()):
         p.requires_grad_(False)
@@ -210,7 +210,8 @@ def train_escalate(config: EscalateTrainConfig) -> dict:
     config.out_dir.mkdir(parents=True, exist_ok=True)
     if run.is_main:
         level2.save_pretrained(config.out_dir / "level2")
-        save_trigger_tokens(config.out_dir / "think_token.safetensors", model, {THINK_TOKEN: think_id})
+        TrainedTrigger.from_model(model, {THINK_TOKEN: think_id}).save_pretrained(config.out_dir,
+                                                                                  "think_token.safetensors")
         plot_losses(history, config.out_dir / "loss.png", "level 2: continuation NLL at depth 2")
     mean = lambda t: float(t.mean())  # noqa: E731
     metadata = {

@@ -15,7 +15,6 @@ nothing per token. Its modules are not ones the library targets, so the shift Lo
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -143,9 +142,9 @@ def train_step(dyn, tokens: list[int], schedule, target: torch.Tensor, reference
 def train_trigger_lora(config: TriggerLoraTrainConfig) -> dict:
     from dynalora.lora import DynamicLoraModel
     from dynalora.models import load_base_model
-    from dynalora.runtime.special_tokens import (SHIFT_TOKEN, load_trigger_tokens, ordinary_vocab_size,
-                                                 save_trigger_tokens, trigger_row_tensor)
-    from dynalora.runtime.trigger_lora import LORA_FILE, load_trigger_lora, merge_trigger_lora, save_trigger_lora
+    from dynalora.runtime.special_tokens import SHIFT_TOKEN, ordinary_vocab_size, trigger_row_tensor
+    from dynalora.runtime.trained_trigger import TrainedTrigger
+    from dynalora.runtime.trigger_lora import factor_deltas, lora_factors, merge_trigger_lora
     from dynalora.lora.library_folder import load_library_bank
     from dynalora.plot import plot_losses
     from dynalora.data.streams import library_streams, tokenize_stream
@@ -157,7 +156,7 @@ def train_trigger_lora(config: TriggerLoraTrainConfig) -> dict:
     base = load_base_model(config.model)
     for p in base.model.parameters():
         p.requires_grad_(False)
-    token_ids = load_trigger_tokens(Path(config.row_dir) / "trigger_tokens.safetensors", base.model, base.tokenizer)
+    token_ids = TrainedTrigger.from_pretrained(config.row_dir).install(base.model, base.tokenizer)
     shift_id = token_ids[SHIFT_TOKEN]
     vocab_size = ordinary_vocab_size(base.model, base.tokenizer)
     bank, adapters = load_library_bank(config.library_dir, base.model)
@@ -192,8 +191,8 @@ def train_trigger_lora(config: TriggerLoraTrainConfig) -> dict:
     train_seconds = time.perf_counter() - started
     lora.remove()
     config.out_dir.mkdir(parents=True, exist_ok=True)
-    lora_file = save_trigger_lora(config.out_dir / LORA_FILE, lora.deltas(), config.rank)
-    merge_trigger_lora(base.model, load_trigger_lora(lora_file))  # as shipped (fp16 factors), validated as such
+    factors = lora_factors(lora.deltas(), config.rank)
+    merge_trigger_lora(base.model, factor_deltas(factors))  # as shipped (fp16 factors), validated as such
     with torch.no_grad():
         embedding[shift_id] = row.detach()
 
@@ -203,7 +202,6 @@ def train_trigger_lora(config: TriggerLoraTrainConfig) -> dict:
     probs = [torch.sigmoid(h @ row.detach() - z) for h, z in zip(validation[0], validation[1])]
     best, candidates = choose_threshold(probs, validation[3], validation[4], config.window, config.min_gap,
                                         config.max_false_per_1k)
-    save_trigger_tokens(config.out_dir / "trigger_tokens.safetensors", base.model, token_ids)
     plot_losses([h["trigger"] for h in history], config.out_dir / "loss.png",
                 "trigger LoRA + <|shift|> row: weighted logistic loss")
     metadata = {"config": config_record(config), "threshold": best["threshold"], "validation": best,
@@ -212,6 +210,6 @@ def train_trigger_lora(config: TriggerLoraTrainConfig) -> dict:
                 "seconds": round(time.perf_counter() - started, 1), "train_seconds": round(train_seconds, 1),
                 "history": history, "initial": history[0], "final": {
                     k: sum(h[k] for h in history[-20:]) / len(history[-20:]) for k in history[0]}}
-    (config.out_dir / "triggers.json").write_text(json.dumps(metadata, indent=2))
+    TrainedTrigger.from_model(base.model, token_ids, metadata, factors).save_pretrained(config.out_dir)
     dyn.detach()
     return metadata

@@ -143,8 +143,8 @@ def choose_threshold(probs: list[torch.Tensor], starts: list[list[int]], lengths
 def train_triggers(config: TriggerTrainConfig) -> dict:
     from dynalora.lora import DynamicLoraModel
     from dynalora.models import load_base_model
-    from dynalora.runtime.special_tokens import (SHIFT_TOKEN, add_trigger_tokens, ordinary_vocab_size,
-                                                 save_trigger_tokens, trigger_row_tensor)
+    from dynalora.runtime.special_tokens import SHIFT_TOKEN, add_trigger_tokens, ordinary_vocab_size, trigger_row_tensor
+    from dynalora.runtime.trained_trigger import TrainedTrigger
     from dynalora.plot import plot_losses
     from dynalora.lora.library_folder import load_library_bank
 
@@ -183,14 +183,13 @@ def train_triggers(config: TriggerTrainConfig) -> dict:
                                         config.min_gap, config.max_false_per_1k)
     train_fired = [simulate_policy(p, best["threshold"], config.min_gap) for p in probs_of(train)]
     config.out_dir.mkdir(parents=True, exist_ok=True)
-    save_trigger_tokens(config.out_dir / "trigger_tokens.safetensors", base.model, token_ids)
     plot_losses(losses, config.out_dir / "loss.png", "<|shift|> row: weighted logistic loss")
     metadata = {"config": config_record(config),
                 "threshold": best["threshold"], "validation": best, "threshold_scan": candidates,
                 "train": trigger_metrics(train_fired, train[3], train[4], config.window),
                 "trained_parameters": int(row.numel()), "seconds": round(time.perf_counter() - started, 1),
                 "feature_seconds": round(feature_seconds, 1), "initial_loss": losses[0], "final_loss": losses[-1]}
-    (config.out_dir / "triggers.json").write_text(json.dumps(metadata, indent=2))
+    TrainedTrigger.from_model(base.model, token_ids, metadata).save_pretrained(config.out_dir)
     dyn.detach()
     return metadata
 
@@ -202,22 +201,19 @@ def rescan_thresholds(triggers_dir: Path, library_dir: Path = shipped("library")
     validation and scan. Nothing is trained: the trigger's weights stay as they are."""
     from dynalora.lora import DynamicLoraModel
     from dynalora.models import load_base_model
-    from dynalora.runtime.special_tokens import (SHIFT_TOKEN, load_trigger_tokens, ordinary_vocab_size,
-                                                 trigger_row_tensor)
-    from dynalora.runtime.trigger_lora import merge_trigger_lora, trigger_lora_beside
+    from dynalora.runtime.special_tokens import SHIFT_TOKEN, ordinary_vocab_size, trigger_row_tensor
+    from dynalora.runtime.trained_trigger import RECORD_FILE, TrainedTrigger
+    from dynalora.runtime.trigger_lora import merge_trigger_lora
     from dynalora.lora.library_folder import load_library_bank
 
     torch.set_num_threads(threads)
-    record_path = Path(triggers_dir) / "triggers.json"
-    record = json.loads(record_path.read_text())
-    saved = record["config"]
+    trigger = TrainedTrigger.from_pretrained(triggers_dir)
+    record, saved = trigger.record, trigger.record["config"]
     base = load_base_model(model)
-    token_file = Path(triggers_dir) / "trigger_tokens.safetensors"
-    shift_id = load_trigger_tokens(token_file, base.model, base.tokenizer)[SHIFT_TOKEN]
+    shift_id = trigger.install(base.model, base.tokenizer)[SHIFT_TOKEN]
     vocab_size = ordinary_vocab_size(base.model, base.tokenizer)
-    deltas = trigger_lora_beside(token_file)
-    if deltas:
-        merge_trigger_lora(base.model, deltas)
+    if trigger.deltas:
+        merge_trigger_lora(base.model, trigger.deltas)
     bank, adapters = load_library_bank(library_dir, base.model)
     dyn = DynamicLoraModel.attach(base.model, bank)
     streams = library_streams(adapters, "validation", saved["validation_streams"], saved["seed"] + 1,
@@ -230,5 +226,5 @@ def rescan_thresholds(triggers_dir: Path, library_dir: Path = shipped("library")
     dyn.detach()
     record.update({"threshold": best["threshold"], "validation": best, "threshold_scan": candidates,
                    "rescanned_thresholds": list(THRESHOLDS)})
-    record_path.write_text(json.dumps(record, indent=2))
+    (Path(triggers_dir) / RECORD_FILE).write_text(json.dumps(record, indent=2))
     return record
