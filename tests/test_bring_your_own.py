@@ -15,7 +15,7 @@ from dynalora.cli import main
 from dynalora.data.streams import library_streams
 from dynalora.lora.library_folder import load_library_bank
 from dynalora.models import load_base_model, tiny_model
-from dynalora.system.assemble import load_shift_system
+from dynalora.system.assemble import System, load_shift_system
 
 ATTENTION = {**ATTENTION, "gemma": ATTENTION["llama"]}
 PHRASES = {"news": "the market rose today as traders bought shares in the bank. ",
@@ -69,3 +69,11 @@ def test_import_train_shift_and_trigger_then_generate_on_your_own_model_adapters
     assert shifts, "the trained trigger never fired on a stream of its own adapters' text"
     assert system.bank.labels == list(PHRASES)  # the blend is over the user's adapters
     assert all(event.new_blend != event.old_blend for event in shifts)  # and every shift moved it
+    # saved as one folder and loaded again, the system fires at the same tokens with the same blends
+    again = System.from_pretrained(system.save_pretrained(tmp_path / "system"))
+    assert (tmp_path / "system" / "library" / "bank.json").is_file() and again.spec.model == model
+    rescored = again.run_stream(tokens, min_gap=16)
+    assert rescored.fired == scored.fired
+    assert [event.new_blend for event in rescored.events] == [event.new_blend for event in scored.events]
+    with pytest.raises(FileNotFoundError, match="system.json"):
+        System.from_pretrained(bank)

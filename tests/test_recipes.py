@@ -240,7 +240,8 @@ def test_xlora_with_a_one_hot_classifier_scores_like_that_library_adapter(tmp_pa
 
     config = library_config(tmp_path, steps=3)
     train_library(config)
-    model, tokenizer, labels = build_xlora(config.out_dir, "tiny:llama")
+    model, tokenizer, adapters = build_xlora(config.out_dir, "tiny:llama")
+    labels = [adapter["label"] for adapter in adapters]
     model.eval()
     tokens = tokenizer(DOMAIN_TEXT["news"] * 3)["input_ids"][:40]
     base = load_base_model("tiny:llama")

@@ -12,11 +12,41 @@ import torch
 from safetensors.torch import load_file
 
 from dynalora.cli import main
+from dynalora.runtime.trained_trigger import TrainedTrigger
 from dynalora.training import TrainingRun
 from test_bring_your_own import user_folders
 
 SHIFT = ["--model", "tiny:llama", "--steps", "6", "--examples-per-domain", "8", "--context-tokens", "16",
          "--continuation-tokens", "16", "--pool-window", "8", "--width", "32", "--batch-size", "4", "--threads", "1"]
+XLORA = ["--model", "tiny:llama", "--steps", "6", "--streams", "4", "--window", "24", "--segment-chars", "300",
+         "--batch-size", "2", "--threads", "1"]
+TRIGGERS = ["--model", "tiny:llama", "--streams", "4", "--validation-streams", "2", "--segment-chars", "300",
+            "--delay", "8", "--threads", "1"]
+TRIGGER_LORA = [*TRIGGERS, "--steps", "6", "--layers", "1", "--rank", "2", "--batch-size", "2", "--lr", "0.01"]
+
+
+def trigger_weights(folder):
+    trigger = TrainedTrigger.from_pretrained(folder)
+    return {**trigger.rows, **trigger.deltas}  # ΔW, not its SVD factors (whose signs are arbitrary)
+
+
+RECIPES = {  # recipe: (its flags besides --library and --out-dir, its trained weights, its record file)
+    "shift": (SHIFT, lambda folder: load_file(str(folder / "shift_net.safetensors")), "train_shift.json"),
+    "xlora": (XLORA, lambda folder: load_file(str(folder / "classifier.safetensors")), "xlora.json"),
+    "trigger-lora": (TRIGGER_LORA, trigger_weights, "triggers.json"),
+}
+
+
+def recipe_command(recipe: str, bank, tmp_path) -> list[str]:
+    """``dynalora train RECIPE`` on the bank, with what it starts from made first (trigger-lora: a row trigger)."""
+    flags = RECIPES[recipe][0]
+    if recipe == "trigger-lora":
+        row = tmp_path / "row"
+        if not row.exists():
+            assert main(["train", "triggers", "--library", str(bank), *TRIGGERS, "--steps", "10",
+                         "--out-dir", str(row)]) == 0
+        flags = [*flags, "--row-dir", str(row)]
+    return ["train", recipe, "--library", str(bank), *flags]
 
 
 @pytest.fixture
@@ -28,29 +58,29 @@ def bank(tmp_path):
     return tmp_path / "bank"
 
 
-def weights(folder):
-    return load_file(str(folder / "shift_net.safetensors"))
-
-
-def test_two_processes_under_accelerate_launch_train_as_one(tmp_path, bank):
-    assert main(["train", "shift", "--library", str(bank), "--out-dir", str(tmp_path / "one"), *SHIFT]) == 0
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_two_processes_under_accelerate_launch_train_as_one(tmp_path, bank, recipe):
+    _, weights, record_file = RECIPES[recipe]
+    command = recipe_command(recipe, bank, tmp_path)
+    assert main([*command, "--out-dir", str(tmp_path / "one")]) == 0
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dynalora",
-              "train", "shift", "--library", str(bank), "--out-dir", str(tmp_path / "two"), *SHIFT]
+              *command, "--out-dir", str(tmp_path / "two")]
     done = subprocess.run(launch, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
     assert done.returncode == 0, done.stderr[-3000:]
-    record = json.loads((tmp_path / "two" / "train_shift.json").read_text())
-    assert record["processes"] == 2  # it really ran data-parallel
+    assert json.loads((tmp_path / "two" / record_file).read_text())["processes"] == 2  # it really ran data-parallel
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert one.keys() == two.keys()
     for name in one:  # the same steps: gradients averaged over two halves of each batch (fp16 files)
         torch.testing.assert_close(two[name].float(), one[name].float(), atol=2e-3, rtol=1e-2)
 
 
-def test_an_interrupted_run_resumes_from_its_last_state_to_the_same_weights(tmp_path, bank, monkeypatch):
-    every = ["--run.checkpoint-every", "3"]
-    assert main(["train", "shift", "--library", str(bank), "--out-dir", str(tmp_path / "whole"), *SHIFT, *every]) == 0
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_an_interrupted_run_resumes_from_its_last_state_to_the_same_weights(tmp_path, bank, monkeypatch, recipe):
+    _, weights, record_file = RECIPES[recipe]
+    command = [*recipe_command(recipe, bank, tmp_path), "--run.checkpoint-every", "3"]
+    assert main([*command, "--out-dir", str(tmp_path / "whole")]) == 0
     assert not (tmp_path / "whole" / "resume").exists()  # a finished run leaves no state behind
 
     save = TrainingRun.maybe_save
@@ -61,15 +91,15 @@ def test_an_interrupted_run_resumes_from_its_last_state_to_the_same_weights(tmp_
             raise KeyboardInterrupt  # as if the machine went away after the checkpoint at step 3
 
     monkeypatch.setattr(TrainingRun, "maybe_save", save_then_stop)
-    assert main(["train", "shift", "--library", str(bank), "--out-dir", str(tmp_path / "cut"), *SHIFT, *every]) == 130
+    assert main([*command, "--out-dir", str(tmp_path / "cut")]) == 130
     assert (tmp_path / "cut" / "resume" / "progress.json").is_file()
     monkeypatch.setattr(TrainingRun, "maybe_save", save)
-    assert main(["train", "shift", "--library", str(bank), "--out-dir", str(tmp_path / "cut"), *SHIFT, *every]) == 0
+    assert main([*command, "--out-dir", str(tmp_path / "cut")]) == 0
     # it went on from step 3 (a rerun from scratch would also end equal: the run is seeded)
-    assert json.loads((tmp_path / "cut" / "train_shift.json").read_text())["resumed_from_step"] == 3
-    assert json.loads((tmp_path / "whole" / "train_shift.json").read_text())["resumed_from_step"] == 0
+    assert json.loads((tmp_path / "cut" / record_file).read_text())["resumed_from_step"] == 3
+    assert json.loads((tmp_path / "whole" / record_file).read_text())["resumed_from_step"] == 0
     whole, cut = weights(tmp_path / "whole"), weights(tmp_path / "cut")
-    assert all(torch.equal(whole[name], cut[name]) for name in whole)
+    assert whole.keys() == cut.keys() and all(torch.equal(whole[name], cut[name]) for name in whole)
 
 
 def test_escalate_under_two_processes_trains_as_one(tmp_path, bank):

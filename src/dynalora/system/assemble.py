@@ -5,8 +5,9 @@ the recipes that run a trained system."""
 from __future__ import annotations
 
 import json
+import shutil
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Iterator
@@ -30,6 +31,11 @@ SHIFT_UPDATE_DELAY = 12
 """Tokens between a trigger and the shift network's update (its features then cover the new text), chosen on
 validation streams (results/eval_shift_validation_*.json): the blend alone with delay 12 (NLL 3.137) beat no delay
 (3.147) and the blend + generated factors (3.187, 3.201)."""
+SYSTEM_FILE = "system.json"
+SYSTEM_PARTS = {"bank": "library", "trigger_tokens": "triggers", "shift_dir": "shift", "escalate": "escalate",
+                "mix": "mix", "compressor": "absorb", "absorb_step_sizes": "absorb_steps"}
+"""The spec's checkpoint fields and the names :meth:`System.save_pretrained` copies them to."""
+LOAD_TIME_FIELDS = ("device", "dtype", "max_batch")
 TRIGGER_SPECS = "token | prob[:THRESHOLD] | think[:THRESHOLD] | surprise[:K] | every:N | window:TOKENS"
 
 
@@ -97,6 +103,15 @@ class EngineSpec:
                 raise ValueError(f"EngineSpec.{name}={value!r}: choose one of {list(allowed)}")
         resolve_dtype(self.dtype)
 
+    def parts(self) -> dict[str, Path]:
+        """``{field: path}`` of the checkpoints this spec's system reads (``SYSTEM_PARTS`` it uses)."""
+        used = {"bank": self.bank, "trigger_tokens": self.trigger_tokens,
+                "shift_dir": self.shift_dir if self.hypernetwork == "shift" else None,
+                "escalate": self.escalate, "mix": self.mix,
+                "compressor": self.compressor if self.window is not None and self.absorber != "distill" else None,
+                "absorb_step_sizes": self.absorb_step_sizes if self.window is not None else None}
+        return {name: Path(path) for name, path in used.items() if path is not None}
+
     def reads_trigger_tokens(self) -> bool:
         """Whether a trigger policy reads a trigger token (then untrained ones are added when none are given)."""
         reads = any(spec.partition(":")[0] in ("token", "prob", "think") for spec in self.triggers)
@@ -158,10 +173,8 @@ class System:
     @classmethod
     def from_checkpoints(cls, spec: EngineSpec) -> "System":
         """Load and wire everything ``spec`` names; paths are checked before the model loads."""
-        for name in ("bank", "trigger_tokens", "escalate", "mix") + (("shift_dir",) if spec.hypernetwork == "shift"
-                                                                      else ()):
-            path = getattr(spec, name)
-            if path is not None and not Path(path).exists():
+        for name, path in spec.parts().items():
+            if not path.exists():
                 raise FileNotFoundError(f"EngineSpec.{name}: {path} does not exist")
         if spec.hypernetwork == "shift" and spec.bank is None:
             raise ValueError("--hyper shift needs --bank: the library the shift network was trained on "
@@ -273,6 +286,44 @@ class System:
         score_stream`): the learned trigger fires the hypernetwork mid-stream, as in generation."""
         with self.live(min_gap) as engine:
             return score_stream(engine, tokens, self.vocab_size)
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """The system as one folder: each checkpoint it was built from, copied under a fixed name
+        (``SYSTEM_PARTS``), and ``system.json`` holding the rest of its spec with those names. The base model is
+        named, not copied; device, dtype and batch size are chosen when it is loaded again."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        record = {name: value for name, value in asdict(self.spec).items() if name not in LOAD_TIME_FIELDS}
+        record.update(dict.fromkeys(SYSTEM_PARTS))
+        for name, source in self.spec.parts().items():
+            target = folder / SYSTEM_PARTS[name]
+            if source.is_dir():
+                shutil.copytree(source, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("resume"))
+            else:  # a token file or step sizes: its folder's siblings (threshold record, trigger LoRA) go with it
+                target.mkdir(parents=True, exist_ok=True)
+                for sibling in source.parent.iterdir():
+                    if sibling.is_file():
+                        shutil.copy2(sibling, target / sibling.name)
+                target = target / source.name
+            record[name] = str(target.relative_to(folder))
+        (folder / SYSTEM_FILE).write_text(json.dumps(record, indent=2, default=str))
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, **load_options) -> "System":
+        """A folder :meth:`save_pretrained` wrote; ``load_options`` set the spec's load-time fields (device, dtype,
+        max_batch) or override any other."""
+        path = Path(folder) / SYSTEM_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not a saved system (System.save_pretrained writes one)")
+        record = json.loads(path.read_text())
+        unknown = sorted(set(record) - {f.name for f in fields(EngineSpec)})
+        if unknown:
+            raise ValueError(f"{path}: unknown field(s) {unknown}")
+        for name in SYSTEM_PARTS:
+            if record.get(name) is not None:
+                record[name] = Path(folder) / record[name]
+        return cls.from_checkpoints(EngineSpec(**{**record, **load_options}))
 
     def close(self) -> None:
         """Take the system's hooks and wrappers off the base model."""

@@ -9,26 +9,27 @@ from pathlib import Path
 import torch
 
 
-def library_labels(library_dir: Path) -> list[str]:
-    index = Path(library_dir) / "library.json"
-    if not index.is_file():
-        raise FileNotFoundError(f"{index}: no library here; train one with `dynalora train library`")
-    return [a["label"] for a in json.loads(index.read_text())["adapters"]]
-
-
-def build_xlora(library_dir: Path, model_name: str | None = None, depth: int = 1):
-    """A fresh base model wrapped by PEFT X-LoRA over every library adapter (classifier untrained)."""
+def build_xlora(library_dir: Path, model_name: str | None = None, depth: int = 1, device: str = "cpu"):
+    """A fresh base model wrapped by PEFT X-LoRA over every adapter of a trained library or a bank folder (X-LoRA
+    loads each adapter's PEFT folder: a bank's as it was imported), classifier untrained. Returns ``(model,
+    tokenizer, adapters)``, the adapters' records in the library's order."""
     from peft import XLoraConfig, get_peft_model
 
+    from dynalora.lora.library_folder import load_library_bank
     from dynalora.models import load_base_model
 
-    base = load_base_model(model_name)
+    base = load_base_model(model_name, device=device)
     model = base.model
+    bank, adapters = load_library_bank(library_dir, model)
+    folders = [Path(info.source) for info in bank.adapters]
+    missing = [f"{info.label}: {folder}" for info, folder in zip(bank.adapters, folders)
+               if not (folder / "adapter_config.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"{library_dir}: X-LoRA loads each adapter's PEFT folder; not found: {missing}")
     model.config.use_cache = False  # X-LoRA refuses a KV cache (it runs the model twice per call)
-    labels = library_labels(library_dir)
     config = XLoraConfig(task_type="CAUSAL_LM", hidden_size=model.config.hidden_size, xlora_depth=depth,
-                         adapters={str(i): str(Path(library_dir) / label) for i, label in enumerate(labels)})
-    return get_peft_model(model, config), base.tokenizer, labels
+                         adapters={str(i): str(folder) for i, folder in enumerate(folders)})
+    return get_peft_model(model, config), base.tokenizer, adapters
 
 
 def xlora_classifier(xlora_model):
@@ -44,7 +45,8 @@ def load_xlora(folder: Path, library_dir: Path, model_name: str | None = None):
         raise FileNotFoundError(f"{folder / CONFIG_FILE}: no X-LoRA classifier here; make one with "
                                 f"`dynalora train xlora`")
     saved = json.loads((folder / CONFIG_FILE).read_text())
-    model, tokenizer, labels = build_xlora(library_dir, model_name, saved["config"]["depth"])
+    model, tokenizer, adapters = build_xlora(library_dir, model_name, saved["config"]["depth"])
+    labels = [adapter["label"] for adapter in adapters]
     if labels != saved["labels"]:
         raise ValueError(f"{folder}: classifier trained on adapters {saved['labels']}, library has {labels}")
     xlora_classifier(model).load_state_dict({k: v.float() for k, v in load_file(str(folder / WEIGHTS_FILE)).items()})

@@ -30,6 +30,7 @@ from dynalora.runtime.features import lm_head_inputs
 from dynalora.train.triggers import TriggerTrainConfig
 from dynalora.runtime.teacher_forced import schedule_chunks
 from dynalora.shipped import shipped, trained
+from dynalora.training import TrainingRun
 
 
 @dataclass
@@ -45,6 +46,8 @@ class TriggerLoraTrainConfig(TriggerTrainConfig):
     """Rank of the trigger LoRA."""
     steps: int = 150
     """Optimizer steps."""
+    batch_size: int = 1
+    """Streams per step (split over the processes under ``accelerate launch``)."""
     lr: float = 2e-3
     """Adam learning rate on the LoRA."""
     row_lr: float = 0.01
@@ -53,8 +56,8 @@ class TriggerLoraTrainConfig(TriggerTrainConfig):
     """Weight of KL(base ‖ with the LoRA) on the ordinary vocabulary: the LoRA must not change the text."""
 
     def __post_init__(self):
-        if self.layers < 1 or self.rank < 1 or self.steps < 1:
-            raise ValueError("TriggerLoraTrainConfig: layers, rank and steps must be ≥ 1")
+        if min(self.layers, self.rank, self.steps, self.batch_size) < 1:
+            raise ValueError("TriggerLoraTrainConfig: layers, rank, steps and batch_size must be ≥ 1")
 
 
 def top_layer_modules(model, layers: int, target_modules: list[str]) -> dict[str, torch.nn.Linear]:
@@ -77,8 +80,9 @@ class StaticLora:
     def __init__(self, modules: dict[str, torch.nn.Linear], rank: int):
         self.factors, self.handles, self.enabled = {}, [], True
         for name, module in modules.items():
-            a = (torch.randn(rank, module.in_features) / module.in_features ** 0.5).requires_grad_(True)  # (r, in)
-            b = torch.zeros(module.out_features, rank, requires_grad=True)  # (out, r)
+            device = module.weight.device
+            a = (torch.randn(rank, module.in_features) / module.in_features ** 0.5).to(device).requires_grad_(True)
+            b = torch.zeros(module.out_features, rank, device=device, requires_grad=True)  # (out, r); a: (r, in)
             self.factors[name] = (a, b)
             self.handles.append(module.register_forward_hook(self._hook(name)))
 
@@ -106,34 +110,39 @@ def reference_log_probs(dyn, tokens: list[int], schedule, vocab_size: int) -> to
     """Next-token log-probs ``(L, V)`` over the original vocabulary under the schedule (KV cache kept)."""
     cache, out = DynamicCache(config=dyn.model.config), []
     for start, stop in schedule_chunks(dyn, schedule, len(tokens)):
-        logits = dyn.model(input_ids=torch.tensor([tokens[start:stop]]), cache=cache, use_cache=True).logits[0]
+        ids = torch.tensor([tokens[start:stop]], device=dyn.model.device)  # (1, T)
+        logits = dyn.model(input_ids=ids, cache=cache, use_cache=True).logits[0]
         out.append(torch.log_softmax(logits[:, :vocab_size].float(), -1))
     return torch.cat(out)
 
 
 def train_step(dyn, tokens: list[int], schedule, target: torch.Tensor, reference: torch.Tensor, row: torch.Tensor,
-               vocab_size: int, positive_weight: float, kl_weight: float) -> dict:
+               vocab_size: int, positive_weight: float, kl_weight: float, scale: float = 1.0,
+               backward=torch.Tensor.backward) -> dict:
     """One stream: the weighted trigger loss + ``kl_weight`` × KL(reference ‖ new), back-propagated chunk by
     chunk (the engine's state is rewritten in place between chunks, so each chunk's graph is used and freed
-    before the next blend is set; the KV cache of earlier chunks is detached). Gradients accumulate."""
+    before the next blend is set; the KV cache of earlier chunks is detached). Gradients accumulate, ``scale``
+    times the loss's (``1 / streams`` in a batch), through ``backward`` (accelerate's, which scales for fp16 and
+    gradient accumulation)."""
     model = dyn.model
+    target = target.to(row.device)
     keep = target >= 0
     weights = torch.where(target == 1, positive_weight, 1.0) * keep  # (L,) 0 where no loss
     weight_total = float(weights.sum())
     cache, trigger_total, kl_total = DynamicCache(config=model.config), 0.0, 0.0
     with lm_head_inputs(model, detach=False) as captured:  # the head's inputs keep their graph
         for start, stop in schedule_chunks(dyn, schedule, len(tokens)):
-            logits = model(input_ids=torch.tensor([tokens[start:stop]]), cache=cache, use_cache=True).logits[0]
-            logits = logits[:, :vocab_size].float()  # (T, V)
+            ids = torch.tensor([tokens[start:stop]], device=model.device)  # (1, T)
+            logits = model(input_ids=ids, cache=cache, use_cache=True).logits[0][:, :vocab_size].float()  # (T, V)
             hidden = captured.pop()[0].float()  # (T, H)
             margin = hidden @ row - torch.logsumexp(logits, -1)  # (T,) logit of p(<|shift|>)
             trigger = (weights[start:stop] * F.binary_cross_entropy_with_logits(
                 margin, target[start:stop].clamp(min=0), reduction="none")).sum() / weight_total
             kl = F.kl_div(torch.log_softmax(logits, -1), reference[start:stop], log_target=True,
                           reduction="sum") / len(tokens)
-            (trigger + kl_weight * kl).backward()
-            trigger_total += float(trigger)
-            kl_total += float(kl)
+            backward(scale * (trigger + kl_weight * kl))
+            trigger_total += float(trigger.detach())
+            kl_total += float(kl.detach())
             for layer in cache.layers:
                 layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
     return {"trigger": trigger_total, "kl": kl_total}
@@ -153,7 +162,8 @@ def train_trigger_lora(config: TriggerLoraTrainConfig) -> dict:
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     started = time.perf_counter()
-    base = load_base_model(config.model)
+    run = TrainingRun(config.run, config.out_dir)
+    base = load_base_model(config.model, device=run.device)
     for p in base.model.parameters():
         p.requires_grad_(False)
     token_ids = TrainedTrigger.from_pretrained(config.row_dir).install(base.model, base.tokenizer)
@@ -174,21 +184,38 @@ def train_trigger_lora(config: TriggerLoraTrainConfig) -> dict:
     lora = StaticLora(top_layer_modules(base.model, config.layers, config.target_modules), config.rank)
     optimizer = torch.optim.Adam([{"params": lora.parameters(), "lr": config.lr},
                                   {"params": [row], "lr": config.row_lr}])
+    optimizer = run.accelerator.prepare(optimizer)
+    trained = [*lora.parameters(), row]
     rng = random.Random(config.seed)
-    history = []
-    progress = tqdm(range(config.steps), desc="train trigger LoRA")
-    for _ in progress:
-        tokens, schedule, target = train[rng.randrange(len(train))]
-        lora.enabled = False  # the reference: the model as it was
-        reference = reference_log_probs(dyn, tokens, schedule, vocab_size)
-        lora.enabled = True
-        parts = train_step(dyn, tokens, schedule, target, reference, row, vocab_size, config.positive_weight,
-                           config.kl_weight)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        history.append(parts)
+    start, history, extra = run.resume(rng)
+    if extra:  # the LoRA factors and the row are plain tensors: the recipe saves them itself
+        with torch.no_grad():
+            for tensor, saved in zip(trained, extra["tensors"]):
+                tensor.copy_(saved)
+    progress = tqdm(range(start, config.steps), desc="train trigger LoRA", initial=start, total=config.steps,
+                    disable=not run.is_main)
+    for step in progress:
+        batch = [train[rng.randrange(len(train))] for _ in range(config.batch_size)]  # alike on every process
+        parts = []
+        with run.accelerator.accumulate():
+            for index in run.shard(torch.arange(config.batch_size)).tolist():
+                tokens, schedule, target = batch[index]
+                lora.enabled = False  # the reference: the model as it was
+                reference = reference_log_probs(dyn, tokens, schedule, vocab_size)
+                lora.enabled = True
+                with run.accelerator.autocast():
+                    parts.append(train_step(dyn, tokens, schedule, target, reference, row, vocab_size,
+                                            config.positive_weight, config.kl_weight, 1 / len(batch),
+                                            run.accelerator.backward))
+            run.average_gradients(trained)  # the LoRA is called through hooks, not a prepared module
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        history.append({key: run.mean(torch.tensor(sum(p[key] for p in parts) / len(parts), device=run.device))
+                        for key in parts[0]})
         progress.set_postfix(trigger=f"{history[-1]['trigger']:.3f}", kl=f"{history[-1]['kl']:.4f}")
+        run.maybe_save(step + 1, history, rng, {"tensors": [t.detach().cpu() for t in trained]})
     train_seconds = time.perf_counter() - started
+    run.finish()
     lora.remove()
     config.out_dir.mkdir(parents=True, exist_ok=True)
     factors = lora_factors(lora.deltas(), config.rank)
@@ -202,14 +229,16 @@ def train_trigger_lora(config: TriggerLoraTrainConfig) -> dict:
     probs = [torch.sigmoid(h @ row.detach() - z) for h, z in zip(validation[0], validation[1])]
     best, candidates = choose_threshold(probs, validation[3], validation[4], config.window, config.min_gap,
                                         config.max_false_per_1k)
-    plot_losses([h["trigger"] for h in history], config.out_dir / "loss.png",
-                "trigger LoRA + <|shift|> row: weighted logistic loss")
     metadata = {"config": config_record(config), "threshold": best["threshold"], "validation": best,
                 "threshold_scan": candidates, "form": "lora",
                 "trained_parameters": int(row.numel()) + sum(t.numel() for t in lora.parameters()),
                 "seconds": round(time.perf_counter() - started, 1), "train_seconds": round(train_seconds, 1),
                 "history": history, "initial": history[0], "final": {
-                    k: sum(h[k] for h in history[-20:]) / len(history[-20:]) for k in history[0]}}
-    TrainedTrigger.from_model(base.model, token_ids, metadata, factors).save_pretrained(config.out_dir)
+                    k: sum(h[k] for h in history[-20:]) / len(history[-20:]) for k in history[0]},
+                "processes": run.accelerator.num_processes, "resumed_from_step": start}
+    if run.is_main:
+        TrainedTrigger.from_model(base.model, token_ids, metadata, factors).save_pretrained(config.out_dir)
+        plot_losses([h["trigger"] for h in history], config.out_dir / "loss.png",
+                    "trigger LoRA + <|shift|> row: weighted logistic loss")
     dyn.detach()
     return metadata

@@ -33,6 +33,7 @@ from dynalora.runtime.features import lm_head_inputs
 from dynalora.runtime.teacher_forced import schedule_chunks
 from dynalora.runtime.special_tokens import fit_token_row
 from dynalora.shipped import shipped, trained
+from dynalora.training import RunConfig, TrainingRun
 
 
 @dataclass
@@ -71,6 +72,9 @@ class TriggerTrainConfig:
     """Random seed (streams, data order)."""
     threads: int = 2
     """CPU threads torch uses."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """The device (accelerate). The row-only fit takes seconds on cached features: it runs in full precision, on one
+    process, and keeps no resumable state (the LoRA form, ``train trigger-lora``, uses the rest)."""
 
 
 @torch.no_grad()
@@ -83,7 +87,8 @@ def stream_hidden_states(dyn, tokens: list[int], schedule: list[tuple[int, list[
     log_z = []
     with lm_head_inputs(model) as captured:
         for start, stop in schedule_chunks(dyn, schedule, len(tokens)):
-            logits = model(input_ids=torch.tensor([tokens[start:stop]]), cache=cache, use_cache=True).logits[0]
+            ids = torch.tensor([tokens[start:stop]], device=model.device)  # (1, T)
+            logits = model(input_ids=ids, cache=cache, use_cache=True).logits[0]
             log_z.append(torch.logsumexp(logits[:, :vocab_size].float(), dim=-1))
     captured = [hidden[0] for hidden in captured]  # (T, H) per chunk
     return torch.cat(captured), torch.cat(log_z)
@@ -117,7 +122,7 @@ def collect(dyn, tokenizer, labels, streams, delay: int, ignore_after: int, voca
                                     vocab_size)
         hidden.append(h)
         log_z.append(z)
-        targets.append(targets_for(starts, len(tokens), delay, ignore_after))
+        targets.append(targets_for(starts, len(tokens), delay, ignore_after).to(h.device))
         starts_all.append(starts)
         lengths.append(len(tokens))
     return hidden, log_z, targets, starts_all, lengths
@@ -151,7 +156,8 @@ def train_triggers(config: TriggerTrainConfig) -> dict:
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     started = time.perf_counter()
-    base = load_base_model(config.model)
+    run = TrainingRun(config.run, config.out_dir)
+    base = load_base_model(config.model, device=run.device)
     token_ids = add_trigger_tokens(base.model, base.tokenizer)
     vocab_size = ordinary_vocab_size(base.model, base.tokenizer)
     shift_id = token_ids[SHIFT_TOKEN]
@@ -182,14 +188,14 @@ def train_triggers(config: TriggerTrainConfig) -> dict:
     best, candidates = choose_threshold(probs_of(validation), validation[3], validation[4], config.window,
                                         config.min_gap, config.max_false_per_1k)
     train_fired = [simulate_policy(p, best["threshold"], config.min_gap) for p in probs_of(train)]
-    config.out_dir.mkdir(parents=True, exist_ok=True)
-    plot_losses(losses, config.out_dir / "loss.png", "<|shift|> row: weighted logistic loss")
     metadata = {"config": config_record(config),
                 "threshold": best["threshold"], "validation": best, "threshold_scan": candidates,
                 "train": trigger_metrics(train_fired, train[3], train[4], config.window),
                 "trained_parameters": int(row.numel()), "seconds": round(time.perf_counter() - started, 1),
                 "feature_seconds": round(feature_seconds, 1), "initial_loss": losses[0], "final_loss": losses[-1]}
-    TrainedTrigger.from_model(base.model, token_ids, metadata).save_pretrained(config.out_dir)
+    if run.is_main:
+        TrainedTrigger.from_model(base.model, token_ids, metadata).save_pretrained(config.out_dir)
+        plot_losses(losses, config.out_dir / "loss.png", "<|shift|> row: weighted logistic loss")
     dyn.detach()
     return metadata
 

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from dynalora.data.batches import config_record
 from dynalora.shipped import shipped, trained
 from dynalora.system.xlora import CONFIG_FILE, WEIGHTS_FILE, build_xlora, xlora_classifier
+from dynalora.training import RunConfig, TrainingRun
 
 @dataclass
 class XLoraTrainConfig:
@@ -35,11 +36,17 @@ class XLoraTrainConfig:
     model: str | None = None
     """Base model: HF id or folder (None: the embedded SmolLM2-135M-Instruct)."""
     streams: int = 64
-    """Training streams (library domains, train split)."""
+    """Training streams (the library's text adapters' sources, train split)."""
+    segments: int = 3
+    """Segments (domain changes + 1) per stream."""
+    segment_chars: int = 700
+    """Characters per segment."""
     window: int = 256
     """Tokens per training sequence (a random window of a stream)."""
     steps: int = 120
     """Optimizer steps."""
+    batch_size: int = 1
+    """Windows per step (split over the processes under ``accelerate launch``)."""
     lr: float = 2e-3
     """Adam learning rate."""
     depth: int = 1
@@ -48,47 +55,64 @@ class XLoraTrainConfig:
     """Random seed."""
     threads: int = 2
     """CPU threads torch uses."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Device, mixed precision, gradient accumulation, resumable checkpoints (accelerate)."""
 
     def __post_init__(self):
-        if self.steps < 1 or self.window < 8 or self.streams < 1:
-            raise ValueError("XLoraTrainConfig: steps ≥ 1, window ≥ 8, streams ≥ 1")
+        if self.steps < 1 or self.window < 8 or self.streams < 1 or self.batch_size < 1:
+            raise ValueError("XLoraTrainConfig: steps ≥ 1, window ≥ 8, streams ≥ 1, batch_size ≥ 1")
 
 
 def train_xlora(config: XLoraTrainConfig) -> dict:
     from safetensors.torch import save_file
 
-    from dynalora.data.streams import StreamConfig, build_streams
+    from dynalora.data.streams import library_streams, tokenize_stream
     from dynalora.plot import plot_losses
-    from dynalora.data.streams import tokenize_stream
 
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    model, tokenizer, labels = build_xlora(config.library_dir, config.model, config.depth)
-    streams = build_streams(StreamConfig(split="train", streams=config.streams, seed=config.seed))
+    run = TrainingRun(config.run, config.out_dir)
+    model, tokenizer, adapters = build_xlora(config.library_dir, config.model, config.depth, run.device)
+    labels = [adapter["label"] for adapter in adapters]
+    streams = library_streams(adapters, "train", config.streams, config.seed, config.segments, config.segment_chars)
     sequences = [tokenize_stream(tokenizer, s)[0] for s in streams]
     rng = random.Random(config.seed)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
+    model, optimizer = run.accelerator.prepare(model, optimizer)
+    start, history, extra = run.resume(rng)
     model.train()
-    history, started = [], time.perf_counter()
-    progress = tqdm(range(config.steps), desc="train xlora")
+    started = time.perf_counter() - extra.get("seconds", 0.0)
+    progress = tqdm(range(start, config.steps), desc="train xlora", initial=start, total=config.steps,
+                    disable=not run.is_main)
     for step in progress:
-        tokens = sequences[rng.randrange(len(sequences))]
-        at = rng.randrange(0, max(1, len(tokens) - config.window))
-        ids = torch.tensor([tokens[at:at + config.window]])  # (1, T)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        history.append(float(loss.detach()))
+        windows = []  # the global batch, drawn alike on every process
+        for _ in range(config.batch_size):
+            tokens = sequences[rng.randrange(len(sequences))]
+            at = rng.randrange(0, max(1, len(tokens) - config.window))
+            windows.append(tokens[at:at + config.window])
+        mine = [windows[i] for i in run.shard(torch.arange(config.batch_size)).tolist()]
+        with run.accelerator.accumulate(model), run.accelerator.autocast():
+            losses = [model(input_ids=torch.tensor([ids], device=run.device),  # (1, T)
+                            labels=torch.tensor([ids], device=run.device)).loss for ids in mine]
+            loss = torch.stack(losses).mean()
+            run.accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        history.append(run.mean(loss))
         progress.set_postfix(loss=f"{history[-1]:.3f}")
+        run.maybe_save(step + 1, history, rng, {"seconds": time.perf_counter() - started})
     seconds = time.perf_counter() - started
-    config.out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().half().contiguous() for k, v in xlora_classifier(model).state_dict().items()},
-              str(config.out_dir / WEIGHTS_FILE))
-    plot_losses(history, config.out_dir / "loss.png", "X-LoRA classifier: LM loss on train-split streams")
+    model = run.accelerator.unwrap_model(model)
+    run.finish()
     record = {"config": config_record(config), "labels": labels, "train_seconds": round(seconds, 1),
               "parameters": sum(p.numel() for p in parameters), "history": history,
-              "final_loss": sum(history[-20:]) / len(history[-20:])}
-    (config.out_dir / CONFIG_FILE).write_text(json.dumps(record, indent=2))
+              "final_loss": sum(history[-20:]) / len(history[-20:]), "processes": run.accelerator.num_processes,
+              "resumed_from_step": start}
+    if run.is_main:
+        config.out_dir.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().half().contiguous() for k, v in xlora_classifier(model).state_dict().items()},
+                  str(config.out_dir / WEIGHTS_FILE))
+        plot_losses(history, config.out_dir / "loss.png", "X-LoRA classifier: LM loss on train-split streams")
+        (config.out_dir / CONFIG_FILE).write_text(json.dumps(record, indent=2))
     return record
