@@ -10,6 +10,7 @@ from dynalora.lora import DynamicLoraModel, InjectConfig, LoraBank, StateConfig,
 from dynalora.lora.lowrank import merge_at_rank
 from dynalora.models import tiny_model
 from dynalora.runtime import Engine, SamplingConfig
+from dynalora.training import RunConfig
 from dynalora.runtime.absorb import AbsorbConfig, Absorber
 
 TARGETS = ["o_proj", "down_proj"]
@@ -186,10 +187,10 @@ def test_train_absorb_recipe_runs_on_a_tiny_model(tmp_path, kind, weights):
                             + "\n" for i in range(6)))
     config = dict(data=[docs], validation=docs, out_dir=tmp_path / "out", model="tiny:llama", rank=2, width=32,
                   chunk_tokens=16, max_chunks=4, batch_size=2, validation_examples=4, teacher_top_k=4,
-                  locality_fraction=0.3, threads=1, device="cpu", compressor=kind, bottleneck=8)
-    result = train_absorb(AbsorbTrainConfig(steps=3, checkpoint_every=2, **config))
+                  locality_fraction=0.3, threads=1, compressor=kind, bottleneck=8)
+    result = train_absorb(AbsorbTrainConfig(steps=3, run=RunConfig(device="cpu", checkpoint_every=2), **config))
     assert result["steps_done"] == 3 and set(result["validation"]) == {"memory", "no_memory", "wrong_memory"}
-    assert (tmp_path / "out" / weights).is_file() and not (tmp_path / "out" / "resume.pt").exists()
+    assert (tmp_path / "out" / weights).is_file() and not (tmp_path / "out" / "resume").exists()
     assert all(map(lambda h: all(v == v for v in h.values()), result["history"]))  # no NaN
     if kind == "gradient":  # a fresh perceiver writes the identity: its locality KL is exactly 0
         config.update(out_dir=tmp_path / "kl", locality_fraction=0.6)
@@ -259,7 +260,7 @@ def test_eval_absorb_end_to_end_and_a_zero_memory_weight_answers_as_no_context(t
                                                       {"question": f"What is Zorb{i}?", "answer": "a baker"}]})
                             + "\n" for i in range(2)))
     train_absorb(AbsorbTrainConfig(data=[docs], out_dir=tmp_path / "absorb", model="tiny:llama", rank=2,
-                                   chunk_tokens=16, max_chunks=8, steps=0, threads=1, device="cpu", bottleneck=8,
+                                   chunk_tokens=16, max_chunks=8, steps=0, threads=1, bottleneck=8,
                                    init_step=0.5))
     common = dict(data=docs, compressor_dir=tmp_path / "absorb", model="tiny:llama", window=64, max_new_tokens=6,
                   threads=1)

@@ -115,6 +115,7 @@ def test_absorb_steps_recipe_saves_a_schedule_the_writer_uses(tmp_path):
     from dynalora.runtime.absorb import load_absorber
     from dynalora.models import tiny_model
     from dynalora.train.absorb_steps import AbsorbStepsTrainConfig, train_absorb_steps
+    from dynalora.training import RunConfig
 
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"context": f"Zorb{i} lives in Quell{i}. Zorb{i} is a baker.",
@@ -123,7 +124,7 @@ def test_absorb_steps_recipe_saves_a_schedule_the_writer_uses(tmp_path):
     distill = DistillConfig(steps=2, rank=2, memory_rank=2, max_probes=1, cloze=1)
     record = train_absorb_steps(AbsorbStepsTrainConfig(data=docs, out_dir=tmp_path / "steps", model="tiny:llama",
                                                        distill=distill, score_steps=[1, 2], threads=1,
-                                                       checkpoint_every=2, window=64))
+                                                       run=RunConfig(checkpoint_every=2), window=64))
     assert len(record["documents"]) == 3 and all(set(d["nll_after"]) == {1, 2} for d in record["documents"])
     assert all(set(d["locality_nll_after"]) == {1, 2} and d["locality_nll_before"] > 0 for d in record["documents"])
     assert (tmp_path / "steps" / "step_sizes.png").is_file()

@@ -343,7 +343,7 @@ def test_mix_pipeline_on_a_tiny_model(tmp_path, synthetic_domains):
                                          "questions": [{"question": f"Where does Zorb{i} live?",
                                                         "answer": f"Quell{i}"}]}) + "\n" for i in range(4)))
     train_absorb(AbsorbTrainConfig(data=[facts], out_dir=tmp_path / "absorb", model="tiny:llama", rank=2,
-                                   chunk_tokens=16, steps=0, threads=1, device="cpu", bottleneck=8, init_step=0.5))
+                                   chunk_tokens=16, steps=0, threads=1, bottleneck=8, init_step=0.5))
     common = dict(facts=facts, library_dir=config.out_dir, shift_dir=tmp_path / "shift",
                   compressor_dir=tmp_path / "absorb", model="tiny:llama", max_docs=4, examples_per_domain=4,
                   context_tokens=16, continuation_tokens=16)

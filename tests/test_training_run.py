@@ -22,6 +22,11 @@ XLORA = ["--model", "tiny:llama", "--steps", "6", "--streams", "4", "--window", 
          "--batch-size", "2", "--threads", "1"]
 TRIGGERS = ["--model", "tiny:llama", "--streams", "4", "--validation-streams", "2", "--segment-chars", "300",
             "--delay", "8", "--threads", "1"]
+ABSORB = ["--model", "tiny:llama", "--steps", "6", "--rank", "2", "--chunk-tokens", "16", "--max-chunks", "4",
+          "--batch-size", "2", "--teacher-top-k", "4", "--bottleneck", "8", "--warmup-steps", "1", "--threads", "1"]
+ABSORB_STEPS = ["--model", "tiny:llama", "--distill.steps", "2", "--distill.rank", "2", "--distill.memory-rank", "2",
+                "--distill.max-probes", "1", "--distill.cloze", "1", "--score-steps", "1", "2", "--window", "64",
+                "--locality-questions", "2", "--threads", "1"]
 TRIGGER_LORA = [*TRIGGERS, "--steps", "6", "--layers", "1", "--rank", "2", "--batch-size", "2", "--lr", "0.01"]
 
 
@@ -34,12 +39,25 @@ RECIPES = {  # recipe: (its flags besides --library and --out-dir, its trained w
     "shift": (SHIFT, lambda folder: load_file(str(folder / "shift_net.safetensors")), "train_shift.json"),
     "xlora": (XLORA, lambda folder: load_file(str(folder / "classifier.safetensors")), "xlora.json"),
     "trigger-lora": (TRIGGER_LORA, trigger_weights, "triggers.json"),
+    "absorb": (ABSORB, lambda folder: load_file(str(folder / "gradient_compressor.safetensors")), "train_absorb.json"),
+    "absorb-steps": (ABSORB_STEPS, lambda folder: load_file(str(folder / "step_sizes.safetensors")),
+                     "train_absorb_steps.json"),
 }
+DATA_PARALLEL = ["shift", "trigger-lora", "xlora"]
+"""Recipes whose loss is a mean over equal per-example parts (absorb's is over answer tokens: two processes weigh
+them per half-batch, so they match one process only when every answer has the same length)."""
 
 
 def recipe_command(recipe: str, bank, tmp_path) -> list[str]:
-    """``dynalora train RECIPE`` on the bank, with what it starts from made first (trigger-lora: a row trigger)."""
+    """``dynalora train RECIPE`` on the bank, with what it starts from made first (trigger-lora: a row trigger;
+    absorb and absorb-steps: documents with questions)."""
     flags = RECIPES[recipe][0]
+    if recipe in ("absorb", "absorb-steps"):
+        docs = tmp_path / "docs.jsonl"
+        docs.write_text("".join(json.dumps({"context": f"Zorb{i} lives in Quell{i}. Zorb{i} is a baker.",
+                                            "questions": [{"question": f"Where does Zorb{i} live?",
+                                                           "answer": f"Quell{i}"}]}) + "\n" for i in range(6)))
+        return ["train", recipe, "--data", str(docs), *flags]
     if recipe == "trigger-lora":
         row = tmp_path / "row"
         if not row.exists():
@@ -58,7 +76,7 @@ def bank(tmp_path):
     return tmp_path / "bank"
 
 
-@pytest.mark.parametrize("recipe", sorted(RECIPES))
+@pytest.mark.parametrize("recipe", DATA_PARALLEL)
 def test_two_processes_under_accelerate_launch_train_as_one(tmp_path, bank, recipe):
     _, weights, record_file = RECIPES[recipe]
     command = recipe_command(recipe, bank, tmp_path)
@@ -85,7 +103,7 @@ def test_an_interrupted_run_resumes_from_its_last_state_to_the_same_weights(tmp_
 
     save = TrainingRun.maybe_save
 
-    def save_then_stop(self, step, history, rng, extra=None):
+    def save_then_stop(self, step, history, rng=None, extra=None):
         save(self, step, history, rng, extra)
         if step == 3:
             raise KeyboardInterrupt  # as if the machine went away after the checkpoint at step 3

@@ -88,18 +88,20 @@ class TrainingRun:
         """A per-process scalar averaged over the processes (for logs)."""
         return float(self.accelerator.reduce(value.detach().float().reshape(1), "mean"))
 
-    def resume(self, rng) -> tuple[int, list, dict]:
-        """Load the saved state if there is one (models, optimizers, torch's RNGs, and ``rng``: a
-        ``torch.Generator`` or ``random.Random``): ``(step, history, extra)``; ``(0, [], {})`` when none."""
+    def resume(self, rng=None) -> tuple[int, list, dict]:
+        """Load the saved state if there is one (models, optimizers, what was registered for checkpointing, torch's
+        RNGs, and ``rng``: the recipe's ``torch.Generator`` or ``random.Random``, if it draws from one):
+        ``(step, history, extra)``; ``(0, [], {})`` when none."""
         if not (self.state_dir / "progress.json").is_file():
             return 0, [], {}
         self.accelerator.load_state(str(self.state_dir))
         saved = torch.load(self.state_dir / "recipe.pt", weights_only=False)  # written by this recipe
-        (rng.set_state if isinstance(rng, torch.Generator) else rng.setstate)(saved["rng"])
+        if rng is not None:
+            (rng.set_state if isinstance(rng, torch.Generator) else rng.setstate)(saved["rng"])
         progress = json.loads((self.state_dir / "progress.json").read_text())
         return progress["step"], progress["history"], saved["extra"]
 
-    def maybe_save(self, step: int, history: list, rng, extra: dict | None = None) -> None:
+    def maybe_save(self, step: int, history: list, rng=None, extra: dict | None = None) -> None:
         """After ``step`` steps, every ``checkpoint_every``: the resumable state, with the recipe's ``rng`` and any
         ``extra`` it needs to go on (e.g. the best weights so far)."""
         every = self.config.checkpoint_every
@@ -107,7 +109,7 @@ class TrainingRun:
             return
         self.accelerator.save_state(str(self.state_dir))
         if self.is_main:
-            rng_state = rng.get_state() if isinstance(rng, torch.Generator) else rng.getstate()
+            rng_state = None if rng is None else rng.get_state() if isinstance(rng, torch.Generator) else rng.getstate()
             torch.save({"rng": rng_state, "extra": extra or {}}, self.state_dir / "recipe.pt")
             (self.state_dir / "progress.json").write_text(json.dumps({"step": step, "history": history}))
         self.accelerator.wait_for_everyone()

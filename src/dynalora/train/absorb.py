@@ -13,7 +13,7 @@ scored by the KL from the model without memory to the model with it, over the an
 pushes every answer towards one format does not hurt).
 
 Data: JSONL lines ``{"context", "questions": [{"question", "answer"}], "kind"}`` from
-``dynalora data absorb``. Resumable (``resume.pt`` every ``checkpoint_every`` steps), progress bar,
+``dynalora data absorb``. Resumable (every ``run.checkpoint_every`` steps), progress bar,
 loss plot; the teacher cache is kept in ``out_dir`` and reused when the data and settings match.
 """
 
@@ -37,6 +37,7 @@ from dynalora.data.batches import config_record
 from dynalora.runtime.chat import answer_log_probs, answer_tokens, chat_prompt, end_of_turn_id
 from dynalora.runtime.padding import pad_rows
 from dynalora.shipped import trained
+from dynalora.training import RunConfig, TrainingRun
 
 logger = logging.getLogger(__name__)
 
@@ -98,18 +99,14 @@ class AbsorbTrainConfig:
     steps and time runs out first, so a cut run still ends annealed."""
     teacher_batch_size: int = 16
     """Rows per teacher forward."""
-    checkpoint_every: int = 50
-    """Steps between resumable checkpoints."""
     validation_examples: int = 96
     """Validation examples scored at the end."""
     seed: int = 0
     """Random seed."""
     threads: int = 2
     """CPU threads torch uses."""
-    device: str = "auto"
-    """``auto`` (cuda when present), ``cpu`` or ``cuda``."""
-    bf16: bool = True
-    """On CUDA, run the training forward/backward under bf16 autocast (weights and optimizer stay fp32)."""
+    run: RunConfig = field(default_factory=lambda: RunConfig(checkpoint_every=50))
+    """Device, mixed precision (``bf16`` on a GPU), gradient accumulation, resumable checkpoints (accelerate)."""
 
     def __post_init__(self):
         if self.rank < 1 or self.chunk_tokens < 8 or self.max_chunks < 1:
@@ -351,12 +348,12 @@ def train_absorb(config: AbsorbTrainConfig) -> dict:
 
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if config.device == "auto" else config.device))
+    run = TrainingRun(config.run, config.out_dir)
+    device = run.device
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls
-    base = load_base_model(config.model)
-    model = base.model.to(device).eval()
+    base = load_base_model(config.model, device=device)
+    model = base.model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     tokenizer = base.tokenizer
@@ -392,15 +389,11 @@ def train_absorb(config: AbsorbTrainConfig) -> dict:
                                    config.teacher_batch_size, desc="teacher (val)"))
     teacher_seconds = time.perf_counter() - started
 
-    optimizer = torch.optim.AdamW(compressor.parameters(), lr=config.lr, weight_decay=0.01)
-    resume = config.out_dir / "resume.pt"
-    start, history, seconds, untrained = 0, [], 0.0, {}
-    if resume.is_file():
-        saved = torch.load(resume, weights_only=True, map_location=device)
-        compressor.load_state_dict(saved["compressor"])
-        optimizer.load_state_dict(saved["optimizer"])
-        start, history, seconds = saved["step"], saved["history"], saved["seconds"]
-        untrained = saved.get("untrained", {})
+    optimizer = run.accelerator.prepare(torch.optim.AdamW(compressor.parameters(), lr=config.lr, weight_decay=0.01))
+    run.accelerator.register_for_checkpointing(compressor)  # called through .read, not a prepared forward
+    start, history, extra = run.resume()  # the batches are drawn up front: no generator to keep
+    seconds, untrained = extra.get("seconds", 0.0), extra.get("untrained", {})
+    if start:
         logger.info(f"resuming train absorb from step {start}")
     batches = document_batches(train, config.batch_size, config.steps, config.seed)
     if validation and start == 0:  # what the compressor writes before training (the gradient one: one SGD step)
@@ -409,40 +402,42 @@ def train_absorb(config: AbsorbTrainConfig) -> dict:
         logger.info("validation before training: " + ", ".join(f"{k} gold NLL {v['gold_nll']:.3f}"
                                                         for k, v in untrained.items()))
     compressor.train()
-    progress = tqdm(range(start, config.steps), desc="train absorb", initial=start, total=config.steps)
+    progress = tqdm(range(start, config.steps), desc="train absorb", initial=start, total=config.steps,
+                    disable=not run.is_main)
     for step in progress:
         began = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, seconds, config)
-        rows = batches[step]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16 and device.type == "cuda"):
+        rows = [batches[step][i] for i in run.shard(torch.arange(len(batches[step]))).tolist()]
+        with run.accelerator.accumulate(), run.accelerator.autocast():
             loss, parts = distillation_loss(dyn, compressor, [train[i] for i in rows], [train_targets[i] for i in rows],
                                             pad_id, device, config.gold_weight, distill_weight=config.distill_weight,
                                             locality_weight=config.locality_weight,
                                             locality_span=config.locality_span)
-        if not math.isfinite(float(loss.detach())):
-            raise FloatingPointError(f"train absorb: non-finite loss at step {step}: {parts}")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(compressor.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        history.append(parts)
-        seconds += time.perf_counter() - began
+            if not math.isfinite(float(loss.detach())):
+                raise FloatingPointError(f"train absorb: non-finite loss at step {step}: {parts}")
+            run.accelerator.backward(loss)
+            run.average_gradients(compressor.parameters())
+            if run.accelerator.sync_gradients:
+                torch.nn.utils.clip_grad_norm_(compressor.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        history.append({key: run.mean(torch.tensor(float(value), device=device)) for key, value in parts.items()})
+        seconds += run.mean(torch.tensor(time.perf_counter() - began, device=device))  # alike on every process
         progress.set_postfix(distill=f"{parts['distill']:.3f}", gold=f"{parts['gold_nll']:.3f}",
                              acc=f"{parts['answer_acc']:.2f}")
         if config.time_limit_minutes and seconds > 60 * config.time_limit_minutes:
             logger.info(f"train absorb: time limit of {config.time_limit_minutes} min reached after {step + 1} steps")
             break
-        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-            config.out_dir.mkdir(parents=True, exist_ok=True)
-            torch.save({"compressor": compressor.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
-                        "history": history, "seconds": seconds, "untrained": untrained}, resume)
+        run.maybe_save(step + 1, history, extra={"seconds": seconds, "untrained": untrained})
+    run.finish()
     compressor.eval()
     scores = evaluate(dyn, compressor, validation, validation_targets, pad_id, device, config) if validation else {}
     dyn.detach()
     config.out_dir.mkdir(parents=True, exist_ok=True)
-    compressor.cpu().save_pretrained(config.out_dir)
-    if history:  # steps=0 saves the untrained compressor (the gradient one: one SGD step), a baseline
+    if run.is_main:
+        compressor.cpu().save_pretrained(config.out_dir)
+    if history and run.is_main:  # steps=0 saves the untrained compressor (the gradient one: one SGD step), a baseline
         plot_losses([h["gold_nll"] for h in history], config.out_dir / "loss.png",
                     "absorb compressor: gold answer NLL with the memory LoRA")
     metadata = {"config": config_record(config), "train_seconds": round(seconds, 1),
@@ -454,7 +449,8 @@ def train_absorb(config: AbsorbTrainConfig) -> dict:
                 if history else {},
                 "validation": scores, "validation_untrained": untrained, "validation_examples": len(validation),
                 "history": history,
-                "split": {"train": [str(p) for p in paths], "validation": str(config.validation)}}
-    (config.out_dir / "train_absorb.json").write_text(json.dumps(metadata, indent=2))
-    resume.unlink(missing_ok=True)
+                "split": {"train": [str(p) for p in paths], "validation": str(config.validation)},
+                "processes": run.accelerator.num_processes, "resumed_from_step": start}
+    if run.is_main:
+        (config.out_dir / "train_absorb.json").write_text(json.dumps(metadata, indent=2))
     return metadata

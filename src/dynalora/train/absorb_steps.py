@@ -13,8 +13,8 @@ MAML and hypergradient descent):
 * start of ``A``: ``Σ_k g_k`` (``B`` starts at zero, so the memory is off until the first step).
 
 Scoring several ``k`` makes a schedule that is good whenever it is cut short (``eval absorb --steps``).
-One pass over the documents; a checkpoint every ``checkpoint_every`` documents (each write is tens of
-seconds on a CPU); progress bar; the record keeps the gold NLL per document at each scored step.
+One pass over the documents; a resumable state every ``run.checkpoint_every`` documents (each document is tens
+of seconds on a CPU); progress bar; the record keeps the gold NLL per document at each scored step.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from dynalora.runtime.memory_writers import DistillConfig, answer_positions, Sco
 from dynalora.runtime.padding import pad_rows
 from dynalora.data.batches import config_record
 from dynalora.shipped import trained
+from dynalora.training import RunConfig, TrainingRun
 
 
 @dataclass
@@ -61,12 +62,13 @@ class AbsorbStepsTrainConfig:
     """Unrelated questions per document (different ones for each document)."""
     window: int = 512
     """The engine's window the documents are written for."""
-    checkpoint_every: int = 8
-    """Documents between resumable checkpoints."""
     seed: int = 0
     """Random seed."""
     threads: int = 2
     """CPU threads torch uses."""
+    run: RunConfig = field(default_factory=lambda: RunConfig(checkpoint_every=8))
+    """Device, mixed precision, resumable checkpoints every this many documents (accelerate). One document per
+    meta-step: under ``accelerate launch`` every process runs the same documents."""
 
     def __post_init__(self):
         if not self.score_steps or min(self.score_steps) < 1 or max(self.score_steps) > self.distill.steps:
@@ -138,7 +140,8 @@ def train_absorb_steps(config: AbsorbStepsTrainConfig) -> dict:
     docs = read_absorb_docs(config.data)
     random.Random(config.seed).shuffle(docs)
     docs = docs[:config.documents]
-    base = load_base_model(config.model)
+    run = TrainingRun(config.run, config.out_dir)
+    base = load_base_model(config.model, device=run.device)
     tokenizer = base.tokenizer
     absorber = load_absorber(base.model, writer="distill", tokenizer=tokenizer, distill=config.distill,
                              window=config.window)
@@ -152,10 +155,19 @@ def train_absorb_steps(config: AbsorbStepsTrainConfig) -> dict:
                        writer.start_factors(dyn, [], device).items()}
         groups.append({"params": list(sizes.start.values()), "lr": config.start_lr})
     writer.step_sizes = sizes
-    meta_optimizer = torch.optim.Adam(groups)
-    record = {"config": config_record(config), "modules": writer.modules_list, "documents": [], "seconds": 0.0}
-    started = time.time()
-    for index, doc in enumerate(tqdm(docs, desc="meta-learning step sizes")):
+    meta_optimizer = run.accelerator.prepare(torch.optim.Adam(groups))
+    learned = [log_lr, *sizes.start.values()]
+    start, _, extra = run.resume()
+    record = extra.get("record") or {"config": config_record(config), "modules": writer.modules_list,
+                                     "documents": [], "seconds": 0.0}
+    if extra:  # the step sizes and starts are plain tensors: the recipe saves them itself
+        with torch.no_grad():
+            for tensor, saved in zip(learned, extra["tensors"]):
+                tensor.copy_(saved)
+    started = time.time() - record["seconds"]
+    for index in tqdm(range(start, len(docs)), desc="meta-learning step sizes", initial=start, total=len(docs),
+                      disable=not run.is_main):
+        doc = docs[index]
         chunk = tokenizer(doc["context"], add_special_tokens=False)["input_ids"][:absorber.config.chunk_tokens]
         questions = question_texts(writer, dyn, tokenizer, doc["questions"], device)
         items = unrelated_questions(config.locality_questions, seed=index * config.locality_questions,
@@ -166,7 +178,8 @@ def train_absorb_steps(config: AbsorbStepsTrainConfig) -> dict:
             before = float(writer.loss(dyn, questions, {}, {}))
             locality_before = float(writer.loss(dyn, unrelated, {}, {})) if unrelated is not None else None
         meta = MetaGradients(writer, dyn, questions, config.score_steps, steps, unrelated, config.locality_weight)
-        writer.fit(dyn, chunk, after_step=meta)
+        with run.accelerator.autocast():
+            writer.fit(dyn, chunk, after_step=meta)
         meta_optimizer.zero_grad(set_to_none=True)
         log_lr.grad = meta.lr_grad * log_lr.detach().exp()  # ∂L/∂log lr = lr · ∂L/∂lr
         for m, a in sizes.start.items():
@@ -177,7 +190,10 @@ def train_absorb_steps(config: AbsorbStepsTrainConfig) -> dict:
                                     "locality_nll_before": locality_before,
                                     "locality_nll_after": {k: round(v, 4) for k, v in meta.locality_losses.items()}})
         record["seconds"] = round(time.time() - started, 1)
-        if (index + 1) % config.checkpoint_every == 0 or index + 1 == len(docs):
-            sizes.save(config.out_dir, record)
-    plot_step_sizes(sizes.log_lr.detach(), sizes.modules, Path(config.out_dir) / "step_sizes.png")
+        run.maybe_save(index + 1, [], extra={"tensors": [t.detach().cpu() for t in learned], "record": record})
+    run.finish()
+    record["resumed_from_step"] = start
+    if run.is_main:
+        sizes.save(config.out_dir, record)
+        plot_step_sizes(sizes.log_lr.detach(), sizes.modules, Path(config.out_dir) / "step_sizes.png")
     return record
