@@ -122,7 +122,7 @@ def test_an_interrupted_run_resumes_from_its_last_state_to_the_same_weights(tmp_
 
 def test_escalate_under_two_processes_trains_as_one(tmp_path, bank):
     """Level 2 runs inside the hypernetwork stack, not through accelerate's wrapper: its gradients are averaged
-    over the processes by hand (TrainingRun.average_gradients); the result matches one process."""
+    over the processes by hand (TrainingRun.update with average=True); the result matches one process."""
     shift, triggers = tmp_path / "shift", tmp_path / "triggers"
     assert main(["train", "shift", "--library", str(bank), "--out-dir", str(shift), *SHIFT]) == 0
     assert main(["train", "triggers", "--library", str(bank), "--model", "tiny:llama", "--out-dir", str(triggers),

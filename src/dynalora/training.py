@@ -76,13 +76,25 @@ class TrainingRun:
             raise ValueError(f"batch_size={len(rows)} does not split over {count} processes; use a multiple of it")
         return rows[self.accelerator.process_index::count]
 
-    def average_gradients(self, parameters) -> None:
-        """Average ``.grad`` over the processes, for a module the recipe calls other than through its
-        ``accelerator.prepare`` wrapper (a level inside a hypernetwork stack); a no-op on one process."""
-        if self.accelerator.num_processes > 1 and self.accelerator.sync_gradients:
+    def update(self, loss: torch.Tensor | None, optimizer, parameters, max_norm: float | None = None,
+               average: bool = False) -> None:
+        """One optimizer update, the same in every recipe: ``loss`` back-propagated through accelerate (fp16 loss
+        scaling, gradient accumulation; None: the recipe has already), the gradients averaged over the processes
+        when ``parameters`` are not called through a prepared module (``average``), clipped to ``max_norm``, then
+        the step (skipped by accelerate between accumulation boundaries). ``average`` is for a module the recipe
+        calls other than through its ``accelerator.prepare`` wrapper (a level inside a hypernetwork stack, a
+        compressor's ``.read``, hooks): no DDP wrapper averages its gradients."""
+        if loss is not None:
+            self.accelerator.backward(loss)
+        parameters = list(parameters)
+        if average and self.accelerator.num_processes > 1 and self.accelerator.sync_gradients:
             for parameter in parameters:
                 if parameter.grad is not None:
                     parameter.grad = self.accelerator.reduce(parameter.grad, "mean")
+        if max_norm is not None and self.accelerator.sync_gradients:
+            self.accelerator.clip_grad_norm_(parameters, max_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     def mean(self, value: torch.Tensor) -> float:
         """A per-process scalar averaged over the processes (for logs)."""

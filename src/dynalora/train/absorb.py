@@ -416,12 +416,7 @@ def train_absorb(config: AbsorbTrainConfig) -> dict:
                                             locality_span=config.locality_span)
             if not math.isfinite(float(loss.detach())):
                 raise FloatingPointError(f"train absorb: non-finite loss at step {step}: {parts}")
-            run.accelerator.backward(loss)
-            run.average_gradients(compressor.parameters())
-            if run.accelerator.sync_gradients:
-                torch.nn.utils.clip_grad_norm_(compressor.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            run.update(loss, optimizer, compressor.parameters(), max_norm=1.0, average=True)  # called via .read
         history.append({key: run.mean(torch.tensor(float(value), device=device)) for key, value in parts.items()})
         seconds += run.mean(torch.tensor(time.perf_counter() - began, device=device))  # alike on every process
         progress.set_postfix(distill=f"{parts['distill']:.3f}", gold=f"{parts['gold_nll']:.3f}",

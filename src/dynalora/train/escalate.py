@@ -170,12 +170,7 @@ def train_escalate(config: EscalateTrainConfig) -> dict:
                                     system.vocab_size).mean()
             if not math.isfinite(float(loss.detach())):
                 raise FloatingPointError(f"train escalate: non-finite loss at step {step}")
-            run.accelerator.backward(loss)
-            run.average_gradients(level2.parameters())
-            if run.accelerator.sync_gradients:
-                torch.nn.utils.clip_grad_norm_(level2.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            run.update(loss, optimizer, level2.parameters(), max_norm=1.0, average=True)  # called inside the stack
         history.append(run.mean(loss))
         progress.set_postfix(nll=f"{history[-1]:.3f}")
         if config.validate_every and ((step + 1) % config.validate_every == 0 or step + 1 == config.steps):

@@ -104,9 +104,7 @@ def train_mix(config: MixTrainConfig) -> dict:
             loss = nll.mean()
             if not math.isfinite(float(loss.detach())):
                 raise FloatingPointError(f"train mix: non-finite loss at step {step}")
-            run.accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            run.update(loss, optimizer, gate.parameters())
         kinds = torch.tensor([e.kind == "domain" for e in batch], device=nll.device)
         history.append({"nll": run.mean(loss), "domain_nll": run.mean(nll[kinds].mean()),
                         "facts_nll": run.mean(nll[~kinds].mean()), "w_shift": run.mean(weights[:, 0].mean()),

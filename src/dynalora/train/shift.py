@@ -142,11 +142,7 @@ def train_shift(config: ShiftTrainConfig) -> dict:
                               for a, b in out["factors"].values())
             loss = lm + config.aux_blend_weight * aux + config.gate_penalty * out["gate"].mean() \
                 + config.factor_penalty * factor_norm
-            run.accelerator.backward(loss)
-            if run.accelerator.sync_gradients:
-                run.accelerator.clip_grad_norm_(net.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            run.update(loss, optimizer, net.parameters(), max_norm=1.0)
         accuracy = (out["blend"].argmax(-1) == target).float().mean()
         history.append({"lm": run.mean(lm), "aux": run.mean(aux), "gate": run.mean(out["gate"].mean()),
                         "acc": run.mean(accuracy)})

@@ -197,19 +197,18 @@ def train_trigger_lora(config: TriggerLoraTrainConfig) -> dict:
     for step in progress:
         batch = [train[rng.randrange(len(train))] for _ in range(config.batch_size)]  # alike on every process
         parts = []
+        mine = run.shard(torch.arange(config.batch_size)).tolist()
         with run.accelerator.accumulate():
-            for index in run.shard(torch.arange(config.batch_size)).tolist():
+            for index in mine:
                 tokens, schedule, target = batch[index]
                 lora.enabled = False  # the reference: the model as it was
                 reference = reference_log_probs(dyn, tokens, schedule, vocab_size)
                 lora.enabled = True
                 with run.accelerator.autocast():
                     parts.append(train_step(dyn, tokens, schedule, target, reference, row, vocab_size,
-                                            config.positive_weight, config.kl_weight, 1 / len(batch),
+                                            config.positive_weight, config.kl_weight, 1 / len(mine),
                                             run.accelerator.backward))
-            run.average_gradients(trained)  # the LoRA is called through hooks, not a prepared module
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            run.update(None, optimizer, trained, average=True)  # the LoRA acts through hooks, not a prepared module
         history.append({key: run.mean(torch.tensor(sum(p[key] for p in parts) / len(parts), device=run.device))
                         for key in parts[0]})
         progress.set_postfix(trigger=f"{history[-1]['trigger']:.3f}", kl=f"{history[-1]['kl']:.4f}")

@@ -96,9 +96,7 @@ def train_xlora(config: XLoraTrainConfig) -> dict:
             losses = [model(input_ids=torch.tensor([ids], device=run.device),  # (1, T)
                             labels=torch.tensor([ids], device=run.device)).loss for ids in mine]
             loss = torch.stack(losses).mean()
-            run.accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            run.update(loss, optimizer, parameters)
         history.append(run.mean(loss))
         progress.set_postfix(loss=f"{history[-1]:.3f}")
         run.maybe_save(step + 1, history, rng, {"seconds": time.perf_counter() - started})
