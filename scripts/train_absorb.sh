@@ -15,5 +15,5 @@ cat loc_val.jsonl facts_val.jsonl > validation.jsonl
 $D train absorb --data loc_train.jsonl facts_train.jsonl needle_train.jsonl --validation validation.jsonl \
     --out-dir "$WORK/run" --compressor gradient --rank 16 --steps 400 --time-limit 35 --max-chunks 3 \
     --distill-weight 0 --gold-weight 1
-rm -f "$WORK"/run/teacher_*.pt "$WORK"/run/resume.pt
+rm -rf "$WORK"/run/teacher_*.pt "$WORK"/run/resume
 ls -la "$WORK/run"

@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 
+from dynalora.training import RunConfig
 from dynalora.train import library as library_recipe
 from dynalora.train.library import AdapterSpec, LibraryConfig, train_library
 
@@ -41,7 +42,7 @@ def library_config(tmp_path, steps=6):
     return LibraryConfig(
         adapters=[AdapterSpec(d, f"{d} text", f"domain:{d}") for d in DOMAIN_TEXT], out_dir=tmp_path / "library",
         model="tiny:llama", steps=steps, batch_size=2, seq_len=32, lr=1e-2, warmup_steps=1, eval_batches=2,
-        checkpoint_every=2)
+        run=RunConfig(checkpoint_every=2))
 
 
 def test_library_recipe_trains_resumes_and_writes_peft_folders(tmp_path, synthetic_domains, monkeypatch):
@@ -58,11 +59,12 @@ def test_library_recipe_trains_resumes_and_writes_peft_folders(tmp_path, synthet
     monkeypatch.setattr(torch.optim.AdamW, "step", failing_step)
     with pytest.raises(KeyboardInterrupt):
         train_library(config)
-    saved = torch.load(config.out_dir / "news.partial" / "trainer.pt", weights_only=True)
-    assert saved["step"] == 2 and len(saved["losses"]) == 2
+    saved = json.loads((config.out_dir / "news.partial" / "resume" / "progress.json").read_text())
+    assert saved["step"] == 2 and len(saved["history"]) == 2
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     results = train_library(config)  # resumes news at step 2, then trains the rest
     assert [r["label"] for r in results] == list(DOMAIN_TEXT)
+    assert [r["resumed_from_step"] for r in results] == [2] + [0] * (len(DOMAIN_TEXT) - 1)
     news = json.loads((config.out_dir / "news" / library_recipe.METADATA_FILE).read_text())
     assert news["steps"] == 6 and len(json.loads((config.out_dir / "news" / "losses.json").read_text())) == 6
     assert (config.out_dir / "news" / "loss.png").stat().st_size > 1000
@@ -82,14 +84,17 @@ def test_library_recipe_trains_resumes_and_writes_peft_folders(tmp_path, synthet
 def test_library_config_errors_name_the_field(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text('stepz = 3\n[[adapters]]\nlabel = "a"\ndescription = "x"\nsource = "domain:news"\n')
-    with pytest.raises(ValueError, match=r"unknown field\(s\) \['stepz'\]"):
-        LibraryConfig.from_toml(path)
+    with pytest.raises(ValueError, match=r"bad.toml: unknown setting\(s\) \['stepz'\]"):
+        LibraryConfig.from_file(path)
     path.write_text('held_out_tasks = ["t"]\n[[adapters]]\nlabel = "a"\ndescription = "x"\nsource = "bigbench:t"\n')
     with pytest.raises(ValueError, match="trains on held-out task 't'"):
-        LibraryConfig.from_toml(path)
+        LibraryConfig.from_file(path)
     path.write_text('[[adapters]]\nlabel = "a"\ndescription = "x"\nsource = "wiki:t"\n')
     with pytest.raises(ValueError, match=re.escape("data source 'wiki:t': use one of domain:NAME | jsonl:PATH")):
-        LibraryConfig.from_toml(path)
+        LibraryConfig.from_file(path)
+    path.write_text('[[adapters]]\nlabel = "a"\nsource = "domain:news"\n')
+    with pytest.raises(ValueError, match=re.escape("bad.toml [[adapters]] #1: AdapterSpec") + ".*description"):
+        LibraryConfig.from_file(path)
 
 
 def test_shift_recipe_learns_to_pick_the_domain_adapter(tmp_path, synthetic_domains):

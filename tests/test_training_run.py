@@ -35,23 +35,45 @@ def trigger_weights(folder):
     return {**trigger.rows, **trigger.deltas}  # ΔW, not its SVD factors (whose signs are arbitrary)
 
 
-RECIPES = {  # recipe: (its flags besides --library and --out-dir, its trained weights, its record file)
-    "shift": (SHIFT, lambda folder: load_file(str(folder / "shift_net.safetensors")), "train_shift.json"),
-    "xlora": (XLORA, lambda folder: load_file(str(folder / "classifier.safetensors")), "xlora.json"),
-    "trigger-lora": (TRIGGER_LORA, trigger_weights, "triggers.json"),
-    "absorb": (ABSORB, lambda folder: load_file(str(folder / "gradient_compressor.safetensors")), "train_absorb.json"),
+LIBRARY = ["--model", "tiny:llama", "--steps", "6", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1",
+           "--rank", "2", "--threads", "1"]
+
+
+def library_weights(folder):
+    return {f"{label}.{name}": tensor for label in ("news", "scripture", "code")
+            for name, tensor in load_file(str(folder / label / "adapter_model.safetensors")).items()}
+
+
+def record(name):
+    return lambda folder: json.loads((folder / name).read_text())
+
+
+RECIPES = {  # recipe: (its flags besides its data and --out-dir, its trained weights, its record)
+    "shift": (SHIFT, lambda folder: load_file(str(folder / "shift_net.safetensors")), record("train_shift.json")),
+    "xlora": (XLORA, lambda folder: load_file(str(folder / "classifier.safetensors")), record("xlora.json")),
+    "trigger-lora": (TRIGGER_LORA, trigger_weights, record("triggers.json")),
+    "absorb": (ABSORB, lambda folder: load_file(str(folder / "gradient_compressor.safetensors")),
+               record("train_absorb.json")),
     "absorb-steps": (ABSORB_STEPS, lambda folder: load_file(str(folder / "step_sizes.safetensors")),
-                     "train_absorb_steps.json"),
+                     record("train_absorb_steps.json")),
+    "library": (LIBRARY, library_weights, record("news/dynalora_adapter.json")),  # the first: the one interrupted
 }
-DATA_PARALLEL = ["shift", "trigger-lora", "xlora"]
-"""Recipes whose loss is a mean over equal per-example parts (absorb's is over answer tokens: two processes weigh
-them per half-batch, so they match one process only when every answer has the same length)."""
+DATA_PARALLEL = ["library", "shift", "trigger-lora", "xlora"]
+"""Recipes whose loss is a mean over equal parts of a batch (the library's text windows all have seq_len tokens;
+absorb's loss is a mean over answer tokens: two processes weigh them per half-batch, so they match one process only
+when every answer has the same length)."""
 
 
 def recipe_command(recipe: str, bank, tmp_path) -> list[str]:
     """``dynalora train RECIPE`` on the bank, with what it starts from made first (trigger-lora: a row trigger;
     absorb and absorb-steps: documents with questions)."""
     flags = RECIPES[recipe][0]
+    if recipe == "library":  # the user's text sources, from the bank
+        config = tmp_path / "library.toml"
+        config.write_text("".join(f'[[adapters]]\nlabel = "{a["label"]}"\ndescription = "{a["label"]} text"\n'
+                                  f'source = "{a["data"]}"\n\n'
+                                  for a in json.loads((bank / "bank.json").read_text())["adapters"]))
+        return ["train", recipe, "--config", str(config), *flags]
     if recipe in ("absorb", "absorb-steps"):
         docs = tmp_path / "docs.jsonl"
         docs.write_text("".join(json.dumps({"context": f"Zorb{i} lives in Quell{i}. Zorb{i} is a baker.",
@@ -78,7 +100,7 @@ def bank(tmp_path):
 
 @pytest.mark.parametrize("recipe", DATA_PARALLEL)
 def test_two_processes_under_accelerate_launch_train_as_one(tmp_path, bank, recipe):
-    _, weights, record_file = RECIPES[recipe]
+    _, weights, _ = RECIPES[recipe]
     command = recipe_command(recipe, bank, tmp_path)
     assert main([*command, "--out-dir", str(tmp_path / "one")]) == 0
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -87,7 +109,7 @@ def test_two_processes_under_accelerate_launch_train_as_one(tmp_path, bank, reci
     done = subprocess.run(launch, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads((tmp_path / "two" / record_file).read_text())["processes"] == 2  # it really ran data-parallel
+    assert RECIPES[recipe][2](tmp_path / "two")["processes"] == 2  # it really ran data-parallel
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert one.keys() == two.keys()
     for name in one:  # the same steps: gradients averaged over two halves of each batch (fp16 files)
@@ -96,10 +118,10 @@ def test_two_processes_under_accelerate_launch_train_as_one(tmp_path, bank, reci
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_an_interrupted_run_resumes_from_its_last_state_to_the_same_weights(tmp_path, bank, monkeypatch, recipe):
-    _, weights, record_file = RECIPES[recipe]
+    _, weights, read_record = RECIPES[recipe]
     command = [*recipe_command(recipe, bank, tmp_path), "--run.checkpoint-every", "3"]
     assert main([*command, "--out-dir", str(tmp_path / "whole")]) == 0
-    assert not (tmp_path / "whole" / "resume").exists()  # a finished run leaves no state behind
+    assert not list((tmp_path / "whole").rglob("resume"))  # a finished run leaves no state behind
 
     save = TrainingRun.maybe_save
 
@@ -110,12 +132,12 @@ def test_an_interrupted_run_resumes_from_its_last_state_to_the_same_weights(tmp_
 
     monkeypatch.setattr(TrainingRun, "maybe_save", save_then_stop)
     assert main([*command, "--out-dir", str(tmp_path / "cut")]) == 130
-    assert (tmp_path / "cut" / "resume" / "progress.json").is_file()
+    assert list((tmp_path / "cut").rglob("resume/progress.json"))  # (the library's: in the adapter's .partial)
     monkeypatch.setattr(TrainingRun, "maybe_save", save)
     assert main([*command, "--out-dir", str(tmp_path / "cut")]) == 0
     # it went on from step 3 (a rerun from scratch would also end equal: the run is seeded)
-    assert json.loads((tmp_path / "cut" / record_file).read_text())["resumed_from_step"] == 3
-    assert json.loads((tmp_path / "whole" / record_file).read_text())["resumed_from_step"] == 0
+    assert read_record(tmp_path / "cut")["resumed_from_step"] == 3
+    assert read_record(tmp_path / "whole")["resumed_from_step"] == 0
     whole, cut = weights(tmp_path / "whole"), weights(tmp_path / "cut")
     assert whole.keys() == cut.keys() and all(torch.equal(whole[name], cut[name]) for name in whole)
 

@@ -89,12 +89,13 @@ class ConfigFlags:
     """The flags of one config dataclass on ``parser`` (see the module docstring)."""
 
     def __init__(self, parser: argparse.ArgumentParser, cls, aliases: dict[str, str | list[str]] | None = None,
-                 skip: tuple[str, ...] = (), config_file: bool = True):
+                 skip: tuple[str, ...] = (), config_file: bool = True, default_config: Path | None = None):
         self.cls, self.parser, self.dests = cls, parser, {}
         aliases = aliases or {}
         if config_file:
-            parser.add_argument("--config", type=Path, default=None, metavar="FILE",
-                                help="TOML or JSON file of settings (field names as keys); flags given win")
+            shown = f" (default: {default_config})" if default_config else ""
+            parser.add_argument("--config", type=Path, default=default_config, metavar="FILE",
+                                help=f"TOML or JSON file of settings (field names as keys){shown}; flags given win")
         self._add(cls, "", aliases, set(skip))
 
     def _add(self, cls, prefix: str, aliases, skip) -> None:
@@ -140,7 +141,10 @@ class ConfigFlags:
         values: dict = {}
         config_file = getattr(args, "config", None)
         if config_file is not None:
-            values = read_config_file(config_file)
+            try:
+                values = read_config_file(config_file)
+            except (FileNotFoundError, ValueError) as error:
+                self.parser.error(f"--config {error}")
         flat = {}
         for dest, (path, _, _) in self.dests.items():
             if hasattr(args, dest):
@@ -184,32 +188,41 @@ def construct(cls, values: dict, source: str):
     kwargs = {}
     for name, value in values.items():
         hint, _ = _unwrap_optional(hints[name])
+        element = (typing.get_args(hint) or (None,))[0] if typing.get_origin(hint) is list else None
         if dataclasses.is_dataclass(hint) and isinstance(value, dict):
             value = construct(hint, value, f"{source} [{name}]")
+        elif dataclasses.is_dataclass(element) and isinstance(value, list):  # e.g. TOML [[adapters]] tables
+            value = [construct(element, item, f"{source} [[{name}]] #{index + 1}") if isinstance(item, dict)
+                     else item for index, item in enumerate(value)]
         elif hint is Path and isinstance(value, str):
             value = Path(value)
         kwargs[name] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except TypeError as error:  # a required field missing
+        raise ValueError(f"{source}: {cls.__name__}: {error}") from None
 
 
 def read_config_file(path: Path) -> dict:
+    """A TOML (or ``.json``) file's settings; errors name the file."""
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f"--config {path}: no such file")
+        raise FileNotFoundError(f"{path}: no such config file")
     text = path.read_text()
     try:
         return json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as error:
-        raise SystemExit(f"--config {path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {error}")
+        raise ValueError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {error}") from None
 
 
 
 def add_config_command(commands, name: str, config_cls, run, help_text: str, aliases: dict | None = None,
-                       out: Path | None = None) -> argparse.ArgumentParser:
+                       out: Path | None = None, default_config: Path | None = None) -> argparse.ArgumentParser:
     """A subcommand whose flags are ``config_cls``'s: it calls ``run(config)``, or with ``out`` (the default
-    result file) ``run(config, out=PATH)`` and adds ``--out``. Returns the subparser (for extra flags)."""
+    result file) ``run(config, out=PATH)`` and adds ``--out``; ``default_config``: the ``--config`` file read when
+    none is given. Returns the subparser (for extra flags)."""
     parser = commands.add_parser(name, help=help_text, description=help_text)
-    flags = ConfigFlags(parser, config_cls, aliases=aliases)
+    flags = ConfigFlags(parser, config_cls, aliases=aliases, default_config=default_config)
     if out is not None:
         parser.add_argument("--out", type=Path, default=out,
                             help="where the JSON result goes (the table is printed; default: %(default)s)")

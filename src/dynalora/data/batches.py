@@ -20,6 +20,10 @@ class TokenBatch:
     attention_mask: torch.Tensor  # (B, T)
     labels: torch.Tensor  # (B, T), IGNORE where no loss
 
+    def rows(self, index: torch.Tensor) -> "TokenBatch":
+        """Some rows of the batch (a process's slice of it)."""
+        return TokenBatch(self.input_ids[index], self.attention_mask[index], self.labels[index])
+
 
 def config_record(config) -> dict:
     """A recipe config dataclass as JSON-ready values (paths as strings), for checkpoint metadata."""
@@ -114,9 +118,11 @@ def pair_batches(pairs: list[tuple[list[int], list[int]]], seq_len: int, batch_s
 
 
 def batch_nll(model, batch: TokenBatch) -> tuple[torch.Tensor, int]:
-    """Summed next-token NLL over labelled positions, and their count. Differentiable."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]  # (B, T-1, V)
-    targets = batch.labels[:, 1:]  # (B, T-1)
+    """Summed next-token NLL over labelled positions, and their count. Differentiable; on the model's device."""
+    device = next(model.parameters()).device
+    logits = model(input_ids=batch.input_ids.to(device),
+                   attention_mask=batch.attention_mask.to(device)).logits[:, :-1]  # (B, T-1, V)
+    targets = batch.labels[:, 1:].to(device)  # (B, T-1)
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                                              ignore_index=IGNORE, reduction="sum")
     return loss, int((targets != IGNORE).sum())

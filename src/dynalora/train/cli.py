@@ -8,19 +8,9 @@ from dynalora.cli_config import add_config_command
 from dynalora.shipped import shipped_config
 
 
-def cmd_library(args) -> int:
-    from dynalora.train.library import LibraryConfig, train_library
+def cmd_library(config) -> int:
+    from dynalora.train.library import train_library
 
-    config = LibraryConfig.from_toml(args.config)
-    if args.out_dir:
-        config.out_dir = args.out_dir
-    if args.steps:
-        config.steps = args.steps
-    if args.only:
-        unknown = sorted(set(args.only) - {a.label for a in config.adapters})
-        if unknown:
-            raise ValueError(f"--only: no adapters labelled {unknown} in {args.config}")
-        config.adapters = [a for a in config.adapters if a.label in args.only]
     train_library(config)
     return 0
 
@@ -129,17 +119,10 @@ def cmd_mix(config) -> int:
 def add_train_commands(commands) -> None:
     train = commands.add_parser("train", help="training recipes (resumable, with progress bars and loss plots)")
     sub = train.add_subparsers(dest="train_command", required=True, metavar="RECIPE")
-    p = sub.add_parser("library", help="train the labelled LoRA library (one PEFT adapter per entry)")
-    p.add_argument("--config", type=Path, default=shipped_config("library.toml"),
-                   help="TOML config (default: the shipped library's, %(default)s)")
-    p.add_argument("--out-dir", type=Path, default=None, help="override the config's out_dir")
-    p.add_argument("--steps", type=int, default=None, help="override the config's steps")
-    p.add_argument("--only", nargs="+", default=None, help="train only these labels")
-    p.set_defaults(handler=cmd_library)
-
     from dynalora.train.absorb import AbsorbTrainConfig
     from dynalora.train.absorb_steps import AbsorbStepsTrainConfig
     from dynalora.train.escalate import EscalateTrainConfig
+    from dynalora.train.library import LibraryConfig
     from dynalora.train.mix import MixTrainConfig
     from dynalora.train.shift import ShiftTrainConfig
     from dynalora.train.trigger_lora import TriggerLoraTrainConfig
@@ -148,6 +131,8 @@ def add_train_commands(commands) -> None:
 
     library = {"library_dir": "--library"}
     recipes = [
+        ("library", LibraryConfig, cmd_library, {},
+         "train the labelled LoRA library (one PEFT adapter per [[adapters]] entry of --config)"),
         ("shift", ShiftTrainConfig, cmd_shift, library, "train the shift hypernetwork on the trained library"),
         ("triggers", TriggerTrainConfig, cmd_triggers, {**library, "train_streams": "--streams"},
          "train the <|shift|> token's row on mixed-domain streams"),
@@ -166,7 +151,8 @@ def add_train_commands(commands) -> None:
          "meta-learn the distill memory writer's step sizes and start on train-seed documents"),
     ]
     for name, config_cls, handler, aliases, help_text in recipes:
-        add_config_command(sub, name, config_cls, handler, help_text, aliases)
+        add_config_command(sub, name, config_cls, handler, help_text, aliases,
+                           default_config=shipped_config("library.toml") if name == "library" else None)
 
     p = sub.add_parser("rescan-triggers", help="train nothing: choose trained triggers' thresholds again on their "
                                                "validation streams")
