@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from dynalora.cli import main
 from dynalora.runtime.trained_trigger import TrainedTrigger
-from dynalora.training import TrainingRun
+from dynalora.training import CURVES_FILE, RunConfig, TrainingRun
 from test_bring_your_own import user_folders
 
 SHIFT = ["--model", "tiny:llama", "--steps", "6", "--examples-per-domain", "8", "--context-tokens", "16",
@@ -123,21 +123,25 @@ def test_an_interrupted_run_resumes_from_its_last_state_to_the_same_weights(tmp_
     assert main([*command, "--out-dir", str(tmp_path / "whole")]) == 0
     assert not list((tmp_path / "whole").rglob("resume"))  # a finished run leaves no state behind
 
-    save = TrainingRun.maybe_save
+    save = TrainingRun.end_step
 
     def save_then_stop(self, step, history, rng=None, extra=None):
         save(self, step, history, rng, extra)
         if step == 3:
             raise KeyboardInterrupt  # as if the machine went away after the checkpoint at step 3
 
-    monkeypatch.setattr(TrainingRun, "maybe_save", save_then_stop)
+    monkeypatch.setattr(TrainingRun, "end_step", save_then_stop)
     assert main([*command, "--out-dir", str(tmp_path / "cut")]) == 130
     assert list((tmp_path / "cut").rglob("resume/progress.json"))  # (the library's: in the adapter's .partial)
-    monkeypatch.setattr(TrainingRun, "maybe_save", save)
+    monkeypatch.setattr(TrainingRun, "end_step", save)
     assert main([*command, "--out-dir", str(tmp_path / "cut")]) == 0
     # it went on from step 3 (a rerun from scratch would also end equal: the run is seeded)
     assert read_record(tmp_path / "cut")["resumed_from_step"] == 3
     assert read_record(tmp_path / "whole")["resumed_from_step"] == 0
+    if recipe not in ("library", "absorb-steps"):  # the curves (library: per adapter, in its losses.json)
+        whole_curves, cut_curves = ((tmp_path / run / CURVES_FILE).read_text().splitlines() for run in ("whole", "cut"))
+        assert [json.loads(line)["step"] for line in cut_curves] == list(range(1, len(whole_curves) + 1))
+        assert cut_curves == whole_curves  # the steps after the saved state were logged once, with the same values
     whole, cut = weights(tmp_path / "whole"), weights(tmp_path / "cut")
     assert whole.keys() == cut.keys() and all(torch.equal(whole[name], cut[name]) for name in whole)
 
@@ -167,3 +171,8 @@ def test_escalate_under_two_processes_trains_as_one(tmp_path, bank):
     assert any(v.abs().sum() > 0 for name, v in one.items() if name.endswith("bias") or "out" in name)
     for name in one:
         torch.testing.assert_close(two[name].float(), one[name].float(), atol=2e-3, rtol=1e-2)
+
+
+def test_a_tracker_that_is_not_installed_is_refused_before_anything_loads():
+    with pytest.raises(ValueError, match=r"tracker='no-such-tracker': not installed; available here: \["):
+        RunConfig(tracker="no-such-tracker")

@@ -18,6 +18,7 @@ import torch
 from accelerate import Accelerator
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
+CURVES_FILE = "curves.jsonl"
 
 
 @dataclass
@@ -32,6 +33,9 @@ class RunConfig:
     """Optimizer steps every this many batches."""
     checkpoint_every: int = 0
     """Save a resumable state every this many steps (0: never); a rerun with the same out_dir resumes from it."""
+    tracker: str | None = None
+    """Also send the curves to this accelerate tracker (tensorboard, mlflow, aim, ... when installed; its files
+    under out_dir). Every run writes them to out_dir/curves.jsonl as it goes."""
 
     def __post_init__(self):
         if self.mixed_precision not in MIXED_PRECISION:
@@ -40,6 +44,13 @@ class RunConfig:
             raise ValueError(f"RunConfig.device={self.device!r}: choose auto, cpu or cuda")
         if self.gradient_accumulation_steps < 1 or self.checkpoint_every < 0:
             raise ValueError("RunConfig.gradient_accumulation_steps must be ≥ 1 and checkpoint_every ≥ 0")
+        if self.tracker is not None:
+            from accelerate.tracking import get_available_trackers
+
+            available = sorted(str(getattr(t, "value", t)) for t in get_available_trackers())
+            if self.tracker not in available:
+                raise ValueError(f"RunConfig.tracker={self.tracker!r}: not installed; available here: {available} "
+                                 "(e.g. pip install tensorboard)")
 
 
 @dataclass
@@ -54,12 +65,16 @@ class TrainingRun:
         # on a machine without CUDA, accelerate joins launched processes only when told cpu=True
         cpu = self.config.device == "cpu" or (self.config.device == "auto" and not torch.cuda.is_available())
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=self.config.mixed_precision,
-                                       gradient_accumulation_steps=self.config.gradient_accumulation_steps)
+                                       gradient_accumulation_steps=self.config.gradient_accumulation_steps,
+                                       log_with=self.config.tracker, project_dir=str(self.out_dir))
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched != self.accelerator.num_processes:  # each process would train alone, on the same data
             raise RuntimeError(f"{launched} processes were launched but accelerate joined "
                                f"{self.accelerator.num_processes}; check --device ({self.config.device})")
         self.state_dir = Path(self.out_dir) / "resume"
+        self.curves = Path(self.out_dir) / CURVES_FILE
+        if self.config.tracker is not None:
+            self.accelerator.init_trackers(Path(self.out_dir).name)
 
     @property
     def device(self) -> torch.device:
@@ -105,17 +120,31 @@ class TrainingRun:
         RNGs, and ``rng``: the recipe's ``torch.Generator`` or ``random.Random``, if it draws from one):
         ``(step, history, extra)``; ``(0, [], {})`` when none."""
         if not (self.state_dir / "progress.json").is_file():
+            if self.is_main:
+                self.curves.unlink(missing_ok=True)  # a fresh run's curves start empty
             return 0, [], {}
         self.accelerator.load_state(str(self.state_dir))
         saved = torch.load(self.state_dir / "recipe.pt", weights_only=False)  # written by this recipe
         if rng is not None:
             (rng.set_state if isinstance(rng, torch.Generator) else rng.setstate)(saved["rng"])
         progress = json.loads((self.state_dir / "progress.json").read_text())
+        if self.is_main and self.curves.is_file():  # the steps logged after the saved state are done again
+            lines = self.curves.read_text().splitlines()
+            self.curves.write_text("".join(line + "\n" for line in lines
+                                           if json.loads(line)["step"] <= progress["step"]))
         return progress["step"], progress["history"], saved["extra"]
 
-    def maybe_save(self, step: int, history: list, rng=None, extra: dict | None = None) -> None:
-        """After ``step`` steps, every ``checkpoint_every``: the resumable state, with the recipe's ``rng`` and any
-        ``extra`` it needs to go on (e.g. the best weights so far)."""
+    def end_step(self, step: int, history: list, rng=None, extra: dict | None = None) -> None:
+        """After ``step`` steps: the step's values (``history[-1]``) appended to the curves (and the tracker), and
+        every ``checkpoint_every`` steps the resumable state, with the recipe's ``rng`` and any ``extra`` it needs to
+        go on (e.g. the best weights so far)."""
+        if history and self.is_main:
+            values = history[-1] if isinstance(history[-1], dict) else {"loss": history[-1]}
+            self.curves.parent.mkdir(parents=True, exist_ok=True)
+            with self.curves.open("a") as curves:
+                curves.write(json.dumps({"step": step, **values}) + "\n")
+            if self.config.tracker is not None:
+                self.accelerator.log(values, step=step)
         every = self.config.checkpoint_every
         if not every or step % every:
             return
@@ -127,7 +156,9 @@ class TrainingRun:
         self.accelerator.wait_for_everyone()
 
     def finish(self) -> None:
-        """The run is done: its resumable state goes."""
+        """The run is done: its resumable state goes (the curves stay)."""
+        if self.config.tracker is not None:
+            self.accelerator.end_training()
         self.accelerator.wait_for_everyone()
         if self.is_main:
             shutil.rmtree(self.state_dir, ignore_errors=True)

@@ -320,9 +320,8 @@ class System:
         unknown = sorted(set(record) - {f.name for f in fields(EngineSpec)})
         if unknown:
             raise ValueError(f"{path}: unknown field(s) {unknown}")
-        for name in SYSTEM_PARTS:
-            if record.get(name) is not None:
-                record[name] = Path(folder) / record[name]
+        for name in SYSTEM_PARTS:  # a part the system does not use takes the spec's default
+            record[name] = Path(folder) / record[name] if record.get(name) is not None else getattr(EngineSpec, name)
         return cls.from_checkpoints(EngineSpec(**{**record, **load_options}))
 
     def close(self) -> None:

@@ -424,7 +424,7 @@ def train_absorb(config: AbsorbTrainConfig) -> dict:
         if config.time_limit_minutes and seconds > 60 * config.time_limit_minutes:
             logger.info(f"train absorb: time limit of {config.time_limit_minutes} min reached after {step + 1} steps")
             break
-        run.maybe_save(step + 1, history, extra={"seconds": seconds, "untrained": untrained})
+        run.end_step(step + 1, history, extra={"seconds": seconds, "untrained": untrained})
     run.finish()
     compressor.eval()
     scores = evaluate(dyn, compressor, validation, validation_targets, pad_id, device, config) if validation else {}

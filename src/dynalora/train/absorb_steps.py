@@ -190,7 +190,7 @@ def train_absorb_steps(config: AbsorbStepsTrainConfig) -> dict:
                                     "locality_nll_before": locality_before,
                                     "locality_nll_after": {k: round(v, 4) for k, v in meta.locality_losses.items()}})
         record["seconds"] = round(time.time() - started, 1)
-        run.maybe_save(index + 1, [], extra={"tensors": [t.detach().cpu() for t in learned], "record": record})
+        run.end_step(index + 1, [], extra={"tensors": [t.detach().cpu() for t in learned], "record": record})
     run.finish()
     record["resumed_from_step"] = start
     if run.is_main:

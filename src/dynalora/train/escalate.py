@@ -176,7 +176,7 @@ def train_escalate(config: EscalateTrainConfig) -> dict:
         if config.validate_every and ((step + 1) % config.validate_every == 0 or step + 1 == config.steps):
             validate(step + 1)
             progress.set_postfix(nll=f"{history[-1]:.3f}", validation=f"{validation_history[-1]['nll']:.3f}")
-        run.maybe_save(step + 1, history, generator, {"validation_history": validation_history, "best": best})
+        run.end_step(step + 1, history, generator, {"validation_history": validation_history, "best": best})
     run.finish()
     train_seconds = time.perf_counter() - began
     if best is not None:

@@ -189,7 +189,7 @@ def train_adapter(spec: AdapterSpec, base, config: LibraryConfig) -> dict:
         losses.append(run.mean(loss.detach() / max(count, 1)))
         seconds += time.perf_counter() - began
         progress.set_postfix(loss=f"{losses[-1]:.3f}")
-        run.maybe_save(step + 1, losses, extra={"seconds": seconds})
+        run.end_step(step + 1, losses, extra={"seconds": seconds})
     run.finish()
     model.eval()
     nll_adapter = mean_nll(model, validation)

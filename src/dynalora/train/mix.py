@@ -111,7 +111,7 @@ def train_mix(config: MixTrainConfig) -> dict:
                         "w_memory": run.mean(weights[:, 1].mean()),
                         "w_memory_domain": run.mean(weights[kinds, 1].mean()),
                         "w_memory_facts": run.mean(weights[~kinds, 1].mean())})
-        run.maybe_save(step + 1, history, rng)
+        run.end_step(step + 1, history, rng)
         progress.set_postfix(nll=f"{history[-1]['nll']:.3f}", ws=f"{history[-1]['w_shift']:.2f}",
                              wm_domain=f"{history[-1]['w_memory_domain']:.2f}",
                              wm_facts=f"{history[-1]['w_memory_facts']:.2f}")

@@ -149,7 +149,7 @@ def train_shift(config: ShiftTrainConfig) -> dict:
         if not all(map(math.isfinite, history[-1].values())):
             raise FloatingPointError(f"train shift: non-finite loss at step {step}: {history[-1]}")
         progress.set_postfix(lm=f"{history[-1]['lm']:.3f}", acc=f"{history[-1]['acc']:.2f}")
-        run.maybe_save(step + 1, history, rng)
+        run.end_step(step + 1, history, rng)
     seconds = time.perf_counter() - started
     capture.remove()
     dyn.detach()

@@ -212,7 +212,7 @@ def train_trigger_lora(config: TriggerLoraTrainConfig) -> dict:
         history.append({key: run.mean(torch.tensor(sum(p[key] for p in parts) / len(parts), device=run.device))
                         for key in parts[0]})
         progress.set_postfix(trigger=f"{history[-1]['trigger']:.3f}", kl=f"{history[-1]['kl']:.4f}")
-        run.maybe_save(step + 1, history, rng, {"tensors": [t.detach().cpu() for t in trained]})
+        run.end_step(step + 1, history, rng, {"tensors": [t.detach().cpu() for t in trained]})
     train_seconds = time.perf_counter() - started
     run.finish()
     lora.remove()

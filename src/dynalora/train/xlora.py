@@ -99,7 +99,7 @@ def train_xlora(config: XLoraTrainConfig) -> dict:
             run.update(loss, optimizer, parameters)
         history.append(run.mean(loss))
         progress.set_postfix(loss=f"{history[-1]:.3f}")
-        run.maybe_save(step + 1, history, rng, {"seconds": time.perf_counter() - started})
+        run.end_step(step + 1, history, rng, {"seconds": time.perf_counter() - started})
     seconds = time.perf_counter() - started
     model = run.accelerator.unwrap_model(model)
     run.finish()
