@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -88,18 +90,42 @@ def test_bad_values_are_usage_errors_that_name_the_flag_or_the_file(tmp_path, ca
     assert f"{file}: unknown setting(s) ['rnak']" in capsys.readouterr().err
 
 
-def test_every_recipe_field_is_a_flag_with_its_help():
-    """The train commands are generated from their configs: every field has a flag (nothing hand-kept)."""
-    import dataclasses
+def generated_commands(parser, prefix="dynalora"):
+    """``{command: [ConfigFlags, ...]}`` of every subcommand with flags generated from config dataclasses."""
+    found = {prefix: parser.config_flags} if hasattr(parser, "config_flags") else {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                found.update(generated_commands(child, f"{prefix} {name}"))
+    return found
 
+
+def config_paths(cls, prefix=""):
+    """Every field of a config dataclass, nested ones as ``outer.inner``."""
+    hints = typing.get_type_hints(cls)
+    for config_field in dataclasses.fields(cls):
+        hint = hints[config_field.name]
+        if dataclasses.is_dataclass(hint):
+            yield from config_paths(hint, prefix + config_field.name + ".")
+        elif config_field.init:
+            yield prefix + config_field.name
+
+
+def test_every_config_field_is_a_flag_with_its_docstring_as_help():
+    """Every command generated from a config (recipes, evals, benches, data, generate/chat, demo): each field is a
+    flag whose help is the field's docstring with its default, or (a dict, a list of tables) a --config setting."""
     from dynalora.cli import build_parser
-    from dynalora.train.shift import ShiftTrainConfig
-    from dynalora.train.trigger_lora import TriggerLoraTrainConfig
 
-    commands = build_parser()._subparsers._group_actions[0].choices
-    recipes = commands["train"]._subparsers._group_actions[0].choices
-    for name, cls in (("shift", ShiftTrainConfig), ("trigger-lora", TriggerLoraTrainConfig)):
-        text = recipes[name].format_help()
-        for config_field in dataclasses.fields(cls):
-            assert "--" + config_field.name.replace("_", "-") in text, (name, config_field.name)
-    assert "Rank of the trigger LoRA. (default: 4)" in " ".join(recipes["trigger-lora"].format_help().split())
+    commands = generated_commands(build_parser())
+    assert {"dynalora train library", "dynalora train shift", "dynalora eval shift", "dynalora data streams",
+            "dynalora data absorb", "dynalora demo", "dynalora chat", "dynalora bench engine"} <= set(commands)
+    assert {flags.cls.__name__ for flags in commands["dynalora chat"]} == {"EngineSpec", "SamplingConfig"}
+    for command, flags in ((command, flags) for command, all_flags in commands.items() for flags in all_flags):
+        flagged = {path for path, _, _ in flags.dests.values()}
+        for path in config_paths(flags.cls):
+            assert path in flagged or path in flags.file_only, (command, path)
+        for dest, (path, flag, _) in flags.dests.items():
+            action = next(a for a in flags.parser._actions if a.dest == dest)
+            assert action.help and not action.help.startswith("(default"), (command, flag, "has no docstring")
+    help_text = " ".join(commands["dynalora train trigger-lora"][0].parser.format_help().split())
+    assert "Rank of the trigger LoRA. (default: 4)" in help_text

@@ -91,6 +91,9 @@ class ConfigFlags:
     def __init__(self, parser: argparse.ArgumentParser, cls, aliases: dict[str, str | list[str]] | None = None,
                  skip: tuple[str, ...] = (), config_file: bool = True, default_config: Path | None = None):
         self.cls, self.parser, self.dests = cls, parser, {}
+        self.file_only: list[str] = []
+        """Fields no flag can express (a dict, a list of tables): ``--config FILE`` sets them."""
+        parser.__dict__.setdefault("config_flags", []).append(self)  # how a test finds every generated flag
         aliases = aliases or {}
         if config_file:
             shown = f" (default: {default_config})" if default_config else ""
@@ -126,11 +129,13 @@ class ConfigFlags:
                 element = (typing.get_args(hint) or (str,))[0]
                 convert = _scalar(element, False, flag)
                 if convert is None:
-                    continue  # not expressible as flags: the config file sets it
+                    self.file_only.append(path)  # not expressible as flags: the config file sets it
+                    continue
                 kwargs.update(nargs="*", type=convert, metavar=element.__name__.upper())
             else:
                 convert = _scalar(hint, optional, flag)
                 if convert is None:
+                    self.file_only.append(path)
                     continue
                 kwargs.update(type=convert, metavar=hint.__name__.upper())
             self.parser.add_argument(*names, **kwargs)
@@ -216,14 +221,20 @@ def read_config_file(path: Path) -> dict:
 
 
 
+REQUIRED = Path()
+"""``out=REQUIRED``: the command writes a file that ``--out`` must name (no default)."""
+
+
 def add_config_command(commands, name: str, config_cls, run, help_text: str, aliases: dict | None = None,
                        out: Path | None = None, default_config: Path | None = None) -> argparse.ArgumentParser:
     """A subcommand whose flags are ``config_cls``'s: it calls ``run(config)``, or with ``out`` (the default
-    result file) ``run(config, out=PATH)`` and adds ``--out``; ``default_config``: the ``--config`` file read when
-    none is given. Returns the subparser (for extra flags)."""
+    result file, or ``REQUIRED``) ``run(config, out=PATH)`` and adds ``--out``; ``default_config``: the ``--config``
+    file read when none is given. Returns the subparser (for extra flags)."""
     parser = commands.add_parser(name, help=help_text, description=help_text)
     flags = ConfigFlags(parser, config_cls, aliases=aliases, default_config=default_config)
-    if out is not None:
+    if out is REQUIRED:
+        parser.add_argument("--out", type=Path, required=True, help="the file written")
+    elif out is not None:
         parser.add_argument("--out", type=Path, default=out,
                             help="where the JSON result goes (the table is printed; default: %(default)s)")
 

@@ -21,7 +21,9 @@ from dynalora.shipped import shipped
 @dataclass
 class AbsorbBenchConfig:
     model: str | None = None
+    """Base model: HF id or folder (None: the embedded SmolLM2-135M-Instruct)."""
     compressor_dir: Path = shipped("absorb")
+    """The compressor whose absorb is timed (``dynalora train absorb``)."""
     short: int = 10
     """Chunks of the short conversation."""
     long: int = 100
@@ -29,6 +31,7 @@ class AbsorbBenchConfig:
     timed_chunks: int = 10
     """Absorbs timed at the start and at the end (median of each)."""
     threads: int = 2
+    """CPU threads torch uses."""
 
 
 def run_absorb_bench(config: AbsorbBenchConfig, out: Path | None = None) -> dict:

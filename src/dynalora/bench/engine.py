@@ -22,15 +22,23 @@ TARGETS = {"engine_vs_hf_decode_b1": 0.9, "engine_vs_hf_decode_b8": 0.9, "trigge
 @dataclass
 class EngineBenchConfig:
     model: str | None = None
+    """Base model: HF id or folder (None: the embedded SmolLM2-135M-Instruct)."""
     new_tokens: int = 128
+    """Tokens generated per timed run."""
     repeats: int = 3
+    """Timed runs per measurement (the median is reported)."""
     batch: int = 8
+    """Rows generated together in the batched runs."""
     adapters: int = 8
+    """Random adapters in the bank."""
     rank: int = 8
+    """Rank of each adapter."""
     context: int = 512
     """Context length at which trigger and KV-policy costs are measured."""
     trigger_repeats: int = 20
+    """Timed runs of a trigger (hypernetwork call and LoRA update) at ``context`` tokens."""
     threads: int = 2
+    """CPU threads torch uses."""
 
 
 def _random_bank(model, count: int, rank: int):

@@ -18,13 +18,21 @@ from dynalora.bench.common import machine, stats, write_result
 @dataclass
 class LayerBenchConfig:
     in_features: int = 576
+    """Input width of the timed Linear (SmolLM2-135M's hidden size by default)."""
     out_features: int = 576
+    """Output width of the timed Linear."""
     adapters: int = 8
+    """Adapters blended in the layer."""
     rank: int = 8
+    """Rank of each adapter."""
     batches: tuple[int, ...] = (1, 8)
+    """Batch sizes timed."""
     calls: int = 2000
+    """Layer calls per timed run."""
     repeats: int = 5
+    """Timed runs per measurement (the median is reported)."""
     threads: int = 2
+    """CPU threads torch uses."""
 
 
 def _per_call(fn, calls: int) -> float:

@@ -32,6 +32,7 @@ class SwitchBenchConfig:
     rank: int = 8
     """Rank of each adapter."""
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    """Module kinds each random adapter adapts."""
     repeats: int = 5
     """Runs per measurement; the median is reported (a single run for operations over 10 s)."""
     switch_repeats: int = 50
@@ -39,10 +40,13 @@ class SwitchBenchConfig:
     decode_tokens: int = 32
     """New tokens per timed decode run."""
     prompt_tokens: int = 16
+    """Prompt length of the timed decode runs."""
     batch: int = 8
+    """Rows of the batched decode runs."""
     skip_svd: bool = False
     """Skip PEFT's svd merge, which takes minutes on CPU."""
     threads: int = 2
+    """CPU threads torch uses."""
 
 
 def _make_adapters(base_factory, folder: Path, config: SwitchBenchConfig) -> list[Path]:

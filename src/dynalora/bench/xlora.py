@@ -26,10 +26,15 @@ class XLoraBenchConfig:
     checkpoints: Path = shipped()
     """Folder with ``library``, ``shift``, ``triggers`` and ``xlora`` (the shipped ones by default)."""
     model: str | None = None
+    """Base model: HF id or folder (None: the embedded SmolLM2-135M-Instruct)."""
     prompt_tokens: int = 256
+    """Prompt length of the timed runs."""
     new_tokens: int = 32
+    """Tokens generated per timed run."""
     repeats: int = 3
+    """Timed runs per method (the median is reported)."""
     threads: int = 2
+    """CPU threads torch uses."""
 
 
 def run_xlora_bench(config: XLoraBenchConfig, out: Path | None = None) -> dict:

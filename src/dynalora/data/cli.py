@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from dynalora.data.bigbench import METRICS, list_tasks, task_index
 from dynalora.data.documents import DOMAINS, LIBRARY_DOMAINS, load_domain
 from dynalora.data.sources import SOURCES
 from dynalora.data.splits import SPLITS, split_sizes
+from dynalora.cli_config import REQUIRED, add_config_command
 
 
 def format_table(header: list[str], rows: list[list]) -> str:
@@ -87,59 +89,33 @@ def add_data_commands(subparsers) -> None:
                          help="with --tasks: only tasks whose mean input is at most this long (characters)")
     listing.set_defaults(handler=cmd_list)
 
-    streams = commands.add_parser("streams", help="write mixed-domain streams (JSONL) for `dynalora eval shift`")
-    streams.add_argument("--out", required=True, help="output JSONL file")
-    streams.add_argument("--split", default="test", help="document split to cut segments from (default: test)")
-    streams.add_argument("--streams", type=int, default=16)
-    streams.add_argument("--segments", type=int, default=3)
-    streams.add_argument("--segment-chars", type=int, default=700)
-    streams.add_argument("--unseen", action="store_true", help="mix in domains no library adapter was trained on")
-    streams.add_argument("--seed", type=int, default=0)
-    streams.set_defaults(handler=cmd_streams)
+    from dynalora.data.absorb import AbsorbDataConfig
+    from dynalora.data.streams import StreamConfig
 
-    absorb = commands.add_parser("absorb", help="write documents with questions (JSONL) for the memory LoRA")
-    absorb.add_argument("--kind", choices=("facts", "needle", "reading", "all", "locality"), default="facts",
-                        help="invented facts, a pass key in filler, BIG-Bench reading passages, all three, or "
-                             "locality (one entity, two facts: unrelated questions / the simplest documents)")
-    absorb.add_argument("--split", choices=SPLITS, default="train",
-                        help="seed range (facts, needle) or passage split (reading); splits never share seeds")
-    absorb.add_argument("--count", type=int, default=100, help="documents per kind (default: 100)")
-    absorb.add_argument("--words", type=int, default=300,
-                        help="approximate words per facts or needle document (default: 300)")
-    absorb.add_argument("--seed-offset", type=int, default=0,
-                        help="first seed inside the split's range (reading: first passage of the split)")
-    absorb.add_argument("--out", required=True, help="output JSONL file")
-    absorb.set_defaults(handler=cmd_absorb)
+    add_config_command(commands, "streams", StreamConfig, cmd_streams,
+                       "write mixed-domain streams (JSONL) for `dynalora eval shift`", out=REQUIRED)
+    add_config_command(commands, "absorb", AbsorbDataConfig, cmd_absorb,
+                       "write documents with questions (JSONL) for the memory LoRA", out=REQUIRED)
 
 
-def cmd_streams(args) -> int:
-    from dynalora.data.streams import (
-        StreamConfig,
-        build_streams,
-        unseen_stream_config,
-        write_streams,
-    )
+def cmd_streams(config, out: Path) -> int:
+    from dynalora.data.streams import build_streams, write_streams
 
-    config = unseen_stream_config(args.split, args.streams, args.seed) if args.unseen else \
-        StreamConfig(split=args.split, streams=args.streams, seed=args.seed)
-    config.segments, config.segment_chars = args.segments, args.segment_chars
-    path = write_streams(build_streams(config), args.out)
-    print(f"wrote {args.streams} streams of {args.segments} segments ({args.split} split) to {path}")
+    path = write_streams(build_streams(config), out)
+    print(f"wrote {config.streams} streams of {config.segments} segments ({config.split} split) to {path}")
     return 0
 
 
-def cmd_absorb(args) -> int:
+def cmd_absorb(config, out: Path) -> int:
     from dynalora.data import absorb
 
-    config = absorb.AbsorbDataConfig(kind=args.kind, split=args.split, count=args.count,
-                                     seed_offset=args.seed_offset, words=args.words)
     documents = absorb.build_absorb_docs(config)
-    path = absorb.write_absorb_docs(documents, args.out)
+    path = absorb.write_absorb_docs(documents, out)
     summary = absorb.summarize_absorb_docs(documents)
     print(format_table(["kind", "documents", "questions", "mean words"],
                        [[kind, entry["documents"], entry["questions"], round(entry["mean_words"], 1)]
                         for kind, entry in summary.items()]))
-    print(f"wrote {len(documents)} {args.split} documents to {path}")
+    print(f"wrote {len(documents)} {config.split} documents to {path}")
     return 0
 
 

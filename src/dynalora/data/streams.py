@@ -20,16 +20,22 @@ from dynalora.data.text_sources import adapter_text_sources, source_documents
 @dataclass
 class StreamConfig:
     split: str = "test"
+    """Document split the segments are cut from: train, validation or test."""
     streams: int = 16
+    """How many streams."""
     segments: int = 3
+    """Segments per stream (each from another domain than the one before)."""
     segment_chars: int = 700
     """Characters per segment (short documents are joined until they reach it)."""
     domains: list[str] = field(default_factory=lambda: list(LIBRARY_DOMAINS))
     """Built-in domains the segments come from (when ``sources`` is empty)."""
+    unseen: bool = False
+    """Also cut segments from the built-in domains no library adapter was trained on."""
     sources: dict[str, str] = field(default_factory=dict)
     """Label → data source (:mod:`dynalora.data.text_sources`) to cut the segments from, in place of ``domains``:
     a user's own adapters' text. Every such segment counts as a library one."""
     seed: int = 0
+    """Random seed (which documents, which domain next)."""
 
 
 def _segment(documents, rng: random.Random, chars: int) -> str:
@@ -49,7 +55,8 @@ def _segment(documents, rng: random.Random, chars: int) -> str:
 def build_streams(config: StreamConfig) -> list[dict]:
     rng = random.Random(config.seed)
     pools = {}
-    for label, source in (config.sources or {d: f"domain:{d}" for d in config.domains}).items():
+    domains = list(config.domains) + (list(UNSEEN_DOMAINS) if config.unseen else [])
+    for label, source in (config.sources or {d: f"domain:{d}" for d in domains}).items():
         documents = split_documents(source_documents(source), config.split)
         if not documents:
             raise ValueError(f"{label} ({source}) has no {config.split} documents")
@@ -66,11 +73,6 @@ def build_streams(config: StreamConfig) -> list[dict]:
             previous = domain
         streams.append({"segments": segments, "split": config.split})
     return streams
-
-
-def unseen_stream_config(split: str = "test", streams: int = 8, seed: int = 1) -> StreamConfig:
-    """Streams that mix library domains with domains no adapter was trained on."""
-    return StreamConfig(split=split, streams=streams, domains=list(LIBRARY_DOMAINS) + list(UNSEEN_DOMAINS), seed=seed)
 
 
 def write_streams(streams: list[dict], path: str | Path) -> Path:

@@ -42,18 +42,27 @@ class AbsorbEvalConfig:
     data: Path | None = None
     """Documents JSONL (``dynalora data absorb --split test``); not needed with ``needle``."""
     compressor_dir: Path = shipped("absorb")
+    """The compressor (``dynalora train absorb``), for the writers that use it."""
     model: str | None = None
+    """Base model: HF id or folder (None: the embedded SmolLM2-135M-Instruct)."""
     window: int = 512
     """Window budget in tokens (summaries must fit in it; ``needle`` streams through it)."""
     sink_tokens: int = 4
+    """First tokens of the conversation never evicted (attention sinks)."""
     methods: list[str] = field(default_factory=lambda: list(METHODS))
+    """Methods scored: full_context, no_context, dynalora, gradient_lora, summary."""
     max_docs: int | None = None
+    """Documents scored (None: all of ``data``)."""
     max_new_tokens: int = 32
+    """Tokens generated per answer."""
     gradient_steps: list[int] = field(default_factory=lambda: [4, 16, 48])
     """Cumulative fine-tuning steps at which ``gradient_lora`` is scored."""
     gradient_lr: float = 3e-3
+    """Learning rate of the ``gradient_lora`` baseline (fine-tuning a LoRA on the evicted text)."""
     needle: bool = False
+    """Pass-key retrieval: a key in filler streamed through the window at several lengths (no ``data``)."""
     needle_multiples: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    """Needle stream lengths, in windows."""
     locality: int = 0
     """Number of unrelated questions for the locality check (0: skip)."""
     memory_weight: float = 1.0
@@ -72,6 +81,7 @@ class AbsorbEvalConfig:
     steps: list[int] = field(default_factory=lambda: [DistillConfig.steps])
     """Distillation steps per chunk; a distilling writer is scored as ``dynalora@k`` for each k."""
     threads: int = 2
+    """CPU threads torch uses."""
 
     def __post_init__(self):
         unknown = sorted(set(self.methods) - set(METHODS))

@@ -65,6 +65,7 @@ class TaskEvalConfig:
     seed: int = 0
     """Seed of the support/query samples and of the LoraHub search."""
     methods: list[str] = field(default_factory=lambda: list(METHODS))
+    """Methods scored: base, best_adapter, uniform_merge, lorahub, dynalora_description, dynalora_examples."""
     lorahub_steps: int = 40
     """Objective evaluations of the LoraHub search (LoraHub: NGOpt with 40 steps)."""
     lorahub_l1: float = 0.05

@@ -90,6 +90,7 @@ class DistillConfig:
     init_scale: float = 1.0
     """A fresh ``A`` is Gaussian with standard deviation ``init_scale / √in`` (``B`` starts at zero)."""
     seed: int = 0
+    """Seed of the probes chosen from a chunk and of the fresh ``A``."""
 
     def __post_init__(self):
         if self.memory_rank < self.rank:

@@ -72,7 +72,8 @@ class EngineSpec:
     """With ``hypernetwork="shift"``: the mix gate (``dynalora train mix``) that weighs the shift answer and the
     row's memory at every trigger (useful with ``window``)."""
     triggers: list[str] = field(default_factory=lambda: ["token"])
-    """Trigger policies, each one of: """ + TRIGGER_SPECS
+    """Trigger policies, each one of: token | prob[:THRESHOLD] | think[:THRESHOLD] | surprise[:K] | every:N |
+    window:TOKENS (``prob`` without a threshold: the trained one in the trigger's triggers.json, or 0.2)."""
     min_gap: int = 8
     """At least this many tokens between two updates of a row."""
     max_per_sequence: int = 32

@@ -42,6 +42,7 @@ class TriggerLoraTrainConfig(TriggerTrainConfig):
     layers: int = 4
     """The LoRA goes on the last this many decoder layers."""
     target_modules: list[str] = field(default_factory=lambda: ["k_proj", "o_proj"])
+    """Module kinds of the top layers the trigger LoRA adapts."""
     rank: int = 4
     """Rank of the trigger LoRA."""
     steps: int = 150
