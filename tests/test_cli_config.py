@@ -129,3 +129,17 @@ def test_every_config_field_is_a_flag_with_its_docstring_as_help():
             assert action.help and not action.help.startswith("(default"), (command, flag, "has no docstring")
     help_text = " ".join(commands["dynalora train trigger-lora"][0].parser.format_help().split())
     assert "Rank of the trigger LoRA. (default: 4)" in help_text
+
+
+@pytest.mark.parametrize("command", [["eval", "shift", "--data", "streams.jsonl"], ["eval", "tasks"],
+                                     ["eval", "escalate"], ["eval", "mix", "--facts", "f.jsonl"],
+                                     ["eval", "absorb", "--data", "d.jsonl"], ["bench", "engine"], ["bench", "switch"],
+                                     ["bench", "layer"], ["bench", "absorb"], ["bench", "xlora"]])
+def test_evals_and_benches_refuse_a_bad_device_or_dtype_before_anything_loads(command, capsys):
+    from dynalora.cli import main
+
+    for flag, value, message in (("--device", "tpu", "use cpu, cuda, cuda:N or auto"),
+                                 ("--dtype", "int8", "choose one of ['float32', 'bfloat16', 'float16']")):
+        with pytest.raises(SystemExit):
+            main([*command, flag, value])
+        assert message in capsys.readouterr().err, (command, flag)

@@ -231,6 +231,14 @@ def test_shift_pipeline_end_to_end_on_a_tiny_model(tmp_path, synthetic_domains, 
                                       methods=["dynalora"]))
     assert list(only["methods"]) == ["dynalora"]
     assert only["methods"]["dynalora"]["nll"] == methods["dynalora"]["nll"]  # same pass, same numbers
+    # bench xlora runs on the same folders (the shipped layout: library, shift, triggers, xlora)
+    from dynalora.bench.xlora import XLoraBenchConfig, run_xlora_bench
+
+    timed = run_xlora_bench(XLoraBenchConfig(checkpoints=tmp_path, model="tiny:llama", prompt_tokens=16, new_tokens=4,
+                                             repeats=1, threads=1), tmp_path / "bench.json")
+    assert set(timed["ratios"]) == {"dynalora_vs_hf_time_per_token", "xlora_vs_hf_time_per_token",
+                                    "xlora_vs_dynalora_time_per_token"}
+    assert all(counts == [4] for counts in timed["tokens_generated"].values())  # each made the tokens it was timed on
 
 
 def test_xlora_with_a_one_hot_classifier_scores_like_that_library_adapter(tmp_path, synthetic_domains):

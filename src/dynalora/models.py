@@ -109,6 +109,12 @@ def resolve_device(device: str | torch.device = "cpu") -> torch.device:
     return resolved
 
 
+def check_placement(device: str, dtype: str) -> None:
+    """A config's ``device`` and ``dtype`` checked before any model loads (errors name the choices)."""
+    resolve_device(device)
+    resolve_dtype(dtype)
+
+
 def resolve_dtype(dtype: str | torch.dtype = "float32") -> torch.dtype:
     """``float32``, ``bfloat16`` or ``float16`` (or a ``torch.dtype`` among them)."""
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from dynalora.models import check_placement
 from dynalora.bench.common import machine, stats, targets_report, write_result
 from dynalora.shipped import shipped
 
@@ -30,8 +31,15 @@ class AbsorbBenchConfig:
     """Chunks of the long one (10× the short)."""
     timed_chunks: int = 10
     """Absorbs timed at the start and at the end (median of each)."""
+    device: str = "cpu"
+    """Where the models run: cpu, cuda, cuda:N or auto."""
+    dtype: str = "float32"
+    """The base model's weights and the LoRA state: float32, bfloat16 or float16."""
     threads: int = 2
     """CPU threads torch uses."""
+
+    def __post_init__(self):
+        check_placement(self.device, self.dtype)
 
 
 def run_absorb_bench(config: AbsorbBenchConfig, out: Path | None = None) -> dict:
@@ -41,7 +49,7 @@ def run_absorb_bench(config: AbsorbBenchConfig, out: Path | None = None) -> dict
     from dynalora.runtime.absorb import load_absorber
 
     torch.set_num_threads(config.threads)
-    base = load_base_model(config.model)
+    base = load_base_model(config.model, config.dtype, config.device)
     model = base.model
     absorber = load_absorber(model, config.compressor_dir)
     dyn, chunk = absorber.dyn, absorber.config.chunk_tokens

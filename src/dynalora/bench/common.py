@@ -13,8 +13,12 @@ from dynalora.report import report
 
 
 def timed(fn) -> float:
+    """Seconds ``fn()`` takes, its GPU work included (CUDA is synchronised before and after)."""
+    synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    synchronize()
     start = time.perf_counter()
     fn()
+    synchronize()
     return time.perf_counter() - start
 
 

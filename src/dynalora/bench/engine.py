@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 from transformers import DynamicCache
 
+from dynalora.models import check_placement
 from dynalora.bench.common import machine, stats, targets_report, timed, write_result
 
 TARGETS = {"engine_vs_hf_decode_b1": 0.9, "engine_vs_hf_decode_b8": 0.9, "trigger_cost_in_decode_steps": 1.0}
@@ -37,8 +38,15 @@ class EngineBenchConfig:
     """Context length at which trigger and KV-policy costs are measured."""
     trigger_repeats: int = 20
     """Timed runs of a trigger (hypernetwork call and LoRA update) at ``context`` tokens."""
+    device: str = "cpu"
+    """Where the models run: cpu, cuda, cuda:N or auto."""
+    dtype: str = "float32"
+    """The base model's weights and the LoRA state: float32, bfloat16 or float16."""
     threads: int = 2
     """CPU threads torch uses."""
+
+    def __post_init__(self):
+        check_placement(self.device, self.dtype)
 
 
 def _random_bank(model, count: int, rank: int):
@@ -59,21 +67,23 @@ def _random_bank(model, count: int, rank: int):
 def run_engine_bench(config: EngineBenchConfig, out: Path | None = None) -> dict:
     from dynalora.hyper import NearestPrototype
     from dynalora.lora import DynamicLoraModel, InjectConfig, StateConfig
-    from dynalora.models import load_base_model
+    from dynalora.models import load_base_model, model_device
     from dynalora.runtime import Engine, EngineConfig, TriggerConfig
     from dynalora.runtime.engine import _Batch
 
     torch.set_num_threads(config.threads)
-    base = load_base_model(config.model)
+    base = load_base_model(config.model, config.dtype, config.device)
     model = base.model
+    device = model_device(model)
     dyn = DynamicLoraModel.attach(model, _random_bank(model, config.adapters, config.rank),
                                   InjectConfig(state=StateConfig(max_batch=config.batch)))
     hidden = model.config.hidden_size
-    hyper = NearestPrototype(torch.randn(config.adapters, hidden, generator=torch.Generator().manual_seed(1)))
+    prototypes = torch.randn(config.adapters, hidden, generator=torch.Generator().manual_seed(1))  # (K, H)
+    hyper = NearestPrototype(prototypes.to(device))
     engine = Engine(dyn, base.tokenizer, hyper, TriggerConfig([]))
     vocab = min(model.config.vocab_size, 10000)
     generator = torch.Generator().manual_seed(2)
-    prompts = torch.randint(vocab // 4, vocab, (config.batch, 16), generator=generator)
+    prompts = torch.randint(vocab // 4, vocab, (config.batch, 16), generator=generator).to(device)  # (B, 16)
     n = config.new_tokens
 
     def hf(batch):
@@ -102,7 +112,7 @@ def run_engine_bench(config: EngineBenchConfig, out: Path | None = None) -> dict
 
     # -- one trigger at `context` tokens: features + hypernetwork + guard + update (+ KV policy) ----------
     context_ids = torch.randint(vocab // 4, vocab, (1, config.context), generator=generator)
-    batch = _Batch([context_ids[0].tolist()], pad_id=0)
+    batch = _Batch([context_ids[0].tolist()], pad_id=0, device=device)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         engine._forward_prompt(batch, cache, want_all=False)
@@ -111,9 +121,9 @@ def run_engine_bench(config: EngineBenchConfig, out: Path | None = None) -> dict
             cropped = DynamicCache(config=model.config)
             for index, layer in enumerate(cache.layers):
                 cropped.update(layer.keys.clone(), layer.values.clone(), index)
-            batch.append(torch.tensor([7]))
+            batch.append(torch.tensor([7], device=device))
             step_times.append(timed(lambda: engine._forward(batch, 1, cropped)))
-            batch.ids, batch.mask, batch.positions = batch.ids[:, :-1], batch.mask[:, :-1], batch.positions[:, :-1]
+            batch.length -= 1  # the step's token goes again: every repeat times the same step
     methods[f"decode_step_at_{config.context}"] = stats(step_times, "s")
     for policy in ("keep", "recompute_last", "recompute_all"):
         engine.config = EngineConfig(kv_policy=policy, recompute_tokens=32)

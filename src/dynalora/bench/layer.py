@@ -6,13 +6,13 @@ cheap; at larger batches the base matmul becomes efficient while the small LoRA 
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from dynalora.bench.common import machine, stats, write_result
+from dynalora.models import check_placement, resolve_device, resolve_dtype
+from dynalora.bench.common import machine, stats, timed, write_result
 
 
 @dataclass
@@ -31,30 +31,39 @@ class LayerBenchConfig:
     """Layer calls per timed run."""
     repeats: int = 5
     """Timed runs per measurement (the median is reported)."""
+    device: str = "cpu"
+    """Where the models run: cpu, cuda, cuda:N or auto."""
+    dtype: str = "float32"
+    """The base model's weights and the LoRA state: float32, bfloat16 or float16."""
     threads: int = 2
     """CPU threads torch uses."""
+
+    def __post_init__(self):
+        check_placement(self.device, self.dtype)
 
 
 def _per_call(fn, calls: int) -> float:
     for _ in range(50):
         fn()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls
+
+    def many():
+        for _ in range(calls):
+            fn()
+    return timed(many) / calls
 
 
 def run_layer_bench(config: LayerBenchConfig, out: Path | None = None) -> dict:
     torch.set_num_threads(config.threads)
     torch.manual_seed(0)
+    place = dict(device=resolve_device(config.device), dtype=resolve_dtype(config.dtype))
     width = config.adapters * config.rank
-    base = torch.nn.Linear(config.in_features, config.out_features, bias=False)
-    a_t = torch.randn(config.in_features, width)  # (in, K*r)
-    b_t = torch.randn(width, config.out_features)  # (K*r, out)
+    base = torch.nn.Linear(config.in_features, config.out_features, bias=False).to(**place)
+    a_t = torch.randn(config.in_features, width).to(**place)  # (in, K*r)
+    b_t = torch.randn(width, config.out_features).to(**place)  # (K*r, out)
     methods, ratios = {}, {}
     for batch in config.batches:
-        x = torch.randn(batch, 1, config.in_features)  # (B, T=1, in): one decode step
-        rank_weights = torch.randn(batch, width)  # (B, K*r)
+        x = torch.randn(batch, 1, config.in_features).to(**place)  # (B, T=1, in): one decode step
+        rank_weights = torch.randn(batch, width).to(**place)  # (B, K*r)
         with torch.no_grad():
             runs = {"base": lambda: base(x), "blend": lambda: ((x @ a_t) * rank_weights[:, None, :]) @ b_t}
             for name, fn in runs.items():

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from dynalora.models import check_placement
 from dynalora.bench.common import machine, stats, targets_report, timed, write_result
 
 TARGETS = {  # ratio name -> minimum wanted (from the issue)
@@ -45,8 +46,15 @@ class SwitchBenchConfig:
     """Rows of the batched decode runs."""
     skip_svd: bool = False
     """Skip PEFT's svd merge, which takes minutes on CPU."""
+    device: str = "cpu"
+    """Where the models run: cpu, cuda, cuda:N or auto."""
+    dtype: str = "float32"
+    """The base model's weights and the LoRA state: float32, bfloat16 or float16."""
     threads: int = 2
     """CPU threads torch uses."""
+
+    def __post_init__(self):
+        check_placement(self.device, self.dtype)
 
 
 def _make_adapters(base_factory, folder: Path, config: SwitchBenchConfig) -> list[Path]:
@@ -69,12 +77,13 @@ def run_switch_bench(config: SwitchBenchConfig, out: Path | None = None) -> dict
     from peft.utils.hotswap import hotswap_adapter
 
     from dynalora.lora import DynamicLoraModel, InjectConfig, LoraBank, StateConfig, module_shapes_of
-    from dynalora.models import load_base_model
+    from dynalora.models import load_base_model, model_device
 
     torch.set_num_threads(config.threads)
     torch.manual_seed(0)
-    base = load_base_model(config.model)
-    factory = lambda: load_base_model(config.model).model  # noqa: E731
+    base = load_base_model(config.model, config.dtype, config.device)
+    factory = lambda: load_base_model(config.model, config.dtype, config.device).model  # noqa: E731
+    device = str(model_device(base.model))
     tmp = Path(tempfile.mkdtemp(prefix="dynalora-bench-"))
     paths = _make_adapters(factory, tmp, config)
     labels = [p.name for p in paths]
@@ -135,7 +144,7 @@ def run_switch_bench(config: SwitchBenchConfig, out: Path | None = None) -> dict
     peft_model.set_adapter(labels[0])
     methods["switch_peft_hotswap_from_disk"] = stats(
         [timed(lambda: hotswap_adapter(peft_model, str(paths[1 + i % (len(paths) - 1)]), adapter_name=labels[0],
-                                        torch_device="cpu")) for i in range(config.repeats)], "s")
+                                        torch_device=device)) for i in range(config.repeats)], "s")
 
     def load_new(i):
         peft_model.load_adapter(str(paths[i % len(paths)]), adapter_name=f"loaded_{i}")
@@ -147,12 +156,13 @@ def run_switch_bench(config: SwitchBenchConfig, out: Path | None = None) -> dict
         peft_model.set_adapter(labels[0])
         peft_model.delete_adapter(f"loaded_{i}")
     methods["switch_peft_load_adapter"] = stats(load_times, "s")
-    hotswap_adapter(peft_model, str(paths[0]), adapter_name=labels[0], torch_device="cpu")  # undo the swaps
+    hotswap_adapter(peft_model, str(paths[0]), adapter_name=labels[0], torch_device=device)  # undo the swaps
 
     # -- decode --------------------------------------------------------------------------------------
     vocab = min(base.model.config.vocab_size, 10000)
-    prompt = torch.randint(vocab // 4, vocab, (1, config.prompt_tokens), generator=generator)
-    batch_prompt = torch.randint(vocab // 4, vocab, (config.batch, config.prompt_tokens), generator=generator)
+    prompt = torch.randint(vocab // 4, vocab, (1, config.prompt_tokens), generator=generator).to(device)
+    batch_prompt = torch.randint(vocab // 4, vocab, (config.batch, config.prompt_tokens),
+                                 generator=generator).to(device)
     plain = factory().eval()
 
     def decode(model, ids, **kwargs):

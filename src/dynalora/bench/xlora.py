@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from dynalora.models import check_placement
 from dynalora.bench.common import machine, stats, timed, write_result
 from dynalora.shipped import shipped
 
@@ -33,25 +34,33 @@ class XLoraBenchConfig:
     """Tokens generated per timed run."""
     repeats: int = 3
     """Timed runs per method (the median is reported)."""
+    device: str = "cpu"
+    """Where the models run: cpu, cuda, cuda:N or auto."""
+    dtype: str = "float32"
+    """The base model's weights and the LoRA state: float32, bfloat16 or float16."""
     threads: int = 2
     """CPU threads torch uses."""
 
+    def __post_init__(self):
+        check_placement(self.device, self.dtype)
+
 
 def run_xlora_bench(config: XLoraBenchConfig, out: Path | None = None) -> dict:
-    from dynalora.models import load_base_model
+    from dynalora.models import load_base_model, model_device
     from dynalora.system.assemble import load_shift_system
     from dynalora.system.xlora import load_xlora
 
     torch.set_num_threads(config.threads)
     folder = Path(config.checkpoints)
-    system = load_shift_system(folder / "library", folder / "shift", folder / "triggers", config.model)
+    system = load_shift_system(folder / "library", folder / "shift", folder / "triggers", config.model,
+                               device=config.device, dtype=config.dtype)
     tokenizer = system.base.tokenizer
     ids = tokenizer(PROMPT * 20, add_special_tokens=False)["input_ids"][:config.prompt_tokens]
     if len(ids) < config.prompt_tokens:
         raise ValueError(f"prompt_tokens={config.prompt_tokens}: the bench prompt has only {len(ids)} tokens")
-    prompt = torch.tensor([ids])  # (1, P)
-    plain = load_base_model(config.model).model.eval()
-    xlora, _ = load_xlora(folder / "xlora", folder / "library", config.model)
+    prompt = torch.tensor([ids], device=model_device(system.base.model))  # (1, P)
+    plain = load_base_model(config.model, config.dtype, config.device).model.eval()
+    xlora, _ = load_xlora(folder / "xlora", folder / "library", config.model, config.device, config.dtype)
 
     def hf_generate(model):
         def run():

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from dynalora.models import check_placement
 from dynalora.eval.answers import score_answers
 from dynalora.report import report
 from dynalora.runtime.chat import chat_prompt
@@ -80,6 +81,10 @@ class AbsorbEvalConfig:
     """Tokens absorbed at a time (default: the compressor's training chunk, or 3/4 of the window for ``distill``)."""
     steps: list[int] = field(default_factory=lambda: [DistillConfig.steps])
     """Distillation steps per chunk; a distilling writer is scored as ``dynalora@k`` for each k."""
+    device: str = "cpu"
+    """Where the models run: cpu, cuda, cuda:N or auto."""
+    dtype: str = "float32"
+    """The base model's weights: float32, bfloat16 or float16 (scores are computed in float32)."""
     threads: int = 2
     """CPU threads torch uses."""
 
@@ -97,6 +102,7 @@ class AbsorbEvalConfig:
             raise ValueError("AbsorbEvalConfig.sequence: give the documents with data")
         if not self.steps or min(self.steps) < 0:
             raise ValueError(f"AbsorbEvalConfig.steps={self.steps}: give step counts ≥ 0")
+        check_placement(self.device, self.dtype)
 
     @property
     def writer_runs(self) -> list[tuple[str, DistillConfig]]:
@@ -137,14 +143,15 @@ def _fine_tune(dyn, context_ids: list[int], rank: int, modules: list[str], steps
     """Yield ``(steps_done, seconds, factors)`` of a fresh rank-``rank`` LoRA trained on the document's
     next-token loss (A random, B zero, as LoRA starts), at each count in ``steps``."""
     generator = torch.Generator().manual_seed(seed)
-    shapes = dyn.bank.module_shapes
+    shapes, device = dyn.bank.module_shapes, dyn.state.device
     params = {}
-    for m in modules:
+    for m in modules:  # drawn on the CPU (the same start on every device), then moved
         in_features, out_features = shapes[m]
-        params[m] = (torch.nn.Parameter(torch.randn(rank, in_features, generator=generator) * in_features ** -0.5),
-                     torch.nn.Parameter(torch.zeros(out_features, rank)))
+        a = torch.randn(rank, in_features, generator=generator) * in_features ** -0.5  # (r, in)
+        b = torch.zeros(out_features, rank, device=device)  # (out, r)
+        params[m] = (torch.nn.Parameter(a.to(device)), torch.nn.Parameter(b))
     optimizer = torch.optim.Adam([p for pair in params.values() for p in pair], lr=lr)
-    ids = torch.tensor([context_ids])
+    ids = torch.tensor([context_ids], device=device)  # (1, T)
     done, seconds = 0, 0.0
     for target in steps:
         began = time.perf_counter()
@@ -167,7 +174,7 @@ def eval_absorb(config: AbsorbEvalConfig, out: Path | None = None) -> dict:
     from dynalora.runtime.absorb import load_absorber
 
     torch.set_num_threads(config.threads)
-    base = load_base_model(config.model)
+    base = load_base_model(config.model, config.dtype, config.device)
     tokenizer, model = base.tokenizer, base.model
     absorber = load_absorber(model, None if config.absorber == "distill" else config.compressor_dir, max_batch=16,
                              window=config.window, sink_tokens=config.sink_tokens, writer=config.absorber,

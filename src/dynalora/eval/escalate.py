@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from dynalora.models import check_placement
 from dynalora.plot import pyplot
 from dynalora.report import report
 from dynalora.shipped import shipped
@@ -59,10 +60,17 @@ class EscalateEvalConfig:
     """Repeats of each timing (median)."""
     seed: int = 2
     """Random seed."""
+    device: str = "cpu"
+    """Where the models run: cpu, cuda, cuda:N or auto."""
+    dtype: str = "float32"
+    """The base model's weights: float32, bfloat16 or float16 (scores are computed in float32)."""
     threads: int = 2
     """CPU threads torch uses."""
     plot: Path | None = None
     """Where to draw the NLL-vs-compute curve (None: beside ``out`` as .png)."""
+
+    def __post_init__(self):
+        check_placement(self.device, self.dtype)
 
 
 def _flops(call) -> int:
@@ -128,16 +136,18 @@ def eval_escalate(config: EscalateEvalConfig, out: Path | None = None) -> dict:
     torch.set_num_threads(config.threads)
     trained = json.loads((Path(config.escalate_dir) / "escalate.json").read_text())
     level2_factors, threshold = trained["config"]["level2_factors"], trained["threshold"]
-    system = load_shift_system(config.library_dir, config.shift_dir, config.triggers_dir, config.model, max_batch=16)
+    system = load_shift_system(config.library_dir, config.shift_dir, config.triggers_dir, config.model, max_batch=16,
+                               device=config.device, dtype=config.dtype)
     TrainedTrigger.from_pretrained(Path(config.escalate_dir) / "think_token.safetensors").install(
         system.base.model, system.base.tokenizer)
     stack = load_stack(system.net, config.escalate_dir)
     features, continuations, contexts = escalate_examples(system, config, config.split, config.per_domain, config.seed)
-    nll = nll_table(system.dyn, stack, features, continuations, level2_factors, system.vocab_size)
+    nll = {name: values.cpu() for name, values in  # (N,) per level: the statistics below run on the CPU
+           nll_table(system.dyn, stack, features, continuations, level2_factors, system.vocab_size).items()}
     hidden, log_z = last_hidden_and_log_z(system.base.model, contexts, system.vocab_size)
     think_row = system.base.model.get_input_embeddings().weight[
         system.base.tokenizer.convert_tokens_to_ids(THINK_TOKEN)].float()
-    p_think = torch.sigmoid(hidden @ think_row - log_z)  # (N,)
+    p_think = torch.sigmoid(hidden @ think_row - log_z).cpu()  # (N,)
     escalate = p_think >= threshold
     count, rate = int(escalate.sum()), float(escalate.float().mean())
     costs = compute_costs(system.dyn, stack, features[:1], continuations[:1], level2_factors, config.timing_repeats)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from dynalora.models import check_placement
 from dynalora.report import report
 from dynalora.shipped import shipped
 
@@ -50,8 +51,15 @@ class MixEvalConfig:
     """Random seed."""
     batch_size: int = 8
     """Rows per scoring batch."""
+    device: str = "cpu"
+    """Where the models run: cpu, cuda, cuda:N or auto."""
+    dtype: str = "float32"
+    """The base model's weights: float32, bfloat16 or float16 (scores are computed in float32)."""
     threads: int = 2
     """CPU threads torch uses."""
+
+    def __post_init__(self):
+        check_placement(self.device, self.dtype)
 
 
 def eval_mix(config: MixEvalConfig, out: Path | None = None) -> dict:
@@ -61,7 +69,8 @@ def eval_mix(config: MixEvalConfig, out: Path | None = None) -> dict:
 
     torch.set_num_threads(config.threads)
     gate = MixGate.from_pretrained(config.gate_dir)
-    setup = MixSetup(config)
+    setup = MixSetup(config, config.device, config.dtype)
+    gate.to(setup.device)
     docs = read_docs(Path(config.facts))[:config.max_docs]
     examples, memories = mix_examples(setup, config, docs, config.split, config.seed)
     methods = score_mixes(setup, examples, memories, gate, config.batch_size)

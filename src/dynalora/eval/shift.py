@@ -28,6 +28,7 @@ from transformers import DynamicCache
 from dynalora.data.streams import read_streams, tokenize_stream
 from dynalora.report import report
 from dynalora.data.trigger_metrics import trigger_metrics
+from dynalora.models import check_placement, model_device
 from dynalora.runtime.teacher_forced import schedule_chunks
 from dynalora.shipped import shipped
 
@@ -62,15 +63,22 @@ class ShiftEvalConfig:
     """Tokens between a trigger and its update (0: update at the trigger)."""
     use_factors: bool = False
     """Apply the shift network's generated factors too (off: they raised validation NLL)."""
+    device: str = "cpu"
+    """Where the models run: cpu, cuda, cuda:N or auto."""
+    dtype: str = "float32"
+    """The base model's weights: float32, bfloat16 or float16 (scores are computed in float32)."""
     threads: int = 2
     """CPU threads torch uses."""
+
+    def __post_init__(self):
+        check_placement(self.device, self.dtype)
 
 
 class _Scorer:
     """Teacher-forced per-token NLL of a stream under a LoRA schedule (KV cache kept across switches)."""
 
     def __init__(self, dyn, vocab_size: int):
-        self.dyn, self.vocab_size = dyn, vocab_size
+        self.dyn, self.vocab_size, self.device = dyn, vocab_size, model_device(dyn.model)
 
     @torch.no_grad()
     def nll(self, tokens: list[int], schedule: list[tuple[int, list[float] | None]]) -> torch.Tensor:
@@ -79,10 +87,11 @@ class _Scorer:
         cache = DynamicCache(config=self.dyn.model.config)
         out = []
         for start, stop in schedule_chunks(self.dyn, schedule, len(tokens)):
-            logits = self.dyn(input_ids=torch.tensor([tokens[start:stop]]), cache=cache, use_cache=True).logits[0]
+            ids = torch.tensor([tokens[start:stop]], device=self.device)  # (1, T)
+            logits = self.dyn(input_ids=ids, cache=cache, use_cache=True).logits[0]
             out.append(torch.log_softmax(logits[:, :self.vocab_size].float(), dim=-1))
         log_probs = torch.cat(out)[:-1]  # (L-1, V): position t predicts token t+1
-        return -log_probs.gather(1, torch.tensor(tokens[1:])[:, None])[:, 0]
+        return -log_probs.gather(1, torch.tensor(tokens[1:], device=self.device)[:, None])[:, 0]
 
 
 def segment_scores(nll: torch.Tensor, starts: list[int], length: int, skip: int) -> list[tuple[float, int]]:
@@ -113,7 +122,8 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
         raise ValueError(f"--methods: unknown {unknown}; choose from {list(METHODS)}")
     run = set(config.methods)
     system = load_shift_system(config.library_dir, config.shift_dir, config.triggers_dir, config.model,
-                               use_factors=config.use_factors, update_delay=config.update_delay)
+                               use_factors=config.use_factors, update_delay=config.update_delay, device=config.device,
+                               dtype=config.dtype)
     dyn, capture, base, adapters = system.dyn, system.capture, system.base, system.adapters
     labels, vocab_size = system.bank.labels, system.vocab_size
     scorer = _Scorer(dyn, vocab_size)
@@ -122,7 +132,7 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
     peft_model, peft_note = None, None
     if "peft_linear_merge" in run:
         try:
-            peft_model = PeftModel.from_pretrained(load_base_model(config.model).model,
+            peft_model = PeftModel.from_pretrained(load_base_model(config.model, config.dtype, config.device).model,
                                                    str(config.library_dir / labels[0]), adapter_name=labels[0])
             for label in labels[1:]:
                 peft_model.load_adapter(str(config.library_dir / label), adapter_name=label)
@@ -139,7 +149,8 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
         from dynalora.system.xlora import load_xlora
 
         try:
-            xlora_model, _ = load_xlora(config.xlora_dir, config.library_dir, config.model)
+            xlora_model, _ = load_xlora(config.xlora_dir, config.library_dir, config.model, config.device,
+                                        config.dtype)
         except FileNotFoundError as error:
             xlora_note = f"not run: {error}"
 
@@ -157,7 +168,7 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
         with torch.no_grad():
             for ids in texts:
                 capture.reset()
-                dyn(input_ids=torch.tensor([ids[:config.skip]]), use_cache=False)
+                dyn(input_ids=torch.tensor([ids[:config.skip]], device=scorer.device), use_cache=False)
                 feats.append(capture.pooled(0))
         prototypes.append(torch.stack(feats).mean(0))
     router = NearestPrototype(torch.stack(prototypes), one_hot=True) if prototypes else None
@@ -181,8 +192,9 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
                                                      config.skip)
         if peft_model is not None:
             with torch.no_grad():
-                logits = peft_model(input_ids=torch.tensor([tokens])).logits[0, :-1, :vocab_size].float()
-            nll = -torch.log_softmax(logits, -1).gather(1, torch.tensor(tokens[1:])[:, None])[:, 0]
+                ids = torch.tensor([tokens], device=scorer.device)  # (1, L)
+                logits = peft_model(input_ids=ids).logits[0, :-1, :vocab_size].float()
+            nll = -torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None])[:, 0]
             scores["peft_linear_merge"] = segment_scores(nll, starts, length, config.skip)
         if xlora_model is not None:
             from dynalora.system.xlora import xlora_token_nll
@@ -195,7 +207,8 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
                 capture.reset()
                 dyn.state.reset(0)
                 with torch.no_grad():
-                    dyn(input_ids=torch.tensor([tokens[start:start + config.skip]]), use_cache=False)
+                    dyn(input_ids=torch.tensor([tokens[start:start + config.skip]], device=scorer.device),
+                        use_cache=False)
                 choice = router(TriggerFeatures(0, start, "router", capture.last(0), capture.pooled(0)),
                                 dyn.state).blend
                 router_choices.append(labels[int(choice.argmax())])

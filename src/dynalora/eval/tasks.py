@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from dynalora.models import check_placement, model_device
 from dynalora.report import report
 from dynalora.shipped import shipped
 from dynalora.runtime.padding import pad_rows
@@ -80,6 +81,10 @@ class TaskEvalConfig:
     """Allow tasks that are not in the library's held_out_tasks (they may be in its training data)."""
     use_factors: bool = False
     """dynalora methods also apply the shift network's generated factors (off: the shipped default)."""
+    device: str = "cpu"
+    """Where the models run: cpu, cuda, cuda:N or auto."""
+    dtype: str = "float32"
+    """The base model's weights: float32, bfloat16 or float16 (scores are computed in float32)."""
     threads: int = 2
     """CPU threads for torch (1 can be much faster when another job shares the cores)."""
 
@@ -94,6 +99,7 @@ class TaskEvalConfig:
                                  f"got {getattr(self, name)}")
         if self.lorahub_bound <= 0:
             raise ValueError(f"TaskEvalConfig.lorahub_bound must be > 0, got {self.lorahub_bound}")
+        check_placement(self.device, self.dtype)
 
 
 # -- which tasks ---------------------------------------------------------------------------------------
@@ -156,15 +162,15 @@ def continuation_logprobs(model, pairs: list[tuple[list[int], list[int]]], pad_i
     of a batch reads LoRA state row ``b``. Log-probabilities are over the first ``vocab_size`` logits
     (trigger tokens excluded). Example: ``continuation_logprobs(model, [([5, 6], [7, 8])], 0)`` =
     log p(7|5,6) + log p(8|5,6,7)."""
-    sums, counts = [], []
+    sums, counts, device = [], [], model_device(model)
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
         if any(not prompt or not answer for prompt, answer in chunk):
             raise ValueError("every prompt and every continuation needs at least one token")
         width = max(len(p) + len(a) for p, a in chunk)
         keep = max(len(a) for _, a in chunk) + 1
-        ids, mask = pad_rows([prompt + answer for prompt, answer in chunk], pad_id, "cpu", left=True)  # (B, T)
-        scored = torch.zeros((len(chunk), keep - 1), dtype=torch.bool)  # (B, k-1): continuation tokens
+        ids, mask = pad_rows([prompt + answer for prompt, answer in chunk], pad_id, device, left=True)  # (B, T)
+        scored = torch.zeros((len(chunk), keep - 1), dtype=torch.bool, device=device)  # (B, k-1): continuations
         for b, (_, answer) in enumerate(chunk):
             scored[b, keep - 1 - len(answer):] = True
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
@@ -174,7 +180,7 @@ def continuation_logprobs(model, pairs: list[tuple[list[int], list[int]]], pad_i
         targets = ids[:, width - keep + 1:][rows, cols]  # (n,)
         picked = logits[rows, cols, :vocab_size].float()  # (n, V)
         token_log_probs = torch.log_softmax(picked, dim=-1).gather(1, targets[:, None])[:, 0]  # (n,)
-        sums.append(torch.zeros(len(chunk)).index_add_(0, rows, token_log_probs))
+        sums.append(torch.zeros(len(chunk), device=device).index_add_(0, rows, token_log_probs))
         counts.append(scored.sum(1))
     return torch.cat(sums), torch.cat(counts)
 
@@ -302,7 +308,7 @@ def shift_net_blend(system, text: str) -> Adaptation:
     capture.reset()
     capture.enabled = True
     try:
-        dyn(input_ids=torch.tensor([ids]), use_cache=False, logits_to_keep=1)
+        dyn(input_ids=torch.tensor([ids], device=model_device(dyn.model)), use_cache=False, logits_to_keep=1)
         features = TriggerFeatures(0, len(ids) - 1, "task text", capture.last(0), capture.pooled(0), ids)
     finally:
         capture.enabled = False
@@ -417,13 +423,15 @@ def eval_tasks(config: TaskEvalConfig, out: Path | None = None) -> dict:
                              "choose an exact-match or multiple-choice task")
     started_run = time.perf_counter()
     system = load_shift_system(config.library_dir, config.shift_dir, config.triggers_dir, config.model,
-                               max_batch=max(config.batch_size, config.support), use_factors=config.use_factors)
+                               max_batch=max(config.batch_size, config.support), use_factors=config.use_factors,
+                               device=config.device, dtype=config.dtype)
     system.capture.window = system.net.config.pool_window  # as the engine pools its features
     system.capture.enabled = False  # only the dynalora feature passes capture
     engine = Engine(system.dyn, system.base.tokenizer, None, TriggerConfig(), EngineConfig(sample_triggers=False))
     runner = TaskRunner(system, config, engine)
     with torch.no_grad():  # warm-up, untimed, so no method pays the first forward's allocations
-        system.dyn(input_ids=torch.tensor([[runner.pad_id] * 8]), use_cache=False)
+        system.dyn(input_ids=torch.tensor([[runner.pad_id] * 8], device=model_device(system.dyn.model)),
+                   use_cache=False)
 
     per_task = {}
     for task in tasks:

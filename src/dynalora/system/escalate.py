@@ -63,11 +63,14 @@ def nll_table(dyn, stack, features, continuations, level2_factors: bool, vocab_s
 def escalate_examples(system, config, split: str, per_domain: int, seed: int):
     """``(features (N, H), continuations (N, Ty), contexts (N, Tc))`` from the library domains' ``split``:
     the state vector pooled as level 1 was trained to read it (``train shift``)."""
-    from dynalora.runtime.features import HiddenCapture
     from dynalora.data.batches import build_examples
+    from dynalora.models import model_device
+    from dynalora.runtime.features import HiddenCapture
     from dynalora.runtime.features import pooled_features
 
     contexts, continuations, _ = build_examples(system.base.tokenizer, system.adapters, config, split, per_domain, seed)
+    device = model_device(system.base.model)
+    contexts, continuations = contexts.to(device), continuations.to(device)  # (N, Tc), (N, Ty)
     capture = HiddenCapture(system.base.model, system.net.config.feature_layer, system.net.config.pool_window)
     try:
         return pooled_features(system.dyn, capture, contexts), continuations, contexts

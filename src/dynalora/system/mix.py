@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dynalora.hyper.shift_net import gated_answer
+from dynalora.models import model_device
 from dynalora.system.assemble import EngineSpec, System
 
 
@@ -33,14 +34,14 @@ class MixSetup:
     """The assembled system (:class:`System`: base model, library bank and memory slots, the shift network, the
     absorber) and the pooled-feature capture the gate's examples are read with."""
 
-    def __init__(self, config, device: str | torch.device = "cpu"):
+    def __init__(self, config, device: str | torch.device = "cpu", dtype: str = "float32"):
         self.system = System.from_checkpoints(EngineSpec(
-            model=config.model, device=str(device), bank=config.library_dir, hypernetwork="shift",
+            model=config.model, device=str(device), dtype=dtype, bank=config.library_dir, hypernetwork="shift",
             shift_dir=config.shift_dir, triggers=[], window=10**6, compressor=config.compressor_dir,
             absorber="compressor", max_batch=max(16, config.batch_size)))
         self.base, self.bank, self.adapters, self.dyn = (self.system.base, self.system.bank, self.system.adapters,
                                                          self.system.dyn)
-        self.net, self.absorber, self.device = self.system.net, self.system.absorber, torch.device(device)
+        self.net, self.absorber, self.device = self.system.net, self.system.absorber, model_device(self.base.model)
         self.capture = self.system.capture
         self.capture.window = self.net.config.pool_window  # the features the network reads
 
@@ -133,13 +134,13 @@ def score_mixes(setup: MixSetup, examples, memories, gate=None, batch_size: int 
             for start in tqdm(range(0, len(examples), batch_size), desc=f"score {name}", leave=False):
                 batch = examples[start:start + batch_size]
                 weights = gate(torch.stack([e.features for e in batch])) if fixed is None else \
-                    torch.tensor([fixed] * len(batch))
+                    torch.tensor([fixed] * len(batch), device=setup.device)
                 values.append(mixed_nll(setup, batch, memories, weights))
                 used.append(weights)
             values, used = torch.cat(values), torch.cat(used)
             result[name] = {}
             for kind in ("domain", "facts"):
-                mask = torch.tensor([e.kind == kind for e in examples])
+                mask = torch.tensor([e.kind == kind for e in examples], device=values.device)
                 result[name][kind] = float(values[mask].mean())
                 result[name][f"{kind}_weights"] = used[mask].mean(0).tolist()
     return result
