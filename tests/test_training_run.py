@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dynalora.cli import main
+from dynalora.cli import build_parser, main
 from dynalora.runtime.trained_trigger import TrainedTrigger
 from dynalora.training import CURVES_FILE, RunConfig, TrainingRun
 from test_bring_your_own import user_folders
@@ -58,35 +58,56 @@ RECIPES = {  # recipe: (its flags besides its data and --out-dir, its trained we
                      record("train_absorb_steps.json")),
     "library": (LIBRARY, library_weights, record("news/dynalora_adapter.json")),  # the first: the one interrupted
 }
+ALL_RECIPES = sorted(set(build_parser()._subparsers._group_actions[0].choices["train"]._subparsers._group_actions[0]
+                         .choices) - {"rescan-triggers"})  # every `dynalora train` recipe, new ones too
 DATA_PARALLEL = ["library", "shift", "trigger-lora", "xlora"]
 """Recipes whose loss is a mean over equal parts of a batch (the library's text windows all have seq_len tokens;
 absorb's loss is a mean over answer tokens: two processes weigh them per half-batch, so they match one process only
 when every answer has the same length)."""
 
 
+ESCALATE = ["--model", "tiny:llama", "--steps", "4", "--examples-per-domain", "8", "--validation-per-domain", "4",
+            "--context-tokens", "16", "--continuation-tokens", "16", "--rank", "2", "--width", "16",
+            "--batch-size", "4", "--lr", "0.01", "--think-steps", "5", "--threads", "1"]
+MIX = ["--model", "tiny:llama", "--steps", "2", "--batch-size", "4", "--width", "8", "--max-docs", "4",
+       "--examples-per-domain", "4", "--context-tokens", "16", "--continuation-tokens", "16", "--threads", "1"]
+
+
+def made(folder, command: list[str]):
+    """``folder``, trained by ``command`` unless it is there already (what a recipe starts from)."""
+    if not folder.exists():
+        assert main([*command, "--out-dir", str(folder)]) == 0
+    return str(folder)
+
+
 def recipe_command(recipe: str, bank, tmp_path) -> list[str]:
-    """``dynalora train RECIPE`` on the bank, with what it starts from made first (trigger-lora: a row trigger;
-    absorb and absorb-steps: documents with questions)."""
-    flags = RECIPES[recipe][0]
+    """``dynalora train RECIPE`` on the bank, with what it starts from made first (a shift network, a row
+    trigger, a compressor; documents with questions)."""
+    library = ["--library", str(bank)]
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"context": f"Zorb{i} lives in Quell{i}. Zorb{i} is a baker.",
+                                        "questions": [{"question": f"Where does Zorb{i} live?",
+                                                       "answer": f"Quell{i}"}]}) + "\n" for i in range(6)))
+    row = lambda: made(tmp_path / "row", ["train", "triggers", *library, *TRIGGERS, "--steps", "10"])  # noqa: E731
+    shift = lambda: made(tmp_path / "shift", ["train", "shift", *library, *SHIFT])  # noqa: E731
     if recipe == "library":  # the user's text sources, from the bank
         config = tmp_path / "library.toml"
         config.write_text("".join(f'[[adapters]]\nlabel = "{a["label"]}"\ndescription = "{a["label"]} text"\n'
                                   f'source = "{a["data"]}"\n\n'
                                   for a in json.loads((bank / "bank.json").read_text())["adapters"]))
-        return ["train", recipe, "--config", str(config), *flags]
+        return ["train", recipe, "--config", str(config), *LIBRARY]
     if recipe in ("absorb", "absorb-steps"):
-        docs = tmp_path / "docs.jsonl"
-        docs.write_text("".join(json.dumps({"context": f"Zorb{i} lives in Quell{i}. Zorb{i} is a baker.",
-                                            "questions": [{"question": f"Where does Zorb{i} live?",
-                                                           "answer": f"Quell{i}"}]}) + "\n" for i in range(6)))
-        return ["train", recipe, "--data", str(docs), *flags]
+        return ["train", recipe, "--data", str(docs), *RECIPES[recipe][0]]
+    if recipe == "triggers":
+        return ["train", recipe, *library, *TRIGGERS, "--steps", "10"]
     if recipe == "trigger-lora":
-        row = tmp_path / "row"
-        if not row.exists():
-            assert main(["train", "triggers", "--library", str(bank), *TRIGGERS, "--steps", "10",
-                         "--out-dir", str(row)]) == 0
-        flags = [*flags, "--row-dir", str(row)]
-    return ["train", recipe, "--library", str(bank), *flags]
+        return ["train", recipe, *library, *TRIGGER_LORA, "--row-dir", row()]
+    if recipe == "escalate":
+        return ["train", recipe, *library, *ESCALATE, "--shift", shift(), "--triggers", row()]
+    if recipe == "mix":
+        compressor = made(tmp_path / "compressor", ["train", "absorb", "--data", str(docs), *ABSORB, "--steps", "0"])
+        return ["train", recipe, *library, *MIX, "--shift", shift(), "--compressor", compressor, "--facts", str(docs)]
+    return ["train", recipe, *library, *RECIPES[recipe][0]]
 
 
 @pytest.fixture
@@ -149,15 +170,7 @@ def test_an_interrupted_run_resumes_from_its_last_state_to_the_same_weights(tmp_
 def test_escalate_under_two_processes_trains_as_one(tmp_path, bank):
     """Level 2 runs inside the hypernetwork stack, not through accelerate's wrapper: its gradients are averaged
     over the processes by hand (TrainingRun.update with average=True); the result matches one process."""
-    shift, triggers = tmp_path / "shift", tmp_path / "triggers"
-    assert main(["train", "shift", "--library", str(bank), "--out-dir", str(shift), *SHIFT]) == 0
-    assert main(["train", "triggers", "--library", str(bank), "--model", "tiny:llama", "--out-dir", str(triggers),
-                 "--streams", "4", "--validation-streams", "2", "--segment-chars", "300", "--delay", "8",
-                 "--steps", "10", "--threads", "1"]) == 0
-    escalate = ["train", "escalate", "--library", str(bank), "--shift", str(shift), "--triggers", str(triggers),
-                "--model", "tiny:llama", "--steps", "4", "--examples-per-domain", "8", "--validation-per-domain", "4",
-                "--context-tokens", "16", "--continuation-tokens", "16", "--rank", "2", "--width", "16",
-                "--batch-size", "4", "--lr", "0.01", "--think-steps", "5", "--threads", "1"]
+    escalate = recipe_command("escalate", bank, tmp_path)
     assert main([*escalate, "--out-dir", str(tmp_path / "one")]) == 0
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "dynalora",
@@ -176,3 +189,14 @@ def test_escalate_under_two_processes_trains_as_one(tmp_path, bank):
 def test_a_tracker_that_is_not_installed_is_refused_before_anything_loads():
     with pytest.raises(ValueError, match=r"tracker='no-such-tracker': not installed; available here: \["):
         RunConfig(tracker="no-such-tracker")
+
+
+@pytest.mark.parametrize("recipe", ALL_RECIPES)
+def test_every_recipe_trains_on_a_bfloat16_base_model(tmp_path, bank, recipe):
+    """--run.dtype bfloat16: the frozen base in bfloat16, what is trained in float32 (the features, the LoRA sums and
+    the trigger rows are cast where the two meet)."""
+    assert main([*recipe_command(recipe, bank, tmp_path), "--run.dtype", "bfloat16",
+                 "--out-dir", str(tmp_path / "out")]) == 0
+    if recipe in RECIPES:
+        trained = RECIPES[recipe][1](tmp_path / "out")
+        assert trained and all(bool(torch.isfinite(t.float()).all()) for t in trained.values())

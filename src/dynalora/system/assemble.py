@@ -181,8 +181,6 @@ class System:
             raise ValueError("--hyper shift needs --bank: the library the shift network was trained on "
                              "(e.g. checkpoints/library)")
         base = load_base_model(spec.model, spec.dtype, spec.device)
-        for parameter in base.model.parameters():
-            parameter.requires_grad_(False)
         device = model_device(base.model)
         threshold, trigger_deltas, token_ids = None, None, {}
         if spec.trigger_tokens is not None:

@@ -59,7 +59,7 @@ class MixSetup:
         self.dyn.state.reset()
         self.capture.reset()
         self.dyn(input_ids=torch.tensor([token_ids], device=self.device), use_cache=False)
-        return self.capture.pooled(0)
+        return self.capture.pooled(0).float()  # (H,): what the networks read, whatever the model's dtype
 
     def memory_of(self, text: str) -> dict:
         """The memory LoRA the absorber writes for a document: ``{module: (A (r, in), B (out, r))}``."""

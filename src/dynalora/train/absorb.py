@@ -343,7 +343,6 @@ def new_compressor(config: AbsorbTrainConfig, hidden_size: int, module_shapes: d
 
 def train_absorb(config: AbsorbTrainConfig) -> dict:
     from dynalora.lora import DynamicLoraModel, InjectConfig, LoraBank, StateConfig, module_shapes_of
-    from dynalora.models import load_base_model
     from dynalora.plot import plot_losses
 
     torch.set_num_threads(config.threads)
@@ -352,10 +351,8 @@ def train_absorb(config: AbsorbTrainConfig) -> dict:
     device = run.device
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls
-    base = load_base_model(config.model, device=device)
-    model = base.model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    base = run.load_base(config.model)
+    model = base.model
     tokenizer = base.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     shapes = module_shapes_of(model)

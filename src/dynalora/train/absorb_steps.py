@@ -132,7 +132,6 @@ class MetaGradients:
 
 def train_absorb_steps(config: AbsorbStepsTrainConfig) -> dict:
     from dynalora.data.absorb import read_absorb_docs, unrelated_questions
-    from dynalora.models import load_base_model
     from dynalora.runtime.absorb import load_absorber
 
     torch.set_num_threads(config.threads)
@@ -141,7 +140,7 @@ def train_absorb_steps(config: AbsorbStepsTrainConfig) -> dict:
     random.Random(config.seed).shuffle(docs)
     docs = docs[:config.documents]
     run = TrainingRun(config.run, config.out_dir)
-    base = load_base_model(config.model, device=run.device)
+    base = run.load_base(config.model)
     tokenizer = base.tokenizer
     absorber = load_absorber(base.model, writer="distill", tokenizer=tokenizer, distill=config.distill,
                              window=config.window)

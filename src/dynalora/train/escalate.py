@@ -122,9 +122,10 @@ def train_escalate(config: EscalateTrainConfig) -> dict:
     started = time.perf_counter()
     run = TrainingRun(config.run, config.out_dir)
     system = load_shift_system(config.library_dir, config.shift_dir, config.triggers_dir, config.model,
-                               max_batch=max(config.batch_size, 16), use_factors=False, device=run.device)
+                               max_batch=max(config.batch_size, 16), use_factors=False, device=run.device,
+                               dtype=config.run.dtype)
     model, dyn, level1 = system.base.model, system.dyn, system.net
-    for p in list(model.parameters()) + list(level1.parameters()):
+    for p in level1.parameters():  # level 1 stays as trained (the base model is frozen when loaded)
         p.requires_grad_(False)
     level2 = LevelNet(LevelNetConfig(feature_size=level1.config.feature_size,
                                      target_shapes=linear_shapes(level1, config.targets), rank=config.rank,

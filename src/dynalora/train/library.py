@@ -225,11 +225,10 @@ def train_adapter(spec: AdapterSpec, base, config: LibraryConfig) -> dict:
 def train_library(config: LibraryConfig, base=None) -> list[dict]:
     """Train every adapter (of ``config.only``, if given) not yet finished in ``config.out_dir``; returns their
     metadata (``library.json`` lists them)."""
-    from dynalora.models import load_base_model
 
     torch.set_num_threads(config.threads)
     run = TrainingRun(config.run, config.out_dir)  # the device and the main process; each adapter has its own run
-    base = base or load_base_model(config.model, device=run.device)
+    base = base or run.load_base(config.model)
     config.out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for spec in [a for a in config.adapters if config.only is None or a.label in config.only]:

@@ -81,7 +81,7 @@ def train_mix(config: MixTrainConfig) -> dict:
     torch.manual_seed(config.seed)
     started = time.perf_counter()
     run = TrainingRun(config.run, config.out_dir)
-    setup = MixSetup(config, device=run.device)
+    setup = MixSetup(config, run.device, config.run.dtype)
     docs = read_docs(Path(config.facts))[:config.max_docs]
     examples, memories = mix_examples(setup, config, docs, config.split, config.seed)
     prepare_seconds = time.perf_counter() - started

@@ -79,16 +79,13 @@ def train_shift(config: ShiftTrainConfig) -> dict:
     from dynalora.hyper.shift_net import ShiftNet, ShiftNetConfig
     from dynalora.lora import DynamicLoraModel, InjectConfig, StateConfig
     from dynalora.lora.targets import find_target_modules
-    from dynalora.models import load_base_model
     from dynalora.runtime.features import HiddenCapture
     from dynalora.plot import plot_losses
 
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     run = TrainingRun(config.run, config.out_dir)
-    base = load_base_model(config.model, device=run.device)
-    for p in base.model.parameters():
-        p.requires_grad_(False)
+    base = run.load_base(config.model)
     bank, adapters = load_library_bank(config.library_dir, base.model)
     dyn = DynamicLoraModel.attach(base.model, bank, InjectConfig(
         state=StateConfig(max_batch=max(config.batch_size, 16), generated_rank=config.generated_rank, memory_rank=0)))

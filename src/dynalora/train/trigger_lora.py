@@ -92,7 +92,7 @@ class StaticLora:
             if not self.enabled:
                 return output
             a, b = self.factors[name]
-            return output + (inputs[0] @ a.T) @ b.T  # (..., in) → (..., out)
+            return output + ((inputs[0].to(a.dtype) @ a.T) @ b.T).to(output.dtype)  # (..., in) → (..., out)
         return add_delta
 
     def parameters(self) -> list[torch.Tensor]:
@@ -151,7 +151,6 @@ def train_step(dyn, tokens: list[int], schedule, target: torch.Tensor, reference
 
 def train_trigger_lora(config: TriggerLoraTrainConfig) -> dict:
     from dynalora.lora import DynamicLoraModel
-    from dynalora.models import load_base_model
     from dynalora.runtime.special_tokens import SHIFT_TOKEN, ordinary_vocab_size, trigger_row_tensor
     from dynalora.runtime.trained_trigger import TrainedTrigger
     from dynalora.runtime.trigger_lora import factor_deltas, lora_factors, merge_trigger_lora
@@ -164,9 +163,7 @@ def train_trigger_lora(config: TriggerLoraTrainConfig) -> dict:
     torch.manual_seed(config.seed)
     started = time.perf_counter()
     run = TrainingRun(config.run, config.out_dir)
-    base = load_base_model(config.model, device=run.device)
-    for p in base.model.parameters():
-        p.requires_grad_(False)
+    base = run.load_base(config.model)
     token_ids = TrainedTrigger.from_pretrained(config.row_dir).install(base.model, base.tokenizer)
     shift_id = token_ids[SHIFT_TOKEN]
     vocab_size = ordinary_vocab_size(base.model, base.tokenizer)
@@ -181,7 +178,7 @@ def train_trigger_lora(config: TriggerLoraTrainConfig) -> dict:
                       targets_for(starts, len(tokens), config.delay, config.ignore_after)))
 
     embedding = trigger_row_tensor(base.model)  # the LM head's row decides p(<|shift|>)
-    row = embedding[shift_id].detach().clone().requires_grad_(True)  # (H,)
+    row = embedding[shift_id].detach().float().requires_grad_(True)  # (H,), trained in float32
     lora = StaticLora(top_layer_modules(base.model, config.layers, config.target_modules), config.rank)
     optimizer = torch.optim.Adam([{"params": lora.parameters(), "lr": config.lr},
                                   {"params": [row], "lr": config.row_lr}])

@@ -81,7 +81,7 @@ class TriggerTrainConfig:
 def stream_hidden_states(dyn, tokens: list[int], schedule: list[tuple[int, list[float] | None]],
                          vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Run a stream in chunks under a LoRA schedule ``[(start, blend or None), ...]`` with a KV cache
-    (keep policy); returns final hidden states ``(L, H)`` and ``log Z`` over the original vocab ``(L,)``."""
+    (keep policy); returns final hidden states ``(L, H)`` and ``log Z`` over the original vocab ``(L,)``, in float32."""
     model = dyn.model
     cache = DynamicCache(config=model.config)
     log_z = []
@@ -91,7 +91,7 @@ def stream_hidden_states(dyn, tokens: list[int], schedule: list[tuple[int, list[
             logits = model(input_ids=ids, cache=cache, use_cache=True).logits[0]
             log_z.append(torch.logsumexp(logits[:, :vocab_size].float(), dim=-1))
     captured = [hidden[0] for hidden in captured]  # (T, H) per chunk
-    return torch.cat(captured), torch.cat(log_z)
+    return torch.cat(captured).float(), torch.cat(log_z)
 
 
 def oracle_schedule(starts: list[int], domains: list[str], labels: list[str], delay: int, length: int):
@@ -147,7 +147,6 @@ def choose_threshold(probs: list[torch.Tensor], starts: list[list[int]], lengths
 
 def train_triggers(config: TriggerTrainConfig) -> dict:
     from dynalora.lora import DynamicLoraModel
-    from dynalora.models import load_base_model
     from dynalora.runtime.special_tokens import SHIFT_TOKEN, add_trigger_tokens, ordinary_vocab_size, trigger_row_tensor
     from dynalora.runtime.trained_trigger import TrainedTrigger
     from dynalora.plot import plot_losses
@@ -157,7 +156,7 @@ def train_triggers(config: TriggerTrainConfig) -> dict:
     torch.manual_seed(config.seed)
     started = time.perf_counter()
     run = TrainingRun(config.run, config.out_dir)
-    base = load_base_model(config.model, device=run.device)
+    base = run.load_base(config.model)
     token_ids = add_trigger_tokens(base.model, base.tokenizer)
     vocab_size = ordinary_vocab_size(base.model, base.tokenizer)
     shift_id = token_ids[SHIFT_TOKEN]
@@ -183,7 +182,7 @@ def train_triggers(config: TriggerTrainConfig) -> dict:
         embedding[shift_id] = row
 
     def probs_of(data):
-        return [torch.sigmoid(hh @ row.detach() - zz) for hh, zz in zip(data[0], data[1])]
+        return [torch.sigmoid(hh @ row.float() - zz) for hh, zz in zip(data[0], data[1])]  # features are float32
 
     best, candidates = choose_threshold(probs_of(validation), validation[3], validation[4], config.window,
                                         config.min_gap, config.max_false_per_1k)
@@ -225,7 +224,7 @@ def rescan_thresholds(triggers_dir: Path, library_dir: Path = shipped("library")
     streams = library_streams(adapters, "validation", saved["validation_streams"], saved["seed"] + 1,
                              saved["segments"], saved["segment_chars"])
     validation = collect(dyn, base.tokenizer, bank.labels, streams, saved["delay"], saved["ignore_after"], vocab_size)
-    row = trigger_row_tensor(base.model)[shift_id].detach()  # as both recipes train it
+    row = trigger_row_tensor(base.model)[shift_id].detach().float()  # as both recipes train it
     probs = [torch.sigmoid(h @ row - z) for h, z in zip(validation[0], validation[1])]
     best, candidates = choose_threshold(probs, validation[3], validation[4], saved["window"], saved["min_gap"],
                                         saved["max_false_per_1k"])

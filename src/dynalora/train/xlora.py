@@ -72,7 +72,8 @@ def train_xlora(config: XLoraTrainConfig) -> dict:
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     run = TrainingRun(config.run, config.out_dir)
-    model, tokenizer, adapters = build_xlora(config.library_dir, config.model, config.depth, run.device)
+    model, tokenizer, adapters = build_xlora(config.library_dir, config.model, config.depth, run.device,
+                                             config.run.dtype)
     labels = [adapter["label"] for adapter in adapters]
     streams = library_streams(adapters, "train", config.streams, config.seed, config.segments, config.segment_chars)
     sequences = [tokenize_stream(tokenizer, s)[0] for s in streams]
