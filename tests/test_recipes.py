@@ -377,3 +377,18 @@ def test_mix_pipeline_on_a_tiny_model(tmp_path, synthetic_domains):
               if getattr(e, "kind", "") == "shift"]
     assert events and all("memory weight" in e.detail for e in events)
     assert engine.dyn.state.memory_weights[0] != 1.0
+    # the whole system (library, shift network, mix gate, compressor) saved as one folder and loaded again
+    from dynalora.system.assemble import System
+
+    spec = EngineSpec(model="tiny:llama", bank=config.out_dir, hypernetwork="shift", shift_dir=tmp_path / "shift",
+                      mix=tmp_path / "mix", triggers=["every:3"], min_gap=1, update_delay=0, window=40,
+                      compressor=tmp_path / "absorb")
+    runs = []
+    for system in (System.from_checkpoints(spec), System.from_pretrained(System.from_checkpoints(spec)
+                                                                          .save_pretrained(tmp_path / "system"))):
+        with system.live() as live:
+            runs.append(live.generate([list(range(5, 45))], max_new_tokens=8))
+    assert {p.name for p in (tmp_path / "system").iterdir()} == {"library", "shift", "mix", "absorb", "system.json"}
+    assert runs[0].token_ids == runs[1].token_ids
+    first, again = ([(e.kind, e.position) for e in run.lora_events()] for run in runs)
+    assert first == again and {"shift", "absorb"} <= {kind for kind, _ in first}  # the same, at the same tokens

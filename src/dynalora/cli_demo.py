@@ -17,7 +17,8 @@ def cmd_demo(config) -> int:
         from dynalora.demo_absorb import run_absorb_demo
 
         run_absorb_demo(config.checkpoints / "absorb", config.model, writer=config.absorber,
-                        steps=config.absorb_steps, step_sizes=config.absorb_step_sizes)
+                        steps=config.absorb_steps, step_sizes=config.absorb_step_sizes, device=config.device,
+                        dtype=config.dtype)
     return 0
 
 

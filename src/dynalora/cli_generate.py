@@ -19,7 +19,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     from dynalora.system.assemble import EngineSpec
 
     spec = ConfigFlags(p, EngineSpec, aliases={"hypernetwork": "--hyper", "shift_dir": "--shift",
-                                               "triggers": "--trigger"})
+                                               "triggers": "--trigger", "distill.steps": "--absorb-steps",
+                                               "distill.step_sizes": "--absorb-step-sizes"})
     sampling = ConfigFlags(p, SamplingConfig, config_file=False)
     p.add_argument("--state", type=Path, default=None, help="start from this saved LoRA state")
     p.add_argument("--max-tokens", type=int, default=128, help="new tokens at most (default: %(default)s)")

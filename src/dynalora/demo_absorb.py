@@ -17,22 +17,23 @@ DEMO_DOCUMENT_OFFSET = 100
 
 
 def run_absorb_demo(compressor_dir: Path, model: str | None = None, questions: int = 6, writer: str = "compressor",
-                    steps: int | None = None, step_sizes: Path | None = None) -> dict:
+                    steps: int | None = None, step_sizes: Path | None = None, device: str = "cpu",
+                    dtype: str = "float32") -> dict:
     from dynalora.data.absorb import split_seeds
     from dynalora.data.facts import facts_document
     from dynalora.eval.absorb import Answerer
     from dynalora.eval.answers import exact_match
-    from dynalora.models import load_base_model
-    from dynalora.runtime.absorb import load_absorber
     from dynalora.runtime.chat import chat_prompt
     from dynalora.runtime.memory_writers import DistillConfig
+    from dynalora.system.assemble import EngineSpec, System
 
-    base = load_base_model(model)
     distill = DistillConfig(steps=DistillConfig.steps if steps is None else steps,
                             step_sizes=str(step_sizes) if step_sizes is not None else None)
-    absorber = load_absorber(base.model, None if writer == "distill" else compressor_dir, max_batch=questions,
-                             writer=writer, tokenizer=base.tokenizer, distill=distill)
-    state, tokenizer = absorber.dyn.state, base.tokenizer
+    system = System.from_checkpoints(EngineSpec(
+        model=model, device=device, dtype=dtype, hypernetwork="none", triggers=[], window=512,
+        compressor=compressor_dir, absorber=writer, distill=distill, max_batch=questions))
+    absorber, tokenizer = system.absorber, system.base.tokenizer
+    state = absorber.dyn.state
     document = facts_document(split_seeds("test")[DEMO_DOCUMENT_OFFSET], words=150)
     asked = document["questions"][:questions]
     ids = tokenizer(document["context"], add_special_tokens=False)["input_ids"]
@@ -61,5 +62,5 @@ def run_absorb_demo(compressor_dir: Path, model: str | None = None, questions: i
     print(f"\nright from the evicted text: {hits['memory']}/{len(asked)} with the memory, {hits['base']}/{len(asked)} "
           f"without ({writer} writer; results/eval_absorb{'_distill' if writer != 'compressor' else ''}.json has "
           "the measured rates over eight test documents)")
-    state.reset()
+    system.close()
     return {"document_tokens": len(ids), "questions": len(asked), "correct": hits, "absorb_seconds": seconds}

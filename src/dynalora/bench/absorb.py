@@ -45,13 +45,13 @@ class AbsorbBenchConfig:
 def run_absorb_bench(config: AbsorbBenchConfig, out: Path | None = None) -> dict:
     from dynalora.data.absorb import split_seeds
     from dynalora.data.facts import facts_document
-    from dynalora.models import load_base_model
-    from dynalora.runtime.absorb import load_absorber
+    from dynalora.system.assemble import EngineSpec, System
 
     torch.set_num_threads(config.threads)
-    base = load_base_model(config.model, config.dtype, config.device)
-    model = base.model
-    absorber = load_absorber(model, config.compressor_dir)
+    system = System.from_checkpoints(EngineSpec(model=config.model, device=config.device, dtype=config.dtype,
+                                                hypernetwork="none", triggers=[], window=512,
+                                                compressor=config.compressor_dir, max_batch=1))
+    base, model, absorber = system.base, system.base.model, system.absorber
     dyn, chunk = absorber.dyn, absorber.config.chunk_tokens
     ids, seed = [], split_seeds("test").start
     while len(ids) < config.long * chunk:

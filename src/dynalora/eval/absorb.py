@@ -170,16 +170,15 @@ def _fine_tune(dyn, context_ids: list[int], rank: int, modules: list[str], steps
 
 def eval_absorb(config: AbsorbEvalConfig, out: Path | None = None) -> dict:
     from dynalora.data.absorb import needle_suite, read_absorb_docs, unrelated_questions
-    from dynalora.models import load_base_model
-    from dynalora.runtime.absorb import load_absorber
+    from dynalora.system.assemble import EngineSpec, System
 
     torch.set_num_threads(config.threads)
-    base = load_base_model(config.model, config.dtype, config.device)
-    tokenizer, model = base.tokenizer, base.model
-    absorber = load_absorber(model, None if config.absorber == "distill" else config.compressor_dir, max_batch=16,
-                             window=config.window, sink_tokens=config.sink_tokens, writer=config.absorber,
-                             tokenizer=tokenizer, distill=config.distill, chunk_tokens=config.chunk_tokens,
-                             relevance_gate=config.relevance_gate)
+    system = System.from_checkpoints(EngineSpec(
+        model=config.model, device=config.device, dtype=config.dtype, hypernetwork="none", triggers=[],
+        window=config.window, compressor=config.compressor_dir, absorber=config.absorber, distill=config.distill,
+        sink_tokens=config.sink_tokens, chunk_tokens=config.chunk_tokens, relevance_gate=config.relevance_gate,
+        max_batch=16))
+    tokenizer, model, absorber = system.base.tokenizer, system.base.model, system.absorber
     dyn, chunk_tokens, rank = absorber.dyn, absorber.config.chunk_tokens, absorber.dyn.state.config.memory_rank
     runs = _writer_runs(config, absorber, tokenizer)
     answerer = Answerer(dyn, tokenizer, config.max_new_tokens)

@@ -172,6 +172,14 @@ class WriterPlan:
         start = CompressorWriter(self.compressor.to(dyn.state.device)) if self.compressor is not None else None
         return start if self.writer == "compressor" else DistillWriter(dyn, tokenizer, self.distill, start=start)
 
+    def absorber(self, dyn: DynamicLoraModel, tokenizer, window: int, sink_tokens: int = 4,
+                 relevance_gate: bool = False) -> "Absorber":
+        """The :class:`Absorber` writing this plan's memory on ``dyn`` (wrapped to cover :attr:`target_kinds`,
+        with a memory of :attr:`memory_rank`)."""
+        return Absorber(dyn, self.build(dyn, tokenizer), AbsorbConfig(window=window, sink_tokens=sink_tokens,
+                                                                      chunk_tokens=self.chunk_tokens,
+                                                                      relevance_gate=relevance_gate), tokenizer)
+
 
 def plan_writer(writer: str = "compressor", compressor_dir: str | Path | None = None, tokenizer=None,
                 distill: DistillConfig | None = None, chunk_tokens: int | None = None, window: int = 512) -> WriterPlan:
@@ -203,15 +211,13 @@ def load_absorber(model, compressor_dir: str | Path | None = None, max_batch: in
                   sink_tokens: int = 4, writer: str = "compressor", tokenizer=None,
                   distill: DistillConfig | None = None, chunk_tokens: int | None = None,
                   relevance_gate: bool = False) -> Absorber:
-    """A base model with a memory-only LoRA state on the writer's modules, and its :class:`Absorber`
-    (``absorber.dyn`` is the wrapped model) — what the absorb evaluation, benchmark and demo run.
-    The writer's arguments are :func:`plan_writer`'s."""
+    """A given model with a memory-only LoRA state on the writer's modules, and its :class:`Absorber`
+    (``absorber.dyn`` is the wrapped model). The writer's arguments are :func:`plan_writer`'s. (A whole system
+    with a window, from checkpoint names: ``System.from_checkpoints(EngineSpec(window=...))``.)"""
     from dynalora.lora import InjectConfig, LoraBank, StateConfig, module_shapes_of
 
     plan = plan_writer(writer, compressor_dir, tokenizer, distill, chunk_tokens, window)
     dyn = DynamicLoraModel.attach(model, LoraBank(module_shapes_of(model)), InjectConfig(
         target_modules=plan.target_kinds,
         state=StateConfig(max_batch=max_batch, generated_rank=0, memory_rank=plan.memory_rank)))
-    return Absorber(dyn, plan.build(dyn, tokenizer), AbsorbConfig(window=window, sink_tokens=sink_tokens,
-                                                                  chunk_tokens=plan.chunk_tokens,
-                                                                  relevance_gate=relevance_gate), tokenizer)
+    return plan.absorber(dyn, tokenizer, window, sink_tokens, relevance_gate)

@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 import shutil
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Iterator
 
+from dynalora.cli_config import construct
 from dynalora.lora import DynamicLoraModel, InjectConfig, LoraBank, StateConfig, module_shapes_of
 from dynalora.lora.library_folder import load_library_bank
 from dynalora.models import load_base_model, model_device, resolve_dtype
@@ -33,7 +34,7 @@ validation streams (results/eval_shift_validation_*.json): the blend alone with 
 (3.147) and the blend + generated factors (3.187, 3.201)."""
 SYSTEM_FILE = "system.json"
 SYSTEM_PARTS = {"bank": "library", "trigger_tokens": "triggers", "shift_dir": "shift", "escalate": "escalate",
-                "mix": "mix", "compressor": "absorb", "absorb_step_sizes": "absorb_steps"}
+                "mix": "mix", "compressor": "absorb", "distill.step_sizes": "absorb_steps"}
 """The spec's checkpoint fields and the names :meth:`System.save_pretrained` copies them to."""
 LOAD_TIME_FIELDS = ("device", "dtype", "max_batch")
 TRIGGER_SPECS = "token | prob[:THRESHOLD] | think[:THRESHOLD] | surprise[:K] | every:N | window:TOKENS"
@@ -88,10 +89,13 @@ class EngineSpec:
     """The absorb compressor folder (used with ``window`` by the writers that use it)."""
     absorber: str = "compressor"
     """The memory writer used with ``window``: compressor, distill or compressor+distill."""
-    absorb_steps: int = DistillConfig.steps
-    """Distillation steps per absorbed chunk (the distilling writers)."""
-    absorb_step_sizes: Path | None = None
-    """Meta-learned step sizes for the distilling writers (``DistillConfig.step_sizes``; None: its ``lr``)."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """The distilling writers' settings (``distill.steps``: steps per absorbed chunk; ``distill.step_sizes``: the
+    meta-learned step sizes, ``dynalora train absorb-steps``)."""
+    sink_tokens: int = 4
+    """First tokens of a row never evicted (attention sinks)."""
+    chunk_tokens: int | None = None
+    """Tokens absorbed at a time (None: the compressor's training chunk, or 3/4 of the window for ``distill``)."""
     background_absorb: bool = False
     """Write absorbed chunks on a background thread while generation goes on (``EngineConfig``)."""
     relevance_gate: bool = False
@@ -110,7 +114,7 @@ class EngineSpec:
                 "shift_dir": self.shift_dir if self.hypernetwork == "shift" else None,
                 "escalate": self.escalate, "mix": self.mix,
                 "compressor": self.compressor if self.window is not None and self.absorber != "distill" else None,
-                "absorb_step_sizes": self.absorb_step_sizes if self.window is not None else None}
+                "distill.step_sizes": self.distill.step_sizes if self.window is not None else None}
         return {name: Path(path) for name, path in used.items() if path is not None}
 
     def reads_trigger_tokens(self) -> bool:
@@ -192,16 +196,14 @@ class System:
         bank, adapters = _load_bank(spec.bank, base.model)
         plan = None
         inject = InjectConfig(state=StateConfig(max_batch=spec.max_batch, generated_rank=0, memory_rank=0))
-        if spec.window is not None:
+        if spec.window is not None:  # the state also covers what the memory writer writes, at its rank
             from dynalora.runtime.absorb import plan_writer
 
             plan = plan_writer(spec.absorber, None if spec.absorber == "distill" else spec.compressor, base.tokenizer,
-                               DistillConfig(steps=spec.absorb_steps, step_sizes=spec.absorb_step_sizes and
-                                             str(spec.absorb_step_sizes)), window=spec.window)
+                               spec.distill, spec.chunk_tokens, spec.window)
             kinds = {name.rsplit(".", 1)[-1] for name in bank.modules} | set(plan.target_kinds)
-            inject = InjectConfig(target_modules=sorted(kinds | {"q_proj", "k_proj", "v_proj", "o_proj"}),
-                                  state=StateConfig(max_batch=spec.max_batch, generated_rank=0,
-                                                    memory_rank=plan.memory_rank))
+            inject = InjectConfig(target_modules=sorted(kinds), state=StateConfig(
+                max_batch=spec.max_batch, generated_rank=0, memory_rank=plan.memory_rank))
         policies = [parse_trigger(s, token_ids, threshold) for s in spec.triggers]
         engine_config = EngineConfig(kv_policy=spec.kv_policy, background_absorb=spec.background_absorb,
                                      update_delay=spec.update_delay or 0,
@@ -216,13 +218,8 @@ class System:
             engine_config.update_delay = SHIFT_UPDATE_DELAY if spec.update_delay is None else spec.update_delay
             inject.state.generated_rank = net.config.generated_rank if shift_hyper.use_factors else 0
         dyn = DynamicLoraModel.attach(base.model, bank, inject)
-        hyper, absorber = None, None
-        if plan is not None:
-            from dynalora.runtime.absorb import AbsorbConfig, Absorber
-
-            absorber = Absorber(dyn, plan.build(dyn, base.tokenizer), AbsorbConfig(
-                window=spec.window, chunk_tokens=plan.chunk_tokens, relevance_gate=spec.relevance_gate),
-                base.tokenizer)
+        hyper = None
+        absorber = plan and plan.absorber(dyn, base.tokenizer, spec.window, spec.sink_tokens, spec.relevance_gate)
         if shift_hyper is not None:
             shift_hyper.check_bank(dyn.state)
             hyper = shift_hyper
@@ -293,7 +290,9 @@ class System:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         record = {name: value for name, value in asdict(self.spec).items() if name not in LOAD_TIME_FIELDS}
-        record.update(dict.fromkeys(SYSTEM_PARTS))
+        for name in SYSTEM_PARTS:
+            holder, key = _nested(record, name)
+            holder[key] = None
         for name, source in self.spec.parts().items():
             target = folder / SYSTEM_PARTS[name]
             if source.is_dir():
@@ -304,7 +303,8 @@ class System:
                     if sibling.is_file():
                         shutil.copy2(sibling, target / sibling.name)
                 target = target / source.name
-            record[name] = str(target.relative_to(folder))
+            holder, key = _nested(record, name)
+            holder[key] = str(target.relative_to(folder))
         (folder / SYSTEM_FILE).write_text(json.dumps(record, indent=2, default=str))
         return folder
 
@@ -316,12 +316,13 @@ class System:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: not a saved system (System.save_pretrained writes one)")
         record = json.loads(path.read_text())
-        unknown = sorted(set(record) - {f.name for f in fields(EngineSpec)})
-        if unknown:
-            raise ValueError(f"{path}: unknown field(s) {unknown}")
         for name in SYSTEM_PARTS:  # a part the system does not use takes the spec's default
-            record[name] = Path(folder) / record[name] if record.get(name) is not None else getattr(EngineSpec, name)
-        return cls.from_checkpoints(EngineSpec(**{**record, **load_options}))
+            holder, key = _nested(record, name)
+            if holder.get(key) is None:
+                holder.pop(key, None)
+            else:
+                holder[key] = str(Path(folder) / holder[key])
+        return cls.from_checkpoints(construct(EngineSpec, {**record, **load_options}, str(path)))
 
     def close(self) -> None:
         """Take the system's hooks and wrappers off the base model."""
@@ -347,6 +348,15 @@ def load_shift_system(library_dir: Path, shift_dir: Path, triggers_dir: Path, mo
         model=model, device=device, dtype=dtype, bank=Path(library_dir), trigger_tokens=Path(triggers_dir),
         hypernetwork="shift", shift_dir=Path(shift_dir), use_factors=use_factors, update_delay=update_delay,
         triggers=["prob"], min_gap=32, max_per_sequence=64, max_batch=max_batch))
+
+
+def _nested(record: dict, path: str) -> tuple[dict, str]:
+    """The dict of ``record`` holding a dotted field and that field's name (``distill.step_sizes`` →
+    ``record["distill"], "step_sizes"``)."""
+    *parents, name = path.split(".")
+    for parent in parents:
+        record = record[parent]
+    return record, name
 
 
 def _load_bank(folder, model) -> tuple[LoraBank, list[dict]]:

@@ -132,7 +132,7 @@ class MetaGradients:
 
 def train_absorb_steps(config: AbsorbStepsTrainConfig) -> dict:
     from dynalora.data.absorb import read_absorb_docs, unrelated_questions
-    from dynalora.runtime.absorb import load_absorber
+    from dynalora.system.assemble import EngineSpec, System
 
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -140,10 +140,10 @@ def train_absorb_steps(config: AbsorbStepsTrainConfig) -> dict:
     random.Random(config.seed).shuffle(docs)
     docs = docs[:config.documents]
     run = TrainingRun(config.run, config.out_dir)
-    base = run.load_base(config.model)
-    tokenizer = base.tokenizer
-    absorber = load_absorber(base.model, writer="distill", tokenizer=tokenizer, distill=config.distill,
-                             window=config.window)
+    system = System.from_checkpoints(EngineSpec(
+        model=config.model, device=str(run.device), dtype=config.run.dtype, hypernetwork="none", triggers=[],
+        window=config.window, absorber="distill", distill=config.distill))
+    absorber, tokenizer = system.absorber, system.base.tokenizer
     writer, dyn = absorber.writer, absorber.dyn
     steps, device = config.distill.steps, dyn.state.device
     sizes = StepSizes.constant(writer.modules_list, steps, config.distill.lr)
