@@ -57,7 +57,7 @@ def test_import_train_shift_and_trigger_then_generate_on_your_own_model_adapters
                  "--streams", "6", "--validation-streams", "3", "--segment-chars", "300", "--delay", "8",
                  "--steps", "60", "--lr", "0.05", "--max-false-per-1k", "1000", "--threads", "1"]) == 0
     assert main(["generate", "--model", model, "--bank", str(bank), "--hyper", "shift", "--shift", str(shift),
-                 "--trigger-tokens", str(triggers / "trigger_tokens.safetensors"), "--trigger", "prob:0.5",
+                 "--trigger-tokens", str(triggers), "--trigger", "prob",  # the README's: the trained threshold
                  "--max-tokens", "8", "--show-events", "the market rose"]) == 0
 
     system = load_shift_system(bank, shift, triggers, model)

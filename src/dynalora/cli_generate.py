@@ -16,7 +16,7 @@ DIM, BOLD, RESET = styles()  # empty when piped or NO_COLOR is set
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     """The engine's flags (generated from :class:`EngineSpec` and :class:`SamplingConfig`) and the run's."""
     from dynalora.runtime import SamplingConfig
-    from dynalora.system.assemble import EngineSpec
+    from dynalora.system.spec import EngineSpec
 
     spec = ConfigFlags(p, EngineSpec, aliases={"hypernetwork": "--hyper", "shift_dir": "--shift",
                                                "triggers": "--trigger", "distill.steps": "--absorb-steps",
