@@ -156,6 +156,7 @@ def train_escalate(config: EscalateTrainConfig) -> dict:
 
     optimizer = torch.optim.AdamW(level2.parameters(), lr=config.lr, weight_decay=0.01)
     optimizer = run.accelerator.prepare(optimizer)  # level 2 runs inside the stack: its gradients averaged below
+    run.accelerator.register_for_checkpointing(level2)  # and its weights saved with the resumable state
     generator = torch.Generator().manual_seed(config.seed)
     start, history, extra = run.resume(generator)
     validation_history, best = extra.get("validation_history", []), extra.get("best")
@@ -222,7 +223,7 @@ def train_escalate(config: EscalateTrainConfig) -> dict:
         "seconds": round(time.perf_counter() - started, 1), "think_loss": [think_losses[0], think_losses[-1]],
         "history": history, "validation_history": validation_history, "kept_step": best[1] if best else config.steps,
         "split": {"train": "train", "threshold and kept step": "validation"},
-        "processes": run.accelerator.num_processes}
+        "processes": run.accelerator.num_processes, "resumed_from_step": start}
     if run.is_main:
         (config.out_dir / "escalate.json").write_text(json.dumps(metadata, indent=2))
     dyn.detach()

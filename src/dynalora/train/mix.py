@@ -129,7 +129,7 @@ def train_mix(config: MixTrainConfig) -> dict:
                 "final": {k: sum(h[k] for h in history[-20:]) / len(history[-20:]) for k in history[-1]}
                 if history else {},
                 "history": history, "split": {"domains": config.split, "facts": str(config.facts)},
-                "processes": run.accelerator.num_processes}
+                "processes": run.accelerator.num_processes, "resumed_from_step": start}
     if run.is_main:
         (config.out_dir / "train_mix.json").write_text(json.dumps(metadata, indent=2))
     return metadata
