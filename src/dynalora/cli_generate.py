@@ -16,11 +16,9 @@ DIM, BOLD, RESET = styles()  # empty when piped or NO_COLOR is set
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     """The engine's flags (generated from :class:`EngineSpec` and :class:`SamplingConfig`) and the run's."""
     from dynalora.runtime import SamplingConfig
-    from dynalora.system.spec import EngineSpec
+    from dynalora.system.spec import FLAG_ALIASES, EngineSpec
 
-    spec = ConfigFlags(p, EngineSpec, aliases={"hypernetwork": "--hyper", "shift_dir": "--shift",
-                                               "triggers": "--trigger", "distill.steps": "--absorb-steps",
-                                               "distill.step_sizes": "--absorb-step-sizes"})
+    spec = ConfigFlags(p, EngineSpec, aliases=FLAG_ALIASES)
     sampling = ConfigFlags(p, SamplingConfig, config_file=False)
     p.add_argument("--state", type=Path, default=None, help="start from this saved LoRA state")
     p.add_argument("--max-tokens", type=int, default=128, help="new tokens at most (default: %(default)s)")

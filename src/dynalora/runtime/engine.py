@@ -260,6 +260,7 @@ class Engine:
         if isinstance(prompts, (str, bytes)):
             raise TypeError("prompts is a list (one prompt per row); wrap a single prompt in a list")
         rows = [self.encode_prompt(p, chat, system) for p in prompts]
+        self.capture.follow_current_thread()  # whichever thread runs this stream
         if not rows or any(len(r) == 0 for r in rows):
             raise ValueError("every prompt needs at least one token")
         count = len(rows)

@@ -62,6 +62,11 @@ class HiddenCapture:
     def reset(self) -> None:
         self.recent = self.valid = None
 
+    def follow_current_thread(self) -> None:
+        """Capture the forwards of the calling thread from now on (the one generating: a server runs the engine on a
+        worker thread; a background absorb's forwards, on yet another, stay out)."""
+        self._thread = threading.get_ident()
+
     def last(self, row: int) -> torch.Tensor:
         """(H,) hidden state at the row's last captured position."""
         return self.recent[row, -1]

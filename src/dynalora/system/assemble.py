@@ -113,8 +113,9 @@ class System:
         elif spec.hypernetwork == "prototype" and len(bank):
             from dynalora.hyper import NearestPrototype
 
-            hyper = NearestPrototype.from_texts(Engine(dyn, base.tokenizer, config=engine_config),
-                                                [[info.description or info.label] for info in bank.adapters])
+            probe = Engine(dyn, base.tokenizer, config=engine_config)  # reads the descriptions' features
+            hyper = NearestPrototype.from_texts(probe, [[info.description or info.label] for info in bank.adapters])
+            probe.close()
         triggers = TriggerConfig(policies, min_gap=spec.min_gap, max_per_sequence=spec.max_per_sequence)
         return cls(spec, base, bank, adapters, dyn, hyper, triggers, engine_config, token_ids,
                    ordinary_vocab_size(base.model, base.tokenizer), threshold, absorber, trigger_deltas)

@@ -23,6 +23,9 @@ SYSTEM_PARTS = {"bank": "library", "trigger_tokens": "triggers", "shift_dir": "s
                 "mix": "mix", "compressor": "absorb", "distill.step_sizes": "absorb_steps"}
 """The spec's checkpoint fields (:meth:`EngineSpec.parts`) and the names ``System.save_pretrained`` copies them
 to."""
+FLAG_ALIASES = {"hypernetwork": "--hyper", "shift_dir": "--shift", "triggers": "--trigger",
+                "distill.steps": "--absorb-steps", "distill.step_sizes": "--absorb-step-sizes"}
+"""Short command-line names of some fields (``generate``, ``chat``, ``serve``; the generated ones work too)."""
 TRIGGER_SPECS = "token | prob[:THRESHOLD] | think[:THRESHOLD] | surprise[:K] | every:N | window:TOKENS"
 
 

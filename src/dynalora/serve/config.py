@@ -1,0 +1,29 @@
+"""How ``dynalora serve`` listens and what it accepts (no web dependencies: the CLI reads it to make its flags)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    """Address to bind (anything beyond loopback requires ``api_key``)."""
+    port: int = 8000
+    """TCP port (0: any free one)."""
+    api_key: str | None = None
+    """Bearer token every request must carry (``Authorization: Bearer KEY``); None: none asked (loopback only)."""
+    max_tokens: int = 1024
+    """The most new tokens a request may ask for."""
+    default_max_tokens: int = 256
+    """New tokens when a request does not say (at most ``max_tokens``)."""
+    max_prompt_tokens: int = 8192
+    """The longest prompt accepted, in tokens."""
+
+    def __post_init__(self):
+        if self.host not in LOOPBACK and not self.api_key:
+            raise ValueError(f"ServeConfig.host={self.host!r} is beyond loopback: give an api_key (--api-key)")
+        if min(self.max_tokens, self.default_max_tokens, self.max_prompt_tokens) < 1:
+            raise ValueError("ServeConfig: max_tokens, default_max_tokens and max_prompt_tokens must be ≥ 1")

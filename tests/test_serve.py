@@ -1,0 +1,184 @@
+"""``dynalora serve`` over real HTTP on loopback, driven by the ``openai`` client: completions equal the engine's
+tokens, a per-request blend equals ``set_blend`` in-process, streaming equals non-streaming, LoRA events arrive as
+extension fields, and every bad request gets an OpenAI-style error and changes nothing."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+import uvicorn
+
+from dynalora.models import tiny_model
+from dynalora.serve.app import create_app
+from dynalora.serve.config import ServeConfig
+from dynalora.system.assemble import System
+from dynalora.system.spec import EngineSpec
+from test_engine import random_bank
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A tiny system (3 random adapters, the prototype hypernetwork every 4 tokens) served on a free port."""
+    folder = tmp_path_factory.mktemp("serve") / "bank"
+    random_bank(tiny_model("llama")).save(folder)
+    system = System.from_checkpoints(EngineSpec(model="tiny:llama", bank=folder, triggers=["every:4"], min_gap=4,
+                                                max_batch=1))
+    engine = system.engine()
+    app = create_app(engine, ServeConfig(port=0, max_tokens=32, max_prompt_tokens=64), "tiny")
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    yield client, engine, port
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def in_process(engine, ids, blend=None, max_new_tokens=12):
+    """The engine's own greedy tokens for ``ids`` with row 0 at ``blend`` (as the server sets it)."""
+    state = engine.dyn.state
+    state.reset()
+    if blend:
+        state.set_blend_by_label(0, blend)
+    result = engine.generate([ids], max_new_tokens=max_new_tokens)
+    state.reset()
+    return result
+
+
+def chat_ids(engine):
+    return engine.tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)["input_ids"]
+
+
+def test_models_lists_the_base_and_the_bank(served):
+    client, engine, _ = served
+    assert [m.id for m in client.models.list().data] == ["tiny", *engine.dyn.state.labels]
+
+
+def test_chat_completion_equals_the_engine_and_reports_its_lora_events(served):
+    client, engine, _ = served
+    response = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0)
+    expected = in_process(engine, chat_ids(engine))
+    assert response.choices[0].message.content == expected.texts[0]
+    assert response.usage.completion_tokens == len(expected.token_ids[0]) == 12
+    assert response.choices[0].finish_reason == "length"
+    events = response.model_extra["dynalora"]["events"]
+    assert [(e["kind"], e["position"]) for e in events] == [(e.kind, e.position) for e in expected.lora_events()]
+    assert any(e["kind"] == "shift" for e in events)  # the hypernetwork moved the blend mid-generation
+
+
+def test_a_per_request_blend_equals_set_blend_in_process(served):
+    client, engine, _ = served
+    labels = engine.dyn.state.labels
+    blend = {labels[0]: 0.7, labels[2]: 0.3}
+    named = f"blend:{labels[0]}=0.7,{labels[2]}=0.3"
+    by_model = client.completions.create(model=named, prompt="the cat", max_tokens=12, temperature=0)
+    by_extension = client.completions.create(model="tiny", prompt="the cat", max_tokens=12, temperature=0,
+                                             extra_body={"dynalora": {"blend": blend}})
+    plain = client.completions.create(model="tiny", prompt="the cat", max_tokens=12, temperature=0)
+    expected = in_process(engine, engine.encode_prompt("the cat"), blend)
+    assert by_model.choices[0].text == by_extension.choices[0].text == expected.texts[0]
+    assert plain.choices[0].text == in_process(engine, engine.encode_prompt("the cat")).texts[0]
+    assert plain.choices[0].text != expected.texts[0]  # the blend changes what is generated
+
+
+def test_streaming_gives_the_same_text_with_the_events_as_chunks(served):
+    client, engine, _ = served
+    whole = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0)
+    pieces, events, finish = [], [], None
+    for chunk in client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0,
+                                                stream=True):
+        if chunk.model_extra.get("dynalora"):
+            events.append(chunk.model_extra["dynalora"]["event"])
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+        if chunk.choices and chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
+    assert "".join(pieces) == whole.choices[0].message.content and finish == "length"
+    without_time = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]  # noqa: E731
+    assert without_time(events) == without_time(whole.model_extra["dynalora"]["events"])
+    request = dict(model="tiny", prompt="the cat", max_tokens=6, temperature=0)
+    text = "".join(c.choices[0].text for c in client.completions.create(**request, stream=True) if c.choices)
+    assert text == client.completions.create(**request).choices[0].text
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"model": "nope", "prompt": "x"}, 404, "model"),
+    ({"model": "blend:adapter0=0.5,ghost=0.5", "prompt": "x"}, 404, "model"),
+    ({"model": "blend:adapter0=-1", "prompt": "x"}, 400, "model"),
+    ({"model": "tiny", "prompt": "x", "dynalora": {"blend": {"adapter0": float("nan")}}}, 400, "dynalora.blend"),
+    ({"model": "blend:adapter0=lots", "prompt": "x"}, 400, "model"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": 33}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": "x" * 65}, 400, "prompt"),
+    ({"model": "tiny", "prompt": "x", "n": 2}, 400, "n"),
+    ({"model": "tiny", "prompt": "x", "temperature": -1}, 400, "temperature"),
+    ({"model": "tiny"}, 400, "prompt"),
+])
+def test_bad_requests_get_openai_errors_and_change_nothing(served, body, status, param):
+    _, engine, port = served
+    data = json.dumps(body, allow_nan=True).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=data,
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as failed:
+        urllib.request.urlopen(request)
+    error = json.loads(failed.value.read())["error"]
+    assert failed.value.code == status and error["param"] == param and error["message"], error
+    assert not engine.dyn.state.blend_weights.any()  # nothing was applied
+
+
+def test_malformed_json_and_a_missing_key_are_refused(tmp_path):
+    from fastapi.testclient import TestClient
+
+    model = tiny_model("llama")
+    random_bank(model).save(tmp_path / "bank")
+    system = System.from_checkpoints(EngineSpec(model="tiny:llama", bank=tmp_path / "bank", triggers=[]))
+    client = TestClient(create_app(system.engine(), ServeConfig(api_key="secret"), "tiny"))
+    assert client.get("/v1/models").json()["error"]["code"] == "invalid_api_key"
+    assert client.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/v1/models", headers={"Authorization": "Bearer secret"}).status_code == 200
+    broken = client.post("/v1/completions", content=b'{"model": "tiny", "prompt": ',
+                         headers={"Authorization": "Bearer secret", "Content-Type": "application/json"})
+    assert broken.status_code == 400 and broken.json()["error"]["type"] == "invalid_request_error"
+    with pytest.raises(ValueError, match="beyond loopback: give an api_key"):
+        ServeConfig(host="0.0.0.0")
+
+
+def test_the_serve_command_serves_until_stopped(tmp_path):
+    """``dynalora serve`` as a user starts it: a process that answers on its port until it is told to stop."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "dynalora", "serve", "--model", "tiny:llama", "--hyper", "none",
+                                "--triggers", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        for _ in range(300):  # up to a minute to start
+            try:
+                models = client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert process.poll() is None, process.stdout.read().decode()
+                time.sleep(0.2)
+        assert [m.id for m in models.data] == ["tiny:llama"]
+        reply = client.chat.completions.create(model="base", messages=MESSAGES, max_tokens=4, temperature=0)
+        assert reply.usage.completion_tokens == 4
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
