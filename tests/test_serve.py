@@ -182,3 +182,27 @@ def test_the_serve_command_serves_until_stopped(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_a_client_that_disconnects_stops_its_generation(served, monkeypatch):
+    client, engine, _ = served
+    produced, original = [], engine.stream
+
+    def slow_stream(*args, **kwargs):  # 30 ms a token, so the disconnect lands mid-generation
+        for event in original(*args, **kwargs):
+            time.sleep(0.03)
+            produced.append(event.kind)
+            yield event
+
+    monkeypatch.setattr(engine, "stream", slow_stream)
+    stream = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=32, temperature=0,
+                                            stream=True)
+    received = 0
+    for chunk in stream:
+        received += bool(chunk.choices and chunk.choices[0].delta.content)
+        if received == 3:
+            break
+    stream.close()  # the client goes away
+    # the next request runs only once the engine is free: the abandoned row must have stopped long before 32 tokens
+    client.completions.create(model="tiny", prompt="x", max_tokens=1, temperature=0)
+    assert produced.count("token") < 16, produced.count("token")

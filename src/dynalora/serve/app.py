@@ -40,7 +40,8 @@ class EngineServer:
     def __init__(self, engine, config: ServeConfig, model_name: str):
         self.engine, self.config, self.model_name = engine, config, model_name
         self.labels = list(engine.dyn.state.labels)
-        self.lock = asyncio.Lock()
+        self.engine_lock = threading.Lock()
+        """Held by the thread generating: one request at a time on the engine."""
 
     def models(self) -> dict:
         ids = [self.model_name, *self.labels]
@@ -78,39 +79,41 @@ class EngineServer:
 
     async def events(self, ids: list[int], blend: dict | None, max_tokens: int, sampling: SamplingConfig,
                      stop: tuple[str, ...]) -> AsyncIterator:
-        """The engine's events for one row, generated on a worker thread while this request holds the engine; a
-        consumer that stops early (a client gone) stops the generation."""
-        async with self.lock:
-            loop, queue, done, cancel = asyncio.get_running_loop(), asyncio.Queue(), object(), threading.Event()
-            state = self.engine.dyn.state
+        """The engine's events for one row, generated on a worker thread that holds the engine (a thread lock: it is
+        released only when that thread is done, whatever happens to the request); a consumer that stops early — a
+        client gone, its task cancelled — stops the generation."""
+        loop, queue, done, cancel = asyncio.get_running_loop(), asyncio.Queue(), object(), threading.Event()
+        state = self.engine.dyn.state
 
-            def work() -> None:
-                try:
+        def work() -> None:
+            try:
+                with self.engine_lock:
                     state.reset()
                     if blend:
                         state.set_blend_by_label(0, blend)
-                    stream = self.engine.stream([ids], max_new_tokens=max_tokens, sampling=sampling, stop_strings=stop)
-                    for event in stream:
-                        loop.call_soon_threadsafe(queue.put_nowait, event)
-                        if cancel.is_set():
-                            stream.close()
-                            break
-                except Exception as error:  # reported to the request, not lost in the thread
-                    loop.call_soon_threadsafe(queue.put_nowait, error)
-                finally:
-                    state.reset()
-                    loop.call_soon_threadsafe(queue.put_nowait, done)
-
-            worker = threading.Thread(target=work, name="dynalora-serve", daemon=True)
-            worker.start()
-            try:
-                while (item := await queue.get()) is not done:
-                    if isinstance(item, Exception):
-                        raise item
-                    yield item
+                    stream = self.engine.stream([ids], max_new_tokens=max_tokens, sampling=sampling,
+                                                stop_strings=stop)
+                    try:
+                        for event in stream:
+                            if cancel.is_set():
+                                break
+                            loop.call_soon_threadsafe(queue.put_nowait, event)
+                    finally:
+                        stream.close()
+                        state.reset()
+            except Exception as error:  # reported to the request, not lost in the thread
+                loop.call_soon_threadsafe(queue.put_nowait, error)
             finally:
-                cancel.set()
-                await asyncio.to_thread(worker.join)  # the engine is free again only when its thread is done
+                loop.call_soon_threadsafe(queue.put_nowait, done)
+
+        threading.Thread(target=work, name="dynalora-serve", daemon=True).start()
+        try:
+            while (item := await queue.get()) is not done:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            cancel.set()
 
 
 def _finish_reason(reason: str) -> str:
