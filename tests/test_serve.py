@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+from contextlib import contextmanager
 import time
 import urllib.error
 import urllib.request
@@ -27,22 +28,32 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A tiny system (3 random adapters, the prototype hypernetwork every 4 tokens) served on a free port."""
-    folder = tmp_path_factory.mktemp("serve") / "bank"
+    root = tmp_path_factory.mktemp("serve")
+    folder = root / "bank"
     random_bank(tiny_model("llama")).save(folder)
     system = System.from_checkpoints(EngineSpec(model="tiny:llama", bank=folder, triggers=["every:4"], min_gap=4,
                                                 max_batch=1))
     engine = system.engine()
-    app = create_app(engine, ServeConfig(port=0, max_tokens=32, max_prompt_tokens=64), "tiny")
+    app = create_app(engine, ServeConfig(port=0, max_tokens=32, max_prompt_tokens=512, sessions_dir=root / "sessions"),
+                     "tiny")
+    with running(app) as port:
+        yield (openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0), engine, port,
+               root)
+
+
+@contextmanager
+def running(app):
+    """``app`` served by uvicorn on a free loopback port (yields the port) until the block ends."""
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-    yield client, engine, port
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield server.servers[0].sockets[0].getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 def in_process(engine, ids, blend=None, max_new_tokens=12):
@@ -62,12 +73,12 @@ def chat_ids(engine):
 
 
 def test_models_lists_the_base_and_the_bank(served):
-    client, engine, _ = served
+    client, engine, _, _ = served
     assert [m.id for m in client.models.list().data] == ["tiny", *engine.dyn.state.labels]
 
 
 def test_chat_completion_equals_the_engine_and_reports_its_lora_events(served):
-    client, engine, _ = served
+    client, engine, _, _ = served
     response = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0)
     expected = in_process(engine, chat_ids(engine))
     assert response.choices[0].message.content == expected.texts[0]
@@ -79,7 +90,7 @@ def test_chat_completion_equals_the_engine_and_reports_its_lora_events(served):
 
 
 def test_a_per_request_blend_equals_set_blend_in_process(served):
-    client, engine, _ = served
+    client, engine, _, _ = served
     labels = engine.dyn.state.labels
     blend = {labels[0]: 0.7, labels[2]: 0.3}
     named = f"blend:{labels[0]}=0.7,{labels[2]}=0.3"
@@ -94,7 +105,7 @@ def test_a_per_request_blend_equals_set_blend_in_process(served):
 
 
 def test_streaming_gives_the_same_text_with_the_events_as_chunks(served):
-    client, engine, _ = served
+    client, engine, _, _ = served
     whole = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0)
     pieces, events, finish = [], [], None
     for chunk in client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0,
@@ -120,13 +131,13 @@ def test_streaming_gives_the_same_text_with_the_events_as_chunks(served):
     ({"model": "tiny", "prompt": "x", "dynalora": {"blend": {"adapter0": float("nan")}}}, 400, "dynalora.blend"),
     ({"model": "blend:adapter0=lots", "prompt": "x"}, 400, "model"),
     ({"model": "tiny", "prompt": "x", "max_tokens": 33}, 400, "max_tokens"),
-    ({"model": "tiny", "prompt": "x" * 65}, 400, "prompt"),
+    ({"model": "tiny", "prompt": "x" * 513}, 400, "prompt"),
     ({"model": "tiny", "prompt": "x", "n": 2}, 400, "n"),
     ({"model": "tiny", "prompt": "x", "temperature": -1}, 400, "temperature"),
     ({"model": "tiny"}, 400, "prompt"),
 ])
 def test_bad_requests_get_openai_errors_and_change_nothing(served, body, status, param):
-    _, engine, port = served
+    _, engine, port, _ = served
     data = json.dumps(body, allow_nan=True).encode()
     request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=data,
                                      headers={"Content-Type": "application/json"})
@@ -143,7 +154,7 @@ def test_malformed_json_and_a_missing_key_are_refused(tmp_path):
     model = tiny_model("llama")
     random_bank(model).save(tmp_path / "bank")
     system = System.from_checkpoints(EngineSpec(model="tiny:llama", bank=tmp_path / "bank", triggers=[]))
-    client = TestClient(create_app(system.engine(), ServeConfig(api_key="secret"), "tiny"))
+    client = TestClient(create_app(system.engine(), ServeConfig(api_key="secret", sessions_dir=tmp_path / "s"), "tiny"))
     assert client.get("/v1/models").json()["error"]["code"] == "invalid_api_key"
     assert client.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert client.get("/v1/models", headers={"Authorization": "Bearer secret"}).status_code == 200
@@ -166,7 +177,7 @@ def test_the_serve_command_serves_until_stopped(tmp_path):
         port = probe.getsockname()[1]
     process = subprocess.Popen([sys.executable, "-m", "dynalora", "serve", "--model", "tiny:llama", "--hyper", "none",
                                 "--triggers", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+                               env={**os.environ, "OMP_NUM_THREADS": "1", "DYNALORA_HOME": str(tmp_path)})
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
         for _ in range(300):  # up to a minute to start
@@ -185,7 +196,7 @@ def test_the_serve_command_serves_until_stopped(tmp_path):
 
 
 def test_a_client_that_disconnects_stops_its_generation(served, monkeypatch):
-    client, engine, _ = served
+    client, engine, _, _ = served
     produced, original = [], engine.stream
 
     def slow_stream(*args, **kwargs):  # 30 ms a token, so the disconnect lands mid-generation
@@ -206,3 +217,136 @@ def test_a_client_that_disconnects_stops_its_generation(served, monkeypatch):
     # the next request runs only once the engine is free: the abandoned row must have stopped long before 32 tokens
     client.completions.create(model="tiny", prompt="x", max_tokens=1, temperature=0)
     assert produced.count("token") < 16, produced.count("token")
+
+
+def post(port: int, path: str, body: dict | None = None, method: str = "POST") -> dict:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method,
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request) as response:
+        return json.loads(response.read())
+
+
+def test_a_session_continues_its_conversation_and_its_lora_across_turns_and_a_restart(served):
+    client, engine, port, root = served
+    labels = engine.dyn.state.labels
+    first = post(port, "/v1/sessions", {"system": "Be brief.", "blend": {labels[1]: 1.0}})
+    other = post(port, "/v1/sessions", {"blend": {labels[2]: 1.0}})
+    assert first["turns"] == 0 and first["blend"] == {labels[1]: 1.0} and first["messages"] == []
+    ask = lambda text, session=first["id"]: client.chat.completions.create(  # noqa: E731
+        model="base", messages=[{"role": "user", "content": text}], max_tokens=10, temperature=0,
+        extra_body={"dynalora": {"session": session}})
+    one = ask("Name a colour.")
+    after_one = post(port, f"/v1/sessions/{first['id']}", method="GET")
+    assert after_one["turns"] == 1 and [m["role"] for m in after_one["messages"]] == ["user", "assistant"]
+    assert after_one["messages"][1]["content"] == one.choices[0].message.content
+    events = one.model_extra["dynalora"]["events"]
+    assert events[0]["old_blend"] == [1.0 if label == labels[1] else 0.0 for label in labels]  # its own blend
+    saved = [round(w, 4) for w in events[-1]["new_blend"]]
+    assert [after_one["blend"].get(label, 0.0) for label in labels] == saved  # the LoRA it ended with is kept
+    two = ask("And another?")
+    transcript = [{"role": "system", "content": "Be brief."}, *after_one["messages"],
+                  {"role": "user", "content": "And another?"}]
+    expected = engine.tokenizer.apply_chat_template(transcript, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=True)["input_ids"]
+    assert two.usage.prompt_tokens == len(expected)  # the whole conversation so far
+    assert [round(w, 4) for w in two.model_extra["dynalora"]["events"][0]["old_blend"]] == saved  # goes on from it
+    assert post(port, f"/v1/sessions/{other['id']}", method="GET")["blend"] == {labels[2]: 1.0}  # untouched
+    # another server over the same folder (as after a restart): the session is there and goes on
+    store = root / "sessions"
+    system = System.from_checkpoints(EngineSpec(model="tiny:llama", bank=root / "bank", triggers=["every:4"],
+                                                min_gap=4, max_batch=1))
+    again = create_app(system.engine(), ServeConfig(max_tokens=32, max_prompt_tokens=512, sessions_dir=store), "tiny")
+    with running(again) as new_port:
+        record = post(new_port, f"/v1/sessions/{first['id']}", method="GET")
+        assert record["turns"] == 2 and record["messages"][:2] == after_one["messages"]
+        post(new_port, "/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "Bye."}],
+                                                "max_tokens": 4, "dynalora": {"session": first["id"]}})
+        assert post(new_port, f"/v1/sessions/{first['id']}", method="GET")["turns"] == 3
+        assert post(new_port, f"/v1/sessions/{other['id']}", method="DELETE")["deleted"]
+        assert [s["id"] for s in post(new_port, "/v1/sessions", method="GET")["data"]] == [first["id"]]
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"model": "base", "messages": [{"role": "user", "content": "x"}], "dynalora": {"session": "sess-none"}}, 404,
+     "session"),
+    ({"model": "base", "messages": [{"role": "system", "content": "x"}], "dynalora": {"session": "SESSION"}}, 400,
+     "messages"),
+    ({"model": "adapter0", "messages": [{"role": "user", "content": "x"}], "dynalora": {"session": "SESSION"}}, 400,
+     "model"),
+])
+def test_bad_session_requests_get_errors(served, body, status, param):
+    _, _, port, _ = served
+    session = post(port, "/v1/sessions", {})["id"]
+    body = json.loads(json.dumps(body).replace("SESSION", session))
+    with pytest.raises(urllib.error.HTTPError) as failed:
+        post(port, "/v1/chat/completions", body)
+    error = json.loads(failed.value.read())["error"]
+    assert failed.value.code == status and error["param"] == param, error
+    assert post(port, f"/v1/sessions/{session}", method="GET")["turns"] == 0
+
+
+def test_a_server_killed_mid_turn_loses_nothing_committed(tmp_path):
+    """``kill -9`` a real server process while a client keeps a session talking (saves land at any moment), twice:
+    each restart finds the session whole — its transcript and LoRA state from one complete version, holding every
+    turn the client saw answered and at most the one in flight."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    random_bank(tiny_model("llama")).save(tmp_path / "bank")
+
+    def start() -> tuple[subprocess.Popen, int]:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        process = subprocess.Popen([sys.executable, "-m", "dynalora", "serve", "--model", "tiny:llama", "--bank",
+                                    str(tmp_path / "bank"), "--hyper", "none", "--triggers", "--port", str(port)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   env={**os.environ, "OMP_NUM_THREADS": "1", "DYNALORA_HOME": str(tmp_path)})
+        for _ in range(300):
+            try:
+                post(port, "/v1/models", method="GET")
+                return process, port
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.2)
+        raise AssertionError("the server did not start")
+
+    process, port = start()
+    session = post(port, "/v1/sessions", {"blend": {"adapter1": 1.0}})["id"]
+    answered = 0
+    for round_ in range(2):
+        stop = threading.Event()
+
+        def talk():
+            nonlocal answered
+            while not stop.is_set():
+                try:
+                    post(port, "/v1/chat/completions", {"model": "base", "max_tokens": 2,
+                                                        "dynalora": {"session": session},
+                                                        "messages": [{"role": "user", "content": f"turn {answered}"}]})
+                except (urllib.error.URLError, ConnectionError):
+                    return
+                answered += 1
+
+        talker = threading.Thread(target=talk)
+        talker.start()
+        time.sleep(1.0 + 0.37 * round_)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        stop.set()
+        talker.join()
+        process, port = start()
+        record = post(port, f"/v1/sessions/{session}", method="GET")
+        assert answered >= 3 and record["turns"] in (answered, answered + 1), (answered, record["turns"])
+        assert len(record["messages"]) == 2 * record["turns"] and record["blend"] == {"adapter1": 1.0}
+        answered = record["turns"]
+    post(port, "/v1/chat/completions", {"model": "base", "max_tokens": 2, "dynalora": {"session": session},
+                                        "messages": [{"role": "user", "content": "still there?"}]})
+    assert post(port, f"/v1/sessions/{session}", method="GET")["turns"] == answered + 1
+    # what the kills left half done was cleared at start: one folder, the current version
+    assert sorted(p.name for p in (tmp_path / "sessions" / session).iterdir()) == [f"v{answered + 1}"]
+    process.terminate()
+    process.wait(timeout=30)

@@ -14,13 +14,16 @@ import json
 import threading
 import time
 import uuid
-from dataclasses import asdict
-from typing import AsyncIterator
+from dataclasses import asdict, dataclass
+from typing import AsyncIterator, Callable
 
 from dynalora.runtime import FinishEvent, LoraEvent, SamplingConfig, TokenEvent
 from dynalora.serve.config import ServeConfig
-from dynalora.serve.schema import (ChatCompletionRequest, CompletionRequest, GenerationRequest, ServeError,
-                                   parse_blend)
+from dynalora.runtime.session import ChatSession
+from dynalora.serve.schema import (ChatCompletionRequest, CompletionRequest, DynaloraOptions, GenerationRequest,
+                                   ServeError, SessionRequest, parse_blend)
+from dynalora.serve.sessions import SessionStore
+from dynalora.models import dynalora_home
 
 BASE_NAMES = ("base",)
 
@@ -34,14 +37,35 @@ def event_record(event: LoraEvent) -> dict:
     return record
 
 
+@dataclass
+class Turn:
+    """One generation, checked: what to run inside the engine lock and what to do after it."""
+
+    setup: Callable[[], list[int]]
+    """Puts the row's LoRA in place (a blend, or a session's saved state) and returns the prompt ids."""
+    max_tokens: int
+    sampling: SamplingConfig
+    stop: tuple[str, ...]
+    done: Callable[[str], None] | None = None
+    """Called with the answer when the generation finished (not when it was abandoned): a session's commit."""
+
+
+@dataclass
+class Prompt:
+    """The first item of a turn's events: how many prompt tokens it had (for ``usage``)."""
+
+    tokens: int
+
+
 class EngineServer:
-    """The engine behind the HTTP routes: request checks, the row's LoRA, one generation at a time."""
+    """The engine behind the HTTP routes: request checks, the row's LoRA, one generation at a time, sessions."""
 
     def __init__(self, engine, config: ServeConfig, model_name: str):
         self.engine, self.config, self.model_name = engine, config, model_name
         self.labels = list(engine.dyn.state.labels)
         self.engine_lock = threading.Lock()
         """Held by the thread generating: one request at a time on the engine."""
+        self.sessions = SessionStore(config.sessions_dir or dynalora_home() / "sessions", config.max_sessions)
 
     def models(self) -> dict:
         ids = [self.model_name, *self.labels]
@@ -52,63 +76,125 @@ class EngineServer:
         if self.config.api_key and authorization != f"Bearer {self.config.api_key}":
             raise ServeError(401, "missing or wrong API key (Authorization: Bearer KEY)", None, "invalid_api_key")
 
-    def prepare(self, request: GenerationRequest, chat: bool) -> tuple[list[int], dict | None, int, SamplingConfig]:
-        """Everything checked before the engine is touched: ``(prompt ids, blend, max new tokens, sampling)``."""
+    def check_prompt(self, ids: list[int], param: str) -> list[int]:
+        if not ids:
+            raise ServeError(400, "the prompt has no tokens", param)
+        if len(ids) > self.config.max_prompt_tokens:
+            raise ServeError(400, f"the prompt has {len(ids)} tokens, above this server's limit of "
+                                  f"{self.config.max_prompt_tokens}", param, "context_length_exceeded")
+        return ids
+
+    def prepare(self, request: GenerationRequest, chat: bool) -> Turn:
+        """Everything checked before the engine is touched."""
         request.check_supported()
-        blend = parse_blend(request.model, request.dynalora, self.labels, (self.model_name, *BASE_NAMES))
         wanted = (request.max_completion_tokens or request.max_tokens
                   or min(self.config.default_max_tokens, self.config.max_tokens))
         if wanted > self.config.max_tokens:
             raise ServeError(400, f"max_tokens={wanted} is above this server's limit of {self.config.max_tokens}",
                              "max_tokens")
-        tokenizer = self.engine.tokenizer
+        sampling = SamplingConfig(temperature=request.temperature, top_p=request.top_p, seed=request.seed)
+        session_id = request.dynalora.session if request.dynalora is not None else None
+        if session_id is not None:
+            if not chat:
+                raise ServeError(400, "sessions are chats: use /v1/chat/completions", "dynalora.session")
+            return self.session_turn(session_id, request, wanted, sampling)
+        blend = parse_blend(request.model, request.dynalora, self.labels, (self.model_name, *BASE_NAMES))
         if chat:
-            messages = [m.model_dump() for m in request.messages]
-            ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=True)["input_ids"])
+            ids = list(self.engine.tokenizer.apply_chat_template(
+                [m.model_dump() for m in request.messages], add_generation_prompt=True, tokenize=True,
+                return_dict=True)["input_ids"])
         else:
             ids = self.engine.encode_prompt(request.prompt)
-        if not ids:
-            raise ServeError(400, "the prompt has no tokens", "messages" if chat else "prompt")
-        if len(ids) > self.config.max_prompt_tokens:
-            raise ServeError(400, f"the prompt has {len(ids)} tokens, above this server's limit of "
-                                  f"{self.config.max_prompt_tokens}", "messages" if chat else "prompt",
-                             "context_length_exceeded")
-        sampling = SamplingConfig(temperature=request.temperature, top_p=request.top_p, seed=request.seed)
-        return ids, blend, wanted, sampling
+        ids = self.check_prompt(ids, "messages" if chat else "prompt")
 
-    async def events(self, ids: list[int], blend: dict | None, max_tokens: int, sampling: SamplingConfig,
-                     stop: tuple[str, ...]) -> AsyncIterator:
-        """The engine's events for one row, generated on a worker thread that holds the engine (a thread lock: it is
-        released only when that thread is done, whatever happens to the request); a consumer that stops early — a
-        client gone, its task cancelled — stops the generation."""
-        loop, queue, done, cancel = asyncio.get_running_loop(), asyncio.Queue(), object(), threading.Event()
+        def setup() -> list[int]:
+            if blend:
+                self.engine.dyn.state.set_blend_by_label(0, blend)
+            return ids
+        return Turn(setup, wanted, sampling, request.stop_strings())
+
+    def session_turn(self, session_id: str, request: ChatCompletionRequest, max_tokens: int,
+                     sampling: SamplingConfig) -> Turn:
+        """A turn of a saved session: its transcript and LoRA state loaded, the request's messages added, and —
+        when the answer is complete — the new transcript and state saved as the session's next version."""
+        self.sessions.record(session_id)  # 404 before anything runs
+        if request.model not in (self.model_name, *BASE_NAMES) or request.dynalora.blend is not None:
+            raise ServeError(400, "a session keeps its own LoRA: give model='base' and no blend (set a blend when "
+                                  "the session is created)", "model")
+        if any(m.role == "system" for m in request.messages):
+            raise ServeError(400, "a session's system prompt is set when it is created", "messages")
+        session = ChatSession(self.engine)
+
+        def setup() -> list[int]:
+            self.sessions.load(session_id, session)
+            session.messages += [m.model_dump() for m in request.messages]
+            return self.check_prompt(session.prompt_ids(), "messages")
+
+        def done(answer: str) -> None:
+            session.messages.append({"role": "assistant", "content": answer})
+            session.absorbed_tokens += getattr(self.engine, "evicted_tokens", {}).get(0, 0)
+            self.sessions.commit(session_id, session)
+        return Turn(setup, max_tokens, sampling, request.stop_strings(), done)
+
+    async def run_locked(self, work: Callable):
+        """``work()`` on a worker thread holding the engine, its row 0 reset before and after."""
+        def locked():
+            with self.engine_lock:
+                self.engine.dyn.state.reset()
+                try:
+                    return work()
+                finally:
+                    self.engine.dyn.state.reset()
+        return await asyncio.to_thread(locked)
+
+    async def create_session(self, body: SessionRequest) -> dict:
+        blend = parse_blend("blend:", DynaloraOptions(blend=body.blend or {}), self.labels, ())
+
+        def create() -> str:
+            if blend:
+                self.engine.dyn.state.set_blend_by_label(0, blend)
+            return self.sessions.create(ChatSession(self.engine, system=body.system))
+        return self.sessions.record(await self.run_locked(create))
+
+    async def events(self, turn: Turn) -> AsyncIterator:
+        """A :class:`Prompt`, then the engine's events for the turn's row, generated on a worker thread that holds
+        the engine (a thread lock: released only when that thread is done, whatever happens to the request); a
+        consumer that stops early — a client gone, its task cancelled — stops the generation."""
+        loop, queue, finished, cancel = asyncio.get_running_loop(), asyncio.Queue(), object(), threading.Event()
         state = self.engine.dyn.state
 
         def work() -> None:
             try:
                 with self.engine_lock:
                     state.reset()
-                    if blend:
-                        state.set_blend_by_label(0, blend)
-                    stream = self.engine.stream([ids], max_new_tokens=max_tokens, sampling=sampling,
-                                                stop_strings=stop)
                     try:
-                        for event in stream:
-                            if cancel.is_set():
-                                break
-                            loop.call_soon_threadsafe(queue.put_nowait, event)
+                        ids = turn.setup()
+                        loop.call_soon_threadsafe(queue.put_nowait, Prompt(len(ids)))
+                        stream = self.engine.stream([ids], max_new_tokens=turn.max_tokens, sampling=turn.sampling,
+                                                    stop_strings=turn.stop)
+                        answer = []
+                        try:
+                            for event in stream:
+                                if cancel.is_set():
+                                    break
+                                if isinstance(event, TokenEvent):
+                                    answer.append(event.text)
+                                loop.call_soon_threadsafe(queue.put_nowait, event)
+                            else:
+                                if turn.done is not None:
+                                    turn.done("".join(answer))
+                        finally:
+                            stream.close()
                     finally:
-                        stream.close()
                         state.reset()
             except Exception as error:  # reported to the request, not lost in the thread
                 loop.call_soon_threadsafe(queue.put_nowait, error)
             finally:
-                loop.call_soon_threadsafe(queue.put_nowait, done)
+                loop.call_soon_threadsafe(queue.put_nowait, finished)
 
         threading.Thread(target=work, name="dynalora-serve", daemon=True).start()
         try:
-            while (item := await queue.get()) is not done:
+            while (item := await queue.get()) is not finished:
                 if isinstance(item, Exception):
                     raise item
                 yield item
@@ -122,10 +208,11 @@ def _finish_reason(reason: str) -> str:
 
 async def complete(server: EngineServer, request: GenerationRequest, chat: bool) -> dict:
     """A whole (non-streaming) completion in the OpenAI schema, with the LoRA events as ``dynalora.events``."""
-    ids, blend, max_tokens, sampling = server.prepare(request, chat)
-    text, tokens, finish, lora = [], 0, "length", []
-    async for event in server.events(ids, blend, max_tokens, sampling, request.stop_strings()):
-        if isinstance(event, TokenEvent):
+    text, tokens, finish, lora, prompt = [], 0, "length", [], 0
+    async for event in server.events(server.prepare(request, chat)):
+        if isinstance(event, Prompt):
+            prompt = event.tokens
+        elif isinstance(event, TokenEvent):
             text.append(event.text)
             tokens += 1
         elif isinstance(event, LoraEvent):
@@ -138,9 +225,9 @@ async def complete(server: EngineServer, request: GenerationRequest, chat: bool)
     response = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
                 "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": request.model, "choices": [choice],
-                "usage": {"prompt_tokens": len(ids), "completion_tokens": tokens, "total_tokens": len(ids) + tokens}}
+                "usage": {"prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": prompt + tokens}}
     if request.dynalora is None or request.dynalora.events:
-        response["dynalora"] = {"events": lora, "blend": blend}
+        response["dynalora"] = {"events": lora}
     return response
 
 
@@ -148,12 +235,10 @@ async def stream_chunks(server: EngineServer, request: GenerationRequest, chat: 
     """Server-sent event payloads: OpenAI chunks (the text as it comes), LoRA events as chunks whose only content is
     ``dynalora.event``, a final chunk with the finish reason and usage, then ``[DONE]``. The request is checked
     before the first chunk, so a bad one is an error response, not a broken stream."""
-    ids, blend, max_tokens, sampling = server.prepare(request, chat)
-    events = server.events(ids, blend, max_tokens, sampling, request.stop_strings())
-    return _chunks(server, request, chat, ids, events)
+    return _chunks(request, chat, server.events(server.prepare(request, chat)))
 
 
-async def _chunks(server, request, chat, ids, events) -> AsyncIterator[str]:
+async def _chunks(request, chat, events) -> AsyncIterator[str]:
     ident, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
     report = request.dynalora is None or request.dynalora.events
 
@@ -170,9 +255,11 @@ async def _chunks(server, request, chat, ids, events) -> AsyncIterator[str]:
         yield json.dumps({"id": ident, "object": "chat.completion.chunk", "created": created, "model": request.model,
                           "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                        "finish_reason": None}]})
-    tokens, finish = 0, "length"
+    tokens, finish, prompt = 0, "length", 0
     async for event in events:
-        if isinstance(event, TokenEvent):
+        if isinstance(event, Prompt):
+            prompt = event.tokens
+        elif isinstance(event, TokenEvent):
             tokens += 1
             if event.text:
                 yield chunk(event.text)
@@ -180,8 +267,8 @@ async def _chunks(server, request, chat, ids, events) -> AsyncIterator[str]:
             yield chunk(dynalora={"event": event_record(event)})
         elif isinstance(event, FinishEvent):
             finish = _finish_reason(event.reason)
-    yield chunk(finish=finish, usage={"prompt_tokens": len(ids), "completion_tokens": tokens,
-                                      "total_tokens": len(ids) + tokens})
+    yield chunk(finish=finish, usage={"prompt_tokens": prompt, "completion_tokens": tokens,
+                                      "total_tokens": prompt + tokens})
     yield "[DONE]"
 
 
@@ -226,6 +313,27 @@ def create_app(engine, config: ServeConfig | None = None, model_name: str = "dyn
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest, authorization: str | None = Header(default=None)):
         return await generate(request, False, authorization)
+
+    @app.post("/v1/sessions")
+    async def create_session(body: SessionRequest, authorization: str | None = Header(default=None)):
+        server.check_key(authorization)
+        return await server.create_session(body)
+
+    @app.get("/v1/sessions")
+    async def list_sessions(authorization: str | None = Header(default=None)):
+        server.check_key(authorization)
+        return server.sessions.list()
+
+    @app.get("/v1/sessions/{session_id}")
+    async def get_session(session_id: str, authorization: str | None = Header(default=None)):
+        server.check_key(authorization)
+        return server.sessions.record(session_id)
+
+    @app.delete("/v1/sessions/{session_id}")
+    async def delete_session(session_id: str, authorization: str | None = Header(default=None)):
+        server.check_key(authorization)
+        await server.run_locked(lambda: server.sessions.delete(session_id))
+        return {"id": session_id, "object": "session.deleted", "deleted": True}
 
     @app.exception_handler(Exception)
     async def server_error(_: Request, error: Exception):  # anything else: reported, not a bare 500

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -21,6 +22,10 @@ class ServeConfig:
     """New tokens when a request does not say (at most ``max_tokens``)."""
     max_prompt_tokens: int = 8192
     """The longest prompt accepted, in tokens."""
+    sessions_dir: Path | None = None
+    """Where sessions are kept (SQLite index + one folder each; None: $DYNALORA_HOME/sessions)."""
+    max_sessions: int = 1000
+    """The most sessions kept at once."""
 
     def __post_init__(self):
         if self.host not in LOOPBACK and not self.api_key:

@@ -34,6 +34,16 @@ class DynaloraOptions(BaseModel):
     """``{label: weight}``: the row's blend for this request (in place of one named by ``model``)."""
     events: bool = True
     """Report the LoRA events (shift, identity, rejected, absorb) in the response's ``dynalora`` field."""
+    session: str | None = None
+    """Continue this session (``POST /v1/sessions``): its transcript and LoRA state, saved again after the turn."""
+
+
+class SessionRequest(BaseModel):
+    """``POST /v1/sessions``: a new session, with its system prompt and starting blend."""
+
+    model_config = ConfigDict(extra="forbid")
+    system: str | None = None
+    blend: dict[str, float] | None = None
 
 
 class Message(BaseModel):
