@@ -350,3 +350,36 @@ def test_a_server_killed_mid_turn_loses_nothing_committed(tmp_path):
     assert sorted(p.name for p in (tmp_path / "sessions" / session).iterdir()) == [f"v{answered + 1}"]
     process.terminate()
     process.wait(timeout=30)
+
+
+def test_body_size_rate_and_time_limits(tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    random_bank(tiny_model("llama")).save(tmp_path / "bank")
+    engine = System.from_checkpoints(EngineSpec(model="tiny:llama", bank=tmp_path / "bank", triggers=[])).engine()
+    app = create_app(engine, ServeConfig(max_body_bytes=300, rate_limit=3, timeout_seconds=0.5,
+                                         sessions_dir=tmp_path / "s"), "tiny")
+    client = TestClient(app)
+    big = client.post("/v1/completions", json={"model": "tiny", "prompt": "x" * 400})
+    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+    produced, original = [], engine.stream
+
+    def slow_stream(*args, **kwargs):  # 0.1 s a token: 20 tokens take 2 s, past the 0.5 s limit
+        for event in original(*args, **kwargs):
+            time.sleep(0.1)
+            produced.append(event.kind)
+            yield event
+
+    monkeypatch.setattr(engine, "stream", slow_stream)
+    slow = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 20})
+    assert slow.status_code == 408 and slow.json()["error"]["code"] == "timeout"
+    monkeypatch.setattr(engine, "stream", original)
+    quick = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+    assert quick.status_code == 200 and produced.count("token") < 20  # the slow one was stopped
+    limited = client.get("/v1/models")  # the third counted request of this minute passes (the refused big one is
+    # not counted), the fourth does not
+    assert limited.status_code == 200
+    refused = client.get("/v1/models")
+    assert refused.status_code == 429 and refused.json()["error"]["type"] == "rate_limit_error"
+    other_key = client.get("/v1/models", headers={"Authorization": "Bearer someone-else"})
+    assert other_key.status_code == 200  # counted per key

@@ -10,6 +10,7 @@ after each): concurrent requests wait their turn. A streaming client that discon
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import threading
 import time
@@ -66,6 +67,8 @@ class EngineServer:
         self.engine_lock = threading.Lock()
         """Held by the thread generating: one request at a time on the engine."""
         self.sessions = SessionStore(config.sessions_dir or dynalora_home() / "sessions", config.max_sessions)
+        self.recent: dict[str, collections.deque] = collections.defaultdict(collections.deque)
+        """Per key: the times of its requests in the last minute (``rate_limit``)."""
 
     def models(self) -> dict:
         ids = [self.model_name, *self.labels]
@@ -75,6 +78,20 @@ class EngineServer:
     def check_key(self, authorization: str | None) -> None:
         if self.config.api_key and authorization != f"Bearer {self.config.api_key}":
             raise ServeError(401, "missing or wrong API key (Authorization: Bearer KEY)", None, "invalid_api_key")
+
+    def check_limits(self, headers, client: str, body_bytes: int | None) -> None:
+        """Body size and the per-key rate, checked before a request is read."""
+        if body_bytes is not None and body_bytes > self.config.max_body_bytes:
+            raise ServeError(413, f"the request body has {body_bytes} bytes, above this server's limit of "
+                                  f"{self.config.max_body_bytes}", None, "request_too_large")
+        if self.config.rate_limit:
+            now, times = time.monotonic(), self.recent[headers.get("authorization") or client]
+            while times and now - times[0] > 60:
+                times.popleft()
+            if len(times) >= self.config.rate_limit:
+                raise ServeError(429, f"more than {self.config.rate_limit} requests in a minute; wait a moment", None,
+                                 "rate_limit_exceeded", kind="rate_limit_error")
+            times.append(now)
 
     def check_prompt(self, ids: list[int], param: str) -> list[int]:
         if not ids:
@@ -163,13 +180,19 @@ class EngineServer:
         loop, queue, finished, cancel = asyncio.get_running_loop(), asyncio.Queue(), object(), threading.Event()
         state = self.engine.dyn.state
 
+        def send(item) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the request's event loop is gone (its client left): nobody to tell
+                pass
+
         def work() -> None:
             try:
                 with self.engine_lock:
                     state.reset()
                     try:
                         ids = turn.setup()
-                        loop.call_soon_threadsafe(queue.put_nowait, Prompt(len(ids)))
+                        send(Prompt(len(ids)))
                         stream = self.engine.stream([ids], max_new_tokens=turn.max_tokens, sampling=turn.sampling,
                                                     stop_strings=turn.stop)
                         answer = []
@@ -179,7 +202,7 @@ class EngineServer:
                                     break
                                 if isinstance(event, TokenEvent):
                                     answer.append(event.text)
-                                loop.call_soon_threadsafe(queue.put_nowait, event)
+                                send(event)
                             else:
                                 if turn.done is not None:
                                     turn.done("".join(answer))
@@ -188,13 +211,21 @@ class EngineServer:
                     finally:
                         state.reset()
             except Exception as error:  # reported to the request, not lost in the thread
-                loop.call_soon_threadsafe(queue.put_nowait, error)
+                send(error)
             finally:
-                loop.call_soon_threadsafe(queue.put_nowait, finished)
+                send(finished)
 
         threading.Thread(target=work, name="dynalora-serve", daemon=True).start()
+        deadline = time.monotonic() + self.config.timeout_seconds
         try:
-            while (item := await queue.get()) is not finished:
+            while True:
+                try:
+                    item = await asyncio.wait_for(queue.get(), max(deadline - time.monotonic(), 0))
+                except TimeoutError:
+                    raise ServeError(408, f"the generation took longer than {self.config.timeout_seconds} s and was "
+                                          "stopped", None, "timeout") from None
+                if item is finished:
+                    return
                 if isinstance(item, Exception):
                     raise item
                 yield item
@@ -209,7 +240,8 @@ def _finish_reason(reason: str) -> str:
 async def complete(server: EngineServer, request: GenerationRequest, chat: bool) -> dict:
     """A whole (non-streaming) completion in the OpenAI schema, with the LoRA events as ``dynalora.events``."""
     text, tokens, finish, lora, prompt = [], 0, "length", [], 0
-    async for event in server.events(server.prepare(request, chat)):
+    events = server.events(server.prepare(request, chat))
+    async for event in events:
         if isinstance(event, Prompt):
             prompt = event.tokens
         elif isinstance(event, TokenEvent):
@@ -293,6 +325,16 @@ def create_app(engine, config: ServeConfig | None = None, model_name: str = "dyn
         param = ".".join(str(part) for part in first.get("loc", ())[1:]) or None
         message = f"{param}: {first['msg']}" if param else first["msg"]
         return JSONResponse(ServeError(400, message, param).body(), status_code=400)
+
+    @app.middleware("http")
+    async def limits(request: Request, call_next):
+        try:
+            length = request.headers.get("content-length")
+            server.check_limits(request.headers, request.client.host if request.client else "",
+                                int(length) if length and length.isdigit() else None)
+        except ServeError as error:
+            return JSONResponse(error.body(), status_code=error.status)
+        return await call_next(request)
 
     @app.get("/v1/models")
     async def models(authorization: str | None = Header(default=None)):

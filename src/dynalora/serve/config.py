@@ -26,9 +26,18 @@ class ServeConfig:
     """Where sessions are kept (SQLite index + one folder each; None: $DYNALORA_HOME/sessions)."""
     max_sessions: int = 1000
     """The most sessions kept at once."""
+    max_body_bytes: int = 1_000_000
+    """The largest request body accepted."""
+    rate_limit: int = 0
+    """Requests per minute per API key (or per client address without one); 0: no limit."""
+    timeout_seconds: float = 600.0
+    """A generation still running after this long is stopped and answered with a timeout error."""
 
     def __post_init__(self):
         if self.host not in LOOPBACK and not self.api_key:
             raise ValueError(f"ServeConfig.host={self.host!r} is beyond loopback: give an api_key (--api-key)")
-        if min(self.max_tokens, self.default_max_tokens, self.max_prompt_tokens) < 1:
-            raise ValueError("ServeConfig: max_tokens, default_max_tokens and max_prompt_tokens must be ≥ 1")
+        if min(self.max_tokens, self.default_max_tokens, self.max_prompt_tokens, self.max_body_bytes) < 1:
+            raise ValueError("ServeConfig: max_tokens, default_max_tokens, max_prompt_tokens and max_body_bytes must "
+                             "be ≥ 1")
+        if self.rate_limit < 0 or self.timeout_seconds <= 0:
+            raise ValueError("ServeConfig: rate_limit must be ≥ 0 and timeout_seconds > 0")
