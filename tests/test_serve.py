@@ -383,3 +383,37 @@ def test_body_size_rate_and_time_limits(tmp_path, monkeypatch):
     assert refused.status_code == 429 and refused.json()["error"]["type"] == "rate_limit_error"
     other_key = client.get("/v1/models", headers={"Authorization": "Bearer someone-else"})
     assert other_key.status_code == 200  # counted per key
+
+
+def test_concurrent_sessions_stay_isolated(tmp_path):
+    """Two sessions with different blends, talked to at the same time from two threads: every answer equals what the
+    engine gives alone for that session's transcript under that session's blend."""
+    random_bank(tiny_model("llama")).save(tmp_path / "bank")
+    system = System.from_checkpoints(EngineSpec(model="tiny:llama", bank=tmp_path / "bank", hypernetwork="none",
+                                                triggers=[], max_batch=1))
+    engine = system.engine()
+    app = create_app(engine, ServeConfig(max_tokens=8, max_prompt_tokens=2048, sessions_dir=tmp_path / "s"), "tiny")
+    with running(app) as port:
+        blends = {"adapter0": 1.0}, {"adapter2": 0.6, "adapter1": 0.4}
+        sessions = [post(port, "/v1/sessions", {"blend": blend})["id"] for blend in blends]
+
+        def talk(session: str) -> None:
+            for turn in range(3):
+                post(port, "/v1/chat/completions", {"model": "base", "max_tokens": 6, "temperature": 0,
+                                                    "dynalora": {"session": session},
+                                                    "messages": [{"role": "user", "content": f"say {turn}"}]})
+
+        threads = [threading.Thread(target=talk, args=(session,)) for session in sessions]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        records = [post(port, f"/v1/sessions/{session}", method="GET") for session in sessions]
+    for record, blend in zip(records, blends):
+        assert record["turns"] == 3 and record["blend"] == blend
+        for turn in range(3):
+            history = record["messages"][:2 * turn + 1]
+            ids = engine.tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=True,
+                                                       return_dict=True)["input_ids"]
+            assert record["messages"][2 * turn + 1]["content"] == in_process(engine, ids, blend, 6).texts[0]
+    assert records[0]["messages"][1]["content"] != records[1]["messages"][1]["content"]  # the blends differ
