@@ -105,10 +105,9 @@ class TrainingRun:
                average: bool = False) -> None:
         """One optimizer update, the same in every recipe: ``loss`` back-propagated through accelerate (fp16 loss
         scaling, gradient accumulation; None: the recipe has already), the gradients averaged over the processes
-        when ``parameters`` are not called through a prepared module (``average``), clipped to ``max_norm``, then
-        the step (skipped by accelerate between accumulation boundaries). ``average`` is for a module the recipe
-        calls other than through its ``accelerator.prepare`` wrapper (a level inside a hypernetwork stack, a
-        compressor's ``.read``, hooks): no DDP wrapper averages its gradients."""
+        with ``average`` (for parameters the recipe calls other than through a prepared module — a level inside a
+        hypernetwork stack, a compressor's ``.read``, hooks — which no DDP wrapper averages), clipped to
+        ``max_norm``, then the step (skipped by accelerate between accumulation boundaries)."""
         if loss is not None:
             self.accelerator.backward(loss)
         parameters = list(parameters)
