@@ -238,7 +238,8 @@ def distillation_loss(dyn, compressor, examples, targets, pad_id, device, gold_w
         examples, targets = [examples[i] for i in kept], [targets[i] for i in kept]
         row_factors = _rows(row_factors, kept) if kept else {}
     if not examples:  # a batch of locality examples only
-        return locality_weight * kl, {"distill": 0.0, "gold_nll": 0.0, "answer_acc": 0.0, "locality_kl": float(kl)}
+        parts = {"distill": 0.0, "gold_nll": 0.0, "answer_acc": 0.0, "locality_kl": float(kl.detach())}
+        return locality_weight * kl, parts
     with dyn.state.functional(None, row_factors):
         log_probs = answer_log_probs(dyn.model, [e.student for e in examples], [e.answer_length for e in examples],
                                      pad_id, device)
