@@ -32,8 +32,9 @@ def test_bench_switch_times_dynalora_against_peft(tmp_path):
     result = run_switch_bench(SwitchBenchConfig(model="tiny:llama", adapters=2, rank=2, repeats=1, switch_repeats=2,
                                                 decode_tokens=2, prompt_tokens=4, batch=2, skip_svd=True,
                                                 threads=1), tmp_path / "s.json")
-    check_written(result, tmp_path / "s.json", {"switch_peft_hotswap_from_disk", "decode_b1_dynalora_blend8"},
-                  {"decode_blend8_vs_peft_lora", "decode_zero_vs_base"})
+    check_written(result, tmp_path / "s.json", {"switch_peft_hotswap_from_disk", "decode_b1_dynalora_blend8",
+                                                "decode_b1_dynalora_blend8_merged", "switch_dynalora_blend_merged"},
+                  {"decode_blend8_vs_peft_lora", "decode_zero_vs_base", "decode_live_blend8_vs_base"})
 
 
 def test_bench_layer_times_the_blended_layer(tmp_path):

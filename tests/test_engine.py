@@ -410,3 +410,37 @@ def test_without_sampling_settings_the_models_generation_config_is_honoured():
     torch.manual_seed(0)
     sampled = engine.generate([PROMPT], max_new_tokens=12).token_ids[0]
     assert sampled != greedy
+
+
+def test_a_merged_row_decodes_as_unmerged_and_comes_out_exactly():
+    """merge_row folds row 0's whole LoRA into the weights: the same logits (float rounding apart); a write to the
+    state, a batch forward or a stream's end puts the original weights back bit for bit."""
+    model = tiny_model("llama")
+    dyn = DynamicLoraModel.attach(model, random_bank(model), InjectConfig(state=StateConfig(max_batch=2,
+                                                                                          generated_rank=2)))
+    original = {name: layer.base_layer.weight.detach().clone() for name, layer in dyn.layers.items()}
+    dyn.state.set_blend(0, [0.5, 0.3, 0.2])
+    dyn.state.update(0, generated=FactorsAndBlend(dyn.state)(None, dyn.state).generated)
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        plain = dyn(input_ids=ids).logits
+        plain_both = dyn(input_ids=torch.tensor([PROMPT, PROMPT])).logits
+        dyn.merge_row(0)
+        assert dyn.state.merged_row == 0 and any(
+            not torch.equal(layer.base_layer.weight, original[name]) for name, layer in dyn.layers.items())
+        merged = dyn(input_ids=ids).logits
+        torch.testing.assert_close(merged, plain, atol=1e-5, rtol=1e-5)
+        both = dyn(input_ids=torch.tensor([PROMPT, PROMPT])).logits  # a batch: taken out first, then as usual
+        assert dyn.state.merged_row is None and torch.equal(both, plain_both)
+        dyn.merge_row(0)
+        dyn.state.set_blend(0, [0.0, 1.0, 0.0])  # any write takes it out
+    assert dyn.state.merged_row is None
+    assert all(torch.equal(layer.base_layer.weight, original[name]) for name, layer in dyn.layers.items())
+    engine = Engine(dyn, None, FactorsAndBlend(dyn.state), TriggerConfig([EveryN(3)], min_gap=1),
+                    EngineConfig(merge_alone=True))
+    dyn.state.reset()
+    alone = engine.generate([PROMPT], max_new_tokens=8)  # shifts every 3 tokens: merged, taken out, merged again
+    assert all(torch.equal(layer.base_layer.weight, original[name]) for name, layer in dyn.layers.items())
+    engine.config, engine.hypernetwork = EngineConfig(), FactorsAndBlend(dyn.state)  # its answers start over
+    dyn.state.reset()
+    assert engine.generate([PROMPT], max_new_tokens=8).token_ids == alone.token_ids  # the same greedy tokens

@@ -329,7 +329,8 @@ def test_escalate_pipeline_on_a_tiny_model(tmp_path, synthetic_domains, monkeypa
 
     engine = build_engine(EngineSpec(model="tiny:llama", bank=config.out_dir, trigger_tokens=tmp_path / "triggers" /
                                      "trigger_tokens.safetensors", hypernetwork="shift", shift_dir=tmp_path / "shift",
-                                     escalate=tmp_path / "escalate", triggers=["every:4", "think:0.0001"], min_gap=1))
+                                     escalate=tmp_path / "escalate", triggers=["every:4", "think:0.0001"], min_gap=1,
+                                     update_delay=0))  # updates land at once: within the 10 tokens
     events = [e for e in engine.generate([[5, 6, 7, 8]], max_new_tokens=10).events if getattr(e, "level", None)]
     thought = [e for e in events if "think" in e.reason]
     assert thought and all(e.level == 2 for e in thought)

@@ -20,7 +20,7 @@ from dynalora.bench.common import machine, stats, targets_report, timed, write_r
 TARGETS = {  # ratio name -> minimum wanted (from the issue)
     "blend_vs_peft_svd": 1000.0, "blend_vs_peft_hotswap": 20.0, "blend_vs_peft_set_scale": 20.0,
     "decode_blend8_vs_peft_multi8": 1.5, "decode_blend8_vs_peft_lora": 0.85, "decode_zero_vs_base": 0.95,
-    "batch8_vs_peft_mixed": 2.0,
+    "batch8_vs_peft_mixed": 2.0, "decode_live_blend8_vs_base": 0.97,
 }
 
 
@@ -102,6 +102,12 @@ def run_switch_bench(config: SwitchBenchConfig, out: Path | None = None) -> dict
         weights = blends[i % len(blends)]
         switch_times.append(timed(lambda: dyn.state.set_blend(0, weights)))
     methods["switch_dynalora_blend"] = stats(switch_times, "s")
+    merge_times = []  # a change when the row is merged: the new blend written, then folded into the weights
+    for i in range(config.repeats):
+        weights = blends[i % len(blends)]
+        merge_times.append(timed(lambda: (dyn.state.set_blend(0, weights), dyn.merge_row(0))))
+    dyn.state.reset()
+    methods["switch_dynalora_blend_merged"] = stats(merge_times, "s")
 
     # -- PEFT: one model holding all K adapters ------------------------------------------------------
     peft_model = PeftModel.from_pretrained(factory(), str(paths[0]), adapter_name=labels[0]).eval()
@@ -185,6 +191,7 @@ def run_switch_bench(config: SwitchBenchConfig, out: Path | None = None) -> dict
         "decode_b1_peft_lora": (setup_peft_single, peft_model, prompt, {}),
         "decode_b1_peft_multi8_set_scale": (lambda: set_scales(blends[0]), peft_model, prompt, {}),
         "decode_b1_dynalora_blend8": (lambda: setup_dyn(1), dyn, prompt, {}),
+        "decode_b1_dynalora_blend8_merged": (lambda: (setup_dyn(1), dyn.merge_row(0)), dyn, prompt, {}),
         "decode_b1_dynalora_zero": (lambda: setup_dyn(0), dyn, prompt, {}),
         "decode_b8_base": (lambda: None, plain, batch_prompt, {}),
         "decode_b8_peft_mixed": (setup_peft_single, peft_model, batch_prompt,
@@ -215,6 +222,7 @@ def run_switch_bench(config: SwitchBenchConfig, out: Path | None = None) -> dict
         "decode_blend8_vs_peft_multi8": median("decode_b1_dynalora_blend8") / median("decode_b1_peft_multi8_set_scale"),
         "decode_blend8_vs_peft_lora": median("decode_b1_dynalora_blend8") / median("decode_b1_peft_lora"),
         "decode_zero_vs_base": median("decode_b1_dynalora_zero") / median("decode_b1_base"),
+        "decode_live_blend8_vs_base": median("decode_b1_dynalora_blend8_merged") / median("decode_b1_base"),
         "batch8_vs_peft_mixed": median("decode_b8_dynalora_blend_per_row") / median("decode_b8_peft_mixed"),
     }
     if "switch_peft_add_weighted_svd" in methods:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from dynalora.lora.bank import LoraBank
@@ -63,8 +64,36 @@ class DynamicLoraModel(nn.Module):
             layers[name] = layer
         return cls(model, bank, state, layers)
 
+    @torch.no_grad()
+    def merge_row(self, row: int = 0) -> None:
+        """Fold row ``row``'s whole LoRA (blend, generated factors, memory) into the base weights in place, so that a
+        forward of that row alone costs what the base model's does. The original weights are kept and copied back —
+        exactly — at the state's next write, or at a forward of a batch, another row or training
+        (:meth:`unmerge`). Outputs equal the unmerged ones up to float rounding. A row whose memory is scaled
+        (``set_memory_weight``) is not merged."""
+        self.unmerge()
+        if self.state.rows_scaled:
+            return
+        saved = {}
+        for name, (lora_a, lora_b) in self.state.effective_factors(row).items():
+            weight = self.layers[name].base_layer.weight
+            delta = lora_b.float() @ lora_a.float()  # (out, in)
+            saved[name] = weight.detach().clone()
+            weight += (delta if delta.shape == weight.shape else delta.T).to(weight.dtype)  # Conv1D is (in, out)
+        self._merged_weights = saved
+        self.state.merged_row, self.state.on_change = row, self.unmerge
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Put back the weights :meth:`merge_row` changed, exactly (a no-op when none is merged)."""
+        for name, weight in getattr(self, "_merged_weights", {}).items():
+            self.layers[name].base_layer.weight.copy_(weight)
+        self._merged_weights = {}
+        self.state.merged_row, self.state.on_change = None, None
+
     def detach(self) -> nn.Module:
         """Put the original layers back and return the plain base model."""
+        self.unmerge()
         for name, layer in self.layers.items():
             parent_name, _, child = name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model

@@ -29,6 +29,12 @@ class DynamicLoraLinear(nn.Module):
         y = self.base_layer(x)  # (B, T, out)
         state: LoraState = self.dynalora_state
         slot: ModuleSlot = self.dynalora_slot
+        if state.merged_row is not None:  # the weights hold one row's whole LoRA (DynamicLoraModel.merge_row)
+            alone = x.dim() == 2 or x.shape[0] == 1
+            if alone and state.row_offset == state.merged_row and state.overrides is None:
+                return y
+            state.on_change()  # a batch, another row or training: the weights put back exactly, then as usual
+            y = self.base_layer(x)
         if state.overrides is not None:
             return self._functional_forward(x, y, state.overrides, slot)
         bank_on = state.bank_active and slot.bank_a_t is not None

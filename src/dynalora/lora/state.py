@@ -108,6 +108,10 @@ class LoraState:
         self.row_scales = torch.ones(rows, row_rank, dtype=dtype, device=device)  # (max_batch, r_g + r_m)
         self.rows_scaled = False
         self.row_offset = 0  # a forward's batch row i reads state row row_offset + i (see use_rows)
+        self.merged_row: int | None = None
+        """The row whose whole LoRA is folded into the base weights (``DynamicLoraModel.merge_row``), or None."""
+        self.on_change = None
+        """Called before any write (set while a row is merged: it takes the row out)."""
         self._local = threading.local()  # per-thread functional overrides: a background absorb trains beside decode
         stacked = bank.stacked(dtype=dtype, device=device)
         self.slots: dict[str, ModuleSlot] = {}
@@ -192,6 +196,7 @@ class LoraState:
 
         ``rank_weights (B, K*r)`` (see :func:`expand_blend`); ``row_factors[module] = (A_t (B, in, R),
         B_t (B, R, out))`` for any rank R. Used to train hypernetworks end to end through the frozen model."""
+        self._changed()
         previous, self._local.overrides = self.overrides, {"rank_weights": rank_weights, "rows": row_factors or {}}
         try:
             yield self
@@ -254,6 +259,7 @@ class LoraState:
         weights = None if blend is None else self._checked_blend(blend)
         parts = {kind: self._checked_factors(f, kind) for kind, f in
                  (("generated", generated), ("memory", memory)) if f is not None}
+        self._changed()
         if weights is not None:
             self.blend_weights[row].copy_(weights)
             self.rank_weights[row].copy_(weights.repeat_interleave(self.bank_rank))
@@ -278,6 +284,7 @@ class LoraState:
         self._check_row(row)
         if not (math.isfinite(float(weight)) and float(weight) >= 0):
             raise StateError(f"memory weight {weight!r}: must be a finite number ≥ 0")
+        self._changed()
         self.memory_weights[row] = float(weight)
         self._refresh_scales()
 
@@ -302,6 +309,7 @@ class LoraState:
         rows = slice(None) if row is None else row
         if row is not None:
             self._check_row(row)
+        self._changed()
         self.blend_weights[rows].zero_()
         self.rank_weights[rows].zero_()
         self.memory_weights[rows] = 1.0
@@ -311,6 +319,12 @@ class LoraState:
         self.bank_active = bool(self.blend_weights.any())
         self._refresh_scales()
         self._refresh_active(row)
+
+    def _changed(self) -> None:
+        """Called before every write: a row folded into the base weights (``DynamicLoraModel.merge_row``) is taken
+        out first, exactly."""
+        if self.on_change is not None:
+            self.on_change()
 
     def _refresh_active(self, row: int | None = None) -> None:
         """Recheck which rows hold factors: one row after an update (cheap), or all of them."""
@@ -347,6 +361,7 @@ class LoraState:
             self._check_row(target)
         rows = slice(None) if target is None else slice(target, target + 1)
         self._check_tensors(tensors, expected_rows=self.max_batch if target is None else 1, where="snapshot")
+        self._changed()
         self.blend_weights[rows].copy_(tensors["blend_weights"])
         self.rank_weights[rows].copy_(tensors["blend_weights"].repeat_interleave(self.bank_rank, dim=1))
         self.memory_weights[rows] = tensors["memory_weights"].to(self.dtype)
@@ -400,6 +415,7 @@ class LoraState:
 
     def to(self, device: str | torch.device) -> "LoraState":
         """Move every buffer (a move reallocates: do it once, before generation)."""
+        self._changed()
         self.device = torch.device(device)
         self.blend_weights = self.blend_weights.to(device)
         self.rank_weights = self.rank_weights.to(device)

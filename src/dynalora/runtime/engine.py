@@ -56,6 +56,10 @@ class EngineConfig:
     """Apply a fired update this many tokens later, with the features of that moment: a trigger fires a
     few tokens into new text, when the pooled window still holds mostly the old text."""
     guard: GuardConfig = field(default_factory=GuardConfig)
+    merge_alone: bool = False
+    """With one row, fold its whole LoRA into the base weights between changes (``DynamicLoraModel.merge_row``):
+    decoding then costs what the base model's does; any change takes it out exactly first. Outputs equal the
+    unmerged engine's up to float rounding."""
     background_absorb: bool = False
     """With an absorber: write a chunk that leaves the window on a background thread while the row goes on
     generating with it still in context; the new memory is merged, and the chunk evicted, at the first step
@@ -251,8 +255,16 @@ class Engine:
         return event
 
     # -- the loop ---------------------------------------------------------------------------------
+    def stream(self, *args, **kwargs) -> Iterator[Event]:
+        """Generate for every prompt (one row each, row ``b`` uses LoRA state row ``b``); see :meth:`_stream`. A row
+        merged into the weights while it ran (``EngineConfig.merge_alone``) is taken out when it ends."""
+        try:
+            yield from self._stream(*args, **kwargs)
+        finally:
+            self.dyn.unmerge()
+
     @torch.no_grad()
-    def stream(self, prompts: list[str | list[int]], max_new_tokens: int = 128,
+    def _stream(self, prompts: list[str | list[int]], max_new_tokens: int = 128,
                sampling: SamplingConfig | None = None, stop_strings: tuple[str, ...] = (), chat: bool = False,
                system: str | None = None, logits_processor: LogitsProcessor | None = None) -> Iterator[Event]:
         """Generate for every prompt (one row each, row ``b`` uses LoRA state row ``b``)."""
@@ -304,6 +316,8 @@ class Engine:
             seen.scatter_(1, batch.ids, batch.mask.bool())
 
         for step in range(max_new_tokens):
+            if self.config.merge_alone and count == 1 and self.dyn.state.merged_row is None:
+                self.dyn.merge_row(0)  # taken out again by the next write to the state
             if isinstance(logits_processor, (HFLogitsProcessor, LogitsProcessorList)):
                 logits = logits_processor(batch.ids, logits)  # transformers' processors see the ids so far
             elif logits_processor is not None:
