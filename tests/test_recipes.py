@@ -313,7 +313,9 @@ def test_escalate_pipeline_on_a_tiny_model(tmp_path, synthetic_domains, monkeypa
     assert [point["step"] for point in curve] == [0, 2, 4, 6]
     assert curve[0]["nll"] == pytest.approx(stopped["nll"]["validation"]["level1"], rel=1e-5)
     best = min(curve, key=lambda point: point["nll"])
-    assert stopped["kept_step"] == best["step"] < 6
+    # (the best is usually an early step, so keeping the last would show; in one full-suite run it was the last —
+    # the order of the curve at lr 1.0 is not stable across runs — so that is not asserted)
+    assert stopped["kept_step"] == best["step"]
     assert stopped["nll"]["validation"]["level2"] == pytest.approx(best["nll"], rel=1e-5)
     result = eval_escalate(EscalateEvalConfig(escalate_dir=tmp_path / "escalate", per_domain=4, random_draws=3,
                                               timing_repeats=1, **folders), out=tmp_path / "eval.json")

@@ -89,6 +89,7 @@ class System:
                 max_batch=spec.max_batch, generated_rank=0, memory_rank=plan.memory_rank))
         policies = [parse_trigger(s, token_ids, threshold) for s in spec.triggers]
         engine_config = EngineConfig(kv_policy=spec.kv_policy, background_absorb=spec.background_absorb,
+                                     merge_alone=spec.merge_alone,
                                      update_delay=spec.update_delay or 0,
                                      sample_triggers=any(s == "token" for s in spec.triggers))
         shift_hyper = None

@@ -87,6 +87,9 @@ class EngineSpec:
     """Tokens absorbed at a time (None: the compressor's training chunk, or 3/4 of the window for ``distill``)."""
     background_absorb: bool = False
     """Write absorbed chunks on a background thread while generation goes on (``EngineConfig``)."""
+    merge_alone: bool = False
+    """With one row, fold its LoRA into the base weights between changes: decoding at the base model's speed,
+    outputs equal up to float rounding (``EngineConfig.merge_alone``)."""
     relevance_gate: bool = False
     """Memory on only for prompts that name something it absorbed (``AbsorbConfig.relevance_gate``)."""
 
