@@ -277,6 +277,10 @@ def test_a_session_continues_its_conversation_and_its_lora_across_turns_and_a_re
 ])
 def test_bad_session_requests_get_errors(served, body, status, param):
     _, _, port, _ = served
+    for blend in ({"ghost": 1.0}, {"adapter0": -1.0}):  # a session's starting blend is checked like a request's
+        with pytest.raises(urllib.error.HTTPError) as failed:
+            post(port, "/v1/sessions", {"blend": blend})
+        assert json.loads(failed.value.read())["error"]["param"] == "blend"
     session = post(port, "/v1/sessions", {})["id"]
     body = json.loads(json.dumps(body).replace("SESSION", session))
     with pytest.raises(urllib.error.HTTPError) as failed:

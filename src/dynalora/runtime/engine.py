@@ -172,11 +172,15 @@ class Engine:
         if self.tokenizer is None:
             raise ValueError("text prompts need a tokenizer; pass token ids to a model without one")
         if chat:
-            messages = (([{"role": "system", "content": system}] if system else [])
-                        + [{"role": "user", "content": prompt}])
-            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                           return_dict=True)["input_ids"])
+            return self.encode_messages([{"role": "user", "content": prompt}], system)
         return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+    def encode_messages(self, messages: list[dict[str, str]], system: str | None = None) -> list[int]:
+        """A conversation (``[{"role", "content"}, ...]``, after an optional system prompt) through the tokenizer's
+        chat template, ready for the assistant's turn."""
+        messages = ([{"role": "system", "content": system}] if system else []) + list(messages)
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                       return_dict=True)["input_ids"])
 
     def decode(self, token_ids: list[int]) -> str:
         if self.tokenizer is None:

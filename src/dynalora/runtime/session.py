@@ -35,10 +35,7 @@ class ChatSession:
         """Transcript tokens (after the sink) already absorbed into row 0's memory and evicted."""
 
     def prompt_ids(self) -> list[int]:
-        messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
-        encoded = self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                            return_dict=True)
-        ids = list(encoded["input_ids"])
+        ids = self.engine.encode_messages(self.messages, self.system)
         if self.absorbed_tokens and self.engine.absorber is not None:
             sink = self.engine.absorber.config.sink_tokens
             ids = ids[:sink] + ids[sink + self.absorbed_tokens:]

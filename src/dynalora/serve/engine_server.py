@@ -15,8 +15,8 @@ from dynalora.models import dynalora_home
 from dynalora.runtime import SamplingConfig, TokenEvent
 from dynalora.runtime.session import ChatSession
 from dynalora.serve.config import ServeConfig
-from dynalora.serve.schema import (ChatCompletionRequest, DynaloraOptions, GenerationRequest, ServeError,
-                                   SessionRequest, parse_blend)
+from dynalora.serve.schema import (ChatCompletionRequest, GenerationRequest, ServeError,
+                                   SessionRequest, check_blend, parse_blend)
 from dynalora.serve.sessions import SessionStore
 
 BASE_NAMES = ("base",)
@@ -101,9 +101,7 @@ class EngineServer:
             return self.session_turn(session_id, request, wanted, sampling)
         blend = parse_blend(request.model, request.dynalora, self.labels, (self.model_name, *BASE_NAMES))
         if chat:
-            ids = list(self.engine.tokenizer.apply_chat_template(
-                [m.model_dump() for m in request.messages], add_generation_prompt=True, tokenize=True,
-                return_dict=True)["input_ids"])
+            ids = self.engine.encode_messages([m.model_dump() for m in request.messages])
         else:
             ids = self.engine.encode_prompt(request.prompt)
         ids = self.check_prompt(ids, "messages" if chat else "prompt")
@@ -149,7 +147,7 @@ class EngineServer:
         return await asyncio.to_thread(locked)
 
     async def create_session(self, body: SessionRequest) -> dict:
-        blend = parse_blend("blend:", DynaloraOptions(blend=body.blend or {}), self.labels, ())
+        blend = check_blend(body.blend or {}, self.labels, "blend")
 
         def create() -> str:
             if blend:

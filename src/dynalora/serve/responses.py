@@ -30,8 +30,7 @@ def _finish_reason(reason: str) -> str:
 async def complete(server: EngineServer, request: GenerationRequest, chat: bool) -> dict:
     """A whole (non-streaming) completion in the OpenAI schema, with the LoRA events as ``dynalora.events``."""
     text, tokens, finish, lora, prompt = [], 0, "length", [], 0
-    events = server.events(server.prepare(request, chat))
-    async for event in events:
+    async for event in server.events(server.prepare(request, chat)):
         if isinstance(event, Prompt):
             prompt = event.tokens
         elif isinstance(event, TokenEvent):

@@ -107,6 +107,11 @@ def parse_blend(model: str, options: DynaloraOptions | None, labels: list[str],
     else:
         raise ServeError(404, f"the model {model!r} does not exist: use {base_names[0]!r}, one of the bank's labels "
                               f"{labels}, or blend:LABEL=WEIGHT,...", "model", "model_not_found")
+    return check_blend(blend, labels, param)
+
+
+def check_blend(blend: dict[str, float], labels: list[str], param: str) -> dict[str, float]:
+    """``blend`` if every label is the bank's and every weight finite and ≥ 0; else the error naming ``param``."""
     unknown = sorted(set(blend) - set(labels))
     if unknown:
         raise ServeError(404, f"{param}: unknown adapter labels {unknown}; the bank holds {labels}", param,
