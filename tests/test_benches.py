@@ -56,3 +56,15 @@ def test_bench_absorb_times_absorbing_a_long_conversation(tmp_path):
     check_written(result, tmp_path / "a.json", {"absorb one chunk (first 1)", "absorb one chunk (last 1)"},
                   {"absorb_time_late_vs_early", "state_bytes_long_vs_short"})
     assert set(result["footprint"]) == {2, 4}
+
+
+def test_bench_serve_times_concurrent_clients_against_one_at_a_time(tmp_path):
+    from dynalora.bench.serve import ServeBenchConfig, run_serve_bench
+    from dynalora.models import tiny_model
+    from test_engine import random_bank
+
+    random_bank(tiny_model("llama")).save(tmp_path / "bank")
+    result = run_serve_bench(ServeBenchConfig(model="tiny:llama", bank=tmp_path / "bank", clients=(1, 2), max_tokens=4,
+                                              repeats=1, threads=1), tmp_path / "v.json")
+    check_written(result, tmp_path / "v.json", {"tokens_per_s_sequential", "tokens_per_s_clients2", "ttft_clients2"},
+                  {"clients1_vs_sequential", "clients2_vs_sequential"})

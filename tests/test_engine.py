@@ -9,8 +9,8 @@ from transformers import DynamicCache
 from dynalora.hyper import FixedSchedule, LoraUpdate, NearestPrototype
 from dynalora.lora import DynamicLoraModel, InjectConfig, LoraBank, StateConfig, module_shapes_of
 from dynalora.models import tiny_model
-from dynalora.runtime import (SHIFT_TOKEN, Engine, EngineConfig, EveryN, GuardConfig, SamplingConfig,
-                              SpecialToken, Surprise, TriggerConfig, add_trigger_tokens)
+from dynalora.runtime import (SHIFT_TOKEN, Engine, EngineConfig, EveryN, GuardConfig, RowSettings,
+                              SamplingConfig, SpecialToken, Surprise, TriggerConfig, add_trigger_tokens)
 
 
 def random_bank(model, count=3, rank=4, seed=0):
@@ -386,9 +386,9 @@ def test_a_transformers_logits_processor_steers_the_engine_as_it_steers_generate
 
 
 def test_the_id_buffers_grow_in_place_past_their_room():
-    from dynalora.runtime.engine import _Batch
+    from dynalora.runtime.token_batch import TokenBatch
 
-    batch = _Batch([[5, 6, 7], [8]], pad_id=0, device=torch.device("cpu"), room=2)
+    batch = TokenBatch([[5, 6, 7], [8]], pad_id=0, device=torch.device("cpu"), room=2)
     expected_ids = torch.tensor([[5, 6, 7], [0, 0, 8]])
     for step in range(40):
         tokens = torch.tensor([step, 100 + step])
@@ -444,3 +444,48 @@ def test_a_merged_row_decodes_as_unmerged_and_comes_out_exactly():
     engine.config, engine.hypernetwork = EngineConfig(), FactorsAndBlend(dyn.state)  # its answers start over
     dyn.state.reset()
     assert engine.generate([PROMPT], max_new_tokens=8).token_ids == alone.token_ids  # the same greedy tokens
+
+
+def test_rows_that_join_and_leave_a_running_batch_match_rows_run_alone():
+    """Continuous batching: rows join between steps (prefilled alone, padded in, their KV cache and captured features
+    joined), leave when done (the rest move up, their LoRA rows with them, padding columns trimmed); every row's tokens
+    and shifts equal the row run alone — prompt-time and generated triggers, recomputed cache positions included."""
+    def build():
+        torch.manual_seed(3)
+        return make_engine(NearestPrototype(torch.randn(3, 64), sharpness=5.0),
+                           policies=[EveryN(4), Surprise(k=0.5, warmup=2)], kv_policy="recompute_last",
+                           recompute_tokens=4)
+
+    plan = [(PROMPT, 0, 7), ([11, 12, 13], 2, 3), ([200, 201, 202, 203, 204, 9, 8, 7, 6, 5], 2, 9), ([40, 41], 6, 4)]
+    engine, _ = build()
+    greedy = SamplingConfig(temperature=0)
+    tokens, shifts, running = {i: [] for i in range(len(plan))}, {i: [] for i in range(len(plan))}, []
+
+    def record(events):
+        for event in events:
+            if event.kind == "token":
+                tokens[running[event.row]].append(event.token_id)
+            elif event.kind == "shift":
+                shifts[running[event.row]].append(event.position)
+
+    engine.start()
+    sizes = []
+    for step in range(30):
+        joining = [i for i, (_, at, _) in enumerate(plan) if at == step]
+        if joining:
+            running += joining
+            record(list(engine.join([plan[i][0] for i in joining], [RowSettings(plan[i][2], greedy) for i in joining])))
+        if not running:
+            break
+        sizes.append(engine.running_rows)
+        record(list(engine.step()))
+        running = [running[row] for row in engine.leave()]
+        if running:
+            record(list(engine.advance()))
+    assert max(sizes) == 3 and sizes[0] == 1 and step < 29  # rows overlapped, and all of them finished
+    assert any(shifts.values())
+    for i, (prompt, _, count) in enumerate(plan):
+        alone_engine, _ = build()
+        alone = alone_engine.generate([prompt], max_new_tokens=count, sampling=greedy)
+        assert tokens[i] == alone.token_ids[0], f"row {i}"
+        assert shifts[i] == [e.position for e in alone.lora_events("shift")], f"row {i}"

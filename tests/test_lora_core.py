@@ -172,6 +172,23 @@ def test_state_save_load_and_snapshot_restore(adapter_dirs, family, tokens, tmp_
     assert torch.equal(logits(dyn, tokens), expected)
 
 
+def test_one_row_of_a_state_saves_alone_and_loads_into_any_row(adapter_dirs, family, tokens, tmp_path):
+    """A server's session keeps its own row: saved as a one-row file, loaded into whichever row is free."""
+    dyn = attach_bank(family, adapter_dirs)
+    state = dyn.state
+    state.update(1, blend=[0.1, 0.2, 0.3], generated=random_factors(dyn, 2, 4))
+    with state.use_rows(1):
+        expected = logits(dyn, tokens)
+    state.save(tmp_path / "row.safetensors", row=1)
+    state.reset()
+    state.load(tmp_path / "row.safetensors", row=3)
+    assert not state.blend_weights[:3].any()
+    with state.use_rows(3):
+        assert torch.equal(logits(dyn, tokens), expected)
+    state.load(tmp_path / "row.safetensors")  # no row: a one-row file goes into row 0, the others zeroed
+    assert torch.equal(logits(dyn, tokens), expected) and not state.blend_weights[1:].any()
+
+
 def test_compressed_export_reports_the_true_error(adapter_dirs, family, tmp_path):
     from dynalora.lora.peft_io import read_peft_adapter
 

@@ -16,6 +16,7 @@ import pytest
 import uvicorn
 
 from dynalora.models import tiny_model
+from dynalora.runtime import SamplingConfig
 from dynalora.serve.app import create_app
 from dynalora.serve.config import ServeConfig
 from dynalora.system.assemble import System
@@ -34,8 +35,8 @@ def served(tmp_path_factory):
     system = System.from_checkpoints(EngineSpec(model="tiny:llama", bank=folder, triggers=["every:4"], min_gap=4,
                                                 max_batch=1))
     engine = system.engine()
-    app = create_app(engine, ServeConfig(port=0, max_tokens=32, max_prompt_tokens=512, sessions_dir=root / "sessions"),
-                     "tiny")
+    app = create_app(engine, ServeConfig(port=0, max_tokens=32, max_prompt_tokens=512, sessions_dir=root / "sessions",
+                                         blends=["warm:adapter0=0.7,adapter2=0.3"]), "tiny")
     with running(app) as port:
         yield (openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0), engine, port,
                root)
@@ -72,9 +73,15 @@ def chat_ids(engine):
                                                 return_dict=True)["input_ids"]
 
 
-def test_models_lists_the_base_and_the_bank(served):
+def test_models_lists_the_base_the_bank_and_the_named_blends(served, tmp_path):
     client, engine, _, _ = served
-    assert [m.id for m in client.models.list().data] == ["tiny", *engine.dyn.state.labels]
+    models = client.models.list().data
+    assert [m.id for m in models] == ["tiny", *engine.dyn.state.labels, "warm"]
+    assert models[-1].dynalora == {"blend": {"adapter0": 0.7, "adapter2": 0.3}}
+    for entry, fault in [("warm", "is not NAME:LABEL=WEIGHT"), ("adapter1:adapter0=1", "is taken"),
+                         ("cold:nope=1", "unknown adapter labels"), ("cold:adapter0=x", "is not a number")]:
+        with pytest.raises(ValueError, match=fault):
+            create_app(engine, ServeConfig(sessions_dir=tmp_path, blends=[entry]))
 
 
 def test_chat_completion_equals_the_engine_and_reports_its_lora_events(served):
@@ -97,9 +104,10 @@ def test_a_per_request_blend_equals_set_blend_in_process(served):
     by_model = client.completions.create(model=named, prompt="the cat", max_tokens=12, temperature=0)
     by_extension = client.completions.create(model="tiny", prompt="the cat", max_tokens=12, temperature=0,
                                              extra_body={"dynalora": {"blend": blend}})
+    by_name = client.completions.create(model="warm", prompt="the cat", max_tokens=12, temperature=0)  # the same blend
     plain = client.completions.create(model="tiny", prompt="the cat", max_tokens=12, temperature=0)
     expected = in_process(engine, engine.encode_prompt("the cat"), blend)
-    assert by_model.choices[0].text == by_extension.choices[0].text == expected.texts[0]
+    assert by_model.choices[0].text == by_extension.choices[0].text == by_name.choices[0].text == expected.texts[0]
     assert plain.choices[0].text == in_process(engine, engine.encode_prompt("the cat")).texts[0]
     assert plain.choices[0].text != expected.texts[0]  # the blend changes what is generated
 
@@ -197,15 +205,15 @@ def test_the_serve_command_serves_until_stopped(tmp_path):
 
 def test_a_client_that_disconnects_stops_its_generation(served, monkeypatch):
     client, engine, _, _ = served
-    produced, original = [], engine.stream
+    produced, original = [], engine.step
 
-    def slow_stream(*args, **kwargs):  # 30 ms a token, so the disconnect lands mid-generation
-        for event in original(*args, **kwargs):
+    def slow_step():  # 30 ms a token, so the disconnect lands mid-generation
+        for event in original():
             time.sleep(0.03)
             produced.append(event.kind)
             yield event
 
-    monkeypatch.setattr(engine, "stream", slow_stream)
+    monkeypatch.setattr(engine, "step", slow_step)
     stream = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=32, temperature=0,
                                             stream=True)
     received = 0
@@ -366,18 +374,18 @@ def test_body_size_rate_and_time_limits(tmp_path, monkeypatch):
     client = TestClient(app)
     big = client.post("/v1/completions", json={"model": "tiny", "prompt": "x" * 400})
     assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
-    produced, original = [], engine.stream
+    produced, original = [], engine.step
 
-    def slow_stream(*args, **kwargs):  # 0.1 s a token: 20 tokens take 2 s, past the 0.5 s limit
-        for event in original(*args, **kwargs):
+    def slow_step():  # 0.1 s a token: 20 tokens take 2 s, past the 0.5 s limit
+        for event in original():
             time.sleep(0.1)
             produced.append(event.kind)
             yield event
 
-    monkeypatch.setattr(engine, "stream", slow_stream)
+    monkeypatch.setattr(engine, "step", slow_step)
     slow = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 20})
     assert slow.status_code == 408 and slow.json()["error"]["code"] == "timeout"
-    monkeypatch.setattr(engine, "stream", original)
+    monkeypatch.setattr(engine, "step", original)
     quick = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
     assert quick.status_code == 200 and produced.count("token") < 20  # the slow one was stopped
     limited = client.get("/v1/models")  # the third counted request of this minute passes (the refused big one is
@@ -394,10 +402,10 @@ def test_concurrent_sessions_stay_isolated(tmp_path):
     engine gives alone for that session's transcript under that session's blend."""
     random_bank(tiny_model("llama")).save(tmp_path / "bank")
     system = System.from_checkpoints(EngineSpec(model="tiny:llama", bank=tmp_path / "bank", hypernetwork="none",
-                                                triggers=[], max_batch=1))
+                                                triggers=[], max_batch=4))
     engine = system.engine()
     app = create_app(engine, ServeConfig(max_tokens=8, max_prompt_tokens=2048, sessions_dir=tmp_path / "s"), "tiny")
-    with running(app) as port:
+    with running(app) as port, batch_sizes(engine) as sizes:
         blends = {"adapter0": 1.0}, {"adapter2": 0.6, "adapter1": 0.4}
         sessions = [post(port, "/v1/sessions", {"blend": blend})["id"] for blend in blends]
 
@@ -421,3 +429,62 @@ def test_concurrent_sessions_stay_isolated(tmp_path):
                                                        return_dict=True)["input_ids"]
             assert record["messages"][2 * turn + 1]["content"] == in_process(engine, ids, blend, 6).texts[0]
     assert records[0]["messages"][1]["content"] != records[1]["messages"][1]["content"]  # the blends differ
+    assert max(sizes) == 2  # the two sessions' rows shared forward passes
+
+
+@contextmanager
+def batch_sizes(engine):
+    """The batch size of every forward of ``engine``'s model while the block runs."""
+    sizes = []
+    handle = engine.model.register_forward_pre_hook(
+        lambda module, args, kwargs: sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        yield sizes
+    finally:
+        handle.remove()
+
+
+def test_concurrent_requests_share_forward_passes_and_each_equals_the_engine_alone(tmp_path, monkeypatch):
+    """Requests arriving while others run join the batch between steps and leave when done, each on its own blend,
+    length and sampling seed: every answer equals the engine's for that request alone."""
+    random_bank(tiny_model("llama")).save(tmp_path / "bank")
+    engine = System.from_checkpoints(EngineSpec(model="tiny:llama", bank=tmp_path / "bank", triggers=["every:3"],
+                                                min_gap=3, max_batch=3)).engine()
+    app = create_app(engine, ServeConfig(max_tokens=32, sessions_dir=tmp_path / "s"), "tiny")
+    step = engine.step
+
+    def slow_step():  # 10 ms a step: the tiny model would finish each request before the next arrives
+        time.sleep(0.01)
+        yield from step()
+
+    monkeypatch.setattr(engine, "step", slow_step)
+    requests = [({"adapter0": 1.0}, 20, None), ({"adapter1": 0.5, "adapter2": 0.5}, 6, None), (None, 12, 7),
+                ({"adapter2": 1.0}, 9, None), ({"adapter1": 1.0}, 14, 3)]  # blend, max_tokens, seed (None: greedy)
+    answers = {}
+    with running(app) as port, batch_sizes(engine) as sizes:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+
+        def ask(i: int) -> None:
+            blend, count, seed = requests[i]
+            time.sleep(0.05 * i)  # arrivals spread over the first requests' generation
+            answers[i] = client.completions.create(
+                model="tiny", prompt=f"request {i} says", max_tokens=count, seed=seed,
+                temperature=0 if seed is None else 1.0, extra_body={"dynalora": {"blend": blend}} if blend else None)
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(requests))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert max(sizes) == 3 and 1 in sizes  # up to the 3 rows at once; more requests than rows waited their turn
+    monkeypatch.setattr(engine, "step", step)
+    for i, (blend, count, seed) in enumerate(requests):
+        state = engine.dyn.state
+        state.reset()
+        if blend:
+            state.set_blend_by_label(0, blend)
+        alone = engine.generate([engine.encode_prompt(f"request {i} says")], max_new_tokens=count,
+                                sampling=SamplingConfig(temperature=0 if seed is None else 1.0, seed=seed))
+        state.reset()
+        assert answers[i].choices[0].text == alone.texts[0], f"request {i}"
+        assert answers[i].usage.completion_tokens == len(alone.token_ids[0])

@@ -47,19 +47,12 @@ def load_model_and_bank(args, require_bank: bool = False):
 
 def parse_blend(text: str, labels: list[str]) -> dict[str, float]:
     """``"news=0.7,scripture=0.3"`` → ``{"news": 0.7, "scripture": 0.3}`` (labels checked)."""
-    weights = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        label, sep, value = part.partition("=")
-        if not sep:
-            raise ValueError(f"--blend: {part!r} is not LABEL=WEIGHT")
+    from dynalora.lora.bank import blend_from_text
+
+    weights = blend_from_text(text, "--blend")
+    for label in weights:
         if label not in labels:
             raise ValueError(f"--blend: unknown adapter {label!r}; the bank holds {labels}")
-        try:
-            weights[label] = float(value)
-        except ValueError:
-            raise ValueError(f"--blend: weight of {label!r} is not a number: {value!r}") from None
-    if not weights:
-        raise ValueError("--blend is empty; give LABEL=WEIGHT pairs")
     return weights
 
 

@@ -11,6 +11,7 @@ def add_bench_commands(commands) -> None:
     from dynalora.bench.absorb import AbsorbBenchConfig, run_absorb_bench
     from dynalora.bench.engine import EngineBenchConfig, run_engine_bench
     from dynalora.bench.layer import LayerBenchConfig, run_layer_bench
+    from dynalora.bench.serve import ServeBenchConfig, run_serve_bench
     from dynalora.bench.switch import SwitchBenchConfig, run_switch_bench
     from dynalora.bench.xlora import XLoraBenchConfig, run_xlora_bench
 
@@ -27,6 +28,8 @@ def add_bench_commands(commands) -> None:
          "absorb time and memory footprint over a 10x longer conversation"),
         ("xlora", XLoraBenchConfig, run_xlora_bench, {"new_tokens": "--tokens"},
          "generation time per token: PEFT X-LoRA vs dynalora's engine vs plain generate"),
+        ("serve", ServeBenchConfig, run_serve_bench, {},
+         "dynalora serve: tokens/s and time to first token, 1/4/8 concurrent clients vs one at a time"),
     ]
     for name, config_cls, bench_fn, aliases, help_text in benchmarks:
         add_config_command(sub, name, config_cls, bench_fn, help_text, aliases, out=Path(f"results/bench_{name}.json"))

@@ -47,7 +47,7 @@ def format_table(result: dict) -> str:
     for name, m in result["methods"].items():
         scale, unit = (1e3, "ms") if m["unit"] == "s" else (1.0, m["unit"])
         lines.append(f"{name:<40} {m['median'] * scale:>12.4g} {m['min'] * scale:>12.4g} {m['max'] * scale:>12.4g}"
-                     f"  {unit:<9} {m['runs']}")
+                     f"  {unit:<9} {m['runs']}" + (f"  p99 {m['p99'] * scale:.4g}" if "p99" in m else ""))
     lines.append("")
     lines.append(f"{'ratio':<40} {'measured':>12} {'target':>12}  met")
     for name, value in result["ratios"].items():

@@ -68,8 +68,7 @@ def run_engine_bench(config: EngineBenchConfig, out: Path | None = None) -> dict
     from dynalora.hyper import NearestPrototype
     from dynalora.lora import DynamicLoraModel, InjectConfig, StateConfig
     from dynalora.models import load_base_model, model_device
-    from dynalora.runtime import Engine, EngineConfig, TriggerConfig
-    from dynalora.runtime.engine import _Batch
+    from dynalora.runtime import Engine, EngineConfig, RowSettings, SamplingConfig, TriggerConfig
 
     torch.set_num_threads(config.threads)
     base = load_base_model(config.model, config.dtype, config.device)
@@ -112,10 +111,10 @@ def run_engine_bench(config: EngineBenchConfig, out: Path | None = None) -> dict
 
     # -- one trigger at `context` tokens: features + hypernetwork + guard + update (+ KV policy) ----------
     context_ids = torch.randint(vocab // 4, vocab, (1, config.context), generator=generator)
-    batch = _Batch([context_ids[0].tolist()], pad_id=0, device=device)
-    cache = DynamicCache(config=model.config)
+    engine.start()
     with torch.no_grad():
-        engine._forward_prompt(batch, cache, want_all=False)
+        list(engine.join([context_ids[0].tolist()], [RowSettings(1, SamplingConfig())]))  # the row, prefilled
+        batch, cache = engine._batch, engine._cache
         step_times = []
         for _ in range(config.trigger_repeats):  # one decode step at this context, for the ratio
             cropped = DynamicCache(config=model.config)
@@ -134,7 +133,7 @@ def run_engine_bench(config: EngineBenchConfig, out: Path | None = None) -> dict
 
             def fire():
                 nonlocal event
-                event = engine._apply(0, config.context, "bench", batch, cache)
+                event = engine._apply(0, config.context, "bench")
             times.append(timed(fire))
             assert event.kind == "shift", event
         methods[f"trigger_{policy}_at_{config.context}"] = stats(times, "s")

@@ -29,6 +29,23 @@ BANK_INDEX = "bank.json"
 _LABEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
+def blend_from_text(text: str, where: str) -> dict[str, float]:
+    """``"news=0.7,scripture=0.3"`` → ``{"news": 0.7, "scripture": 0.3}``: the syntax only (labels and weights are the
+    caller's to check); a ``ValueError`` names ``where`` (the flag or field) and the part at fault."""
+    weights = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        label, sep, value = part.partition("=")
+        if not sep:
+            raise ValueError(f"{where}: {part!r} is not LABEL=WEIGHT")
+        try:
+            weights[label.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"{where}: the weight of {label!r} is not a number: {value!r}") from None
+    if not weights:
+        raise ValueError(f"{where} is empty; give LABEL=WEIGHT pairs")
+    return weights
+
+
 @dataclass
 class AdapterInfo:
     """What the bank knows about one adapter besides its tensors."""

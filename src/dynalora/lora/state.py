@@ -384,19 +384,26 @@ class LoraState:
             if not torch.isfinite(tensors[key]).all():
                 raise StateError(f"{where}: tensor {key!r} holds NaN or Inf")
 
-    def save(self, path: str | Path) -> Path:
-        """Save all rows as safetensors, with the bank labels and sizes in the header."""
+    def save(self, path: str | Path, row: int | None = None) -> Path:
+        """Save all rows (or one row, as a one-row file) as safetensors, with the bank labels and sizes in the
+        header."""
+        if row is not None:
+            self._check_row(row)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {"format": "dynalora-state/1", "labels": json.dumps(self.labels),
                     "bank_rank": str(self.bank_rank), "config": json.dumps(vars(self.config))}
         tmp = path.with_name(path.name + ".partial")
-        save_file({k: v.contiguous().cpu() for k, v in self.tensors().items()}, str(tmp), metadata=metadata)
+        save_file({k: v.contiguous().cpu() for k, v in self.tensors(row).items()}, str(tmp), metadata=metadata)
         tmp.replace(path)
         return path
 
-    def load(self, path: str | Path) -> None:
-        """Load a file written by :meth:`save` into this state, in place; refuses one for another bank."""
+    def load(self, path: str | Path, row: int | None = None) -> None:
+        """Load a file written by :meth:`save` into this state, in place; refuses one for another bank. With ``row``:
+        the file's first row (a one-row file, or a whole state's row 0) into that row only; a one-row file without
+        ``row`` goes into row 0, the other rows zeroed."""
+        if row is not None:
+            self._check_row(row)
         path = Path(path)
         if not path.is_file():
             raise StateError(f"{path}: no such state file")
@@ -406,12 +413,19 @@ class LoraState:
                 tensors = {key: handle.get_tensor(key) for key in handle.keys()}
         except Exception as error:
             raise StateError(f"{path}: cannot be read as safetensors ({error})") from error
-        tensors.setdefault("memory_weights", torch.ones(self.max_batch))  # files from before the mix gate
+        if "blend_weights" in tensors:  # files from before the mix gate have no memory weights
+            tensors.setdefault("memory_weights", torch.ones(tensors["blend_weights"].shape[0]))
         labels = json.loads(metadata.get("labels", "null"))
         if labels != self.labels:
             raise StateError(f"{path}: saved for bank {labels}, but this state's bank is {self.labels}")
-        self._check_tensors(tensors, expected_rows=self.max_batch, where=str(path))
-        self.restore({"row": None, "tensors": {k: v.to(self.dtype) for k, v in tensors.items()}})
+        one_row = tensors.get("blend_weights", torch.zeros(0)).shape[0] == 1
+        if row is None and one_row and self.max_batch > 1:  # a one-row file (a session's): row 0, the others zero
+            self.reset()
+            row = 0
+        if row is not None:
+            tensors = {key: value[:1] for key, value in tensors.items()}
+        self._check_tensors(tensors, expected_rows=self.max_batch if row is None else 1, where=str(path))
+        self.restore({"row": row, "tensors": {k: v.to(self.dtype) for k, v in tensors.items()}})
 
     def to(self, device: str | torch.device) -> "LoraState":
         """Move every buffer (a move reallocates: do it once, before generation)."""

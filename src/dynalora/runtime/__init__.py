@@ -1,6 +1,6 @@
 """Generation that changes its own LoRA: the engine, trigger policies, special tokens, events."""
 
-from dynalora.runtime.engine import KV_POLICIES, Engine, EngineConfig
+from dynalora.runtime.engine import KV_POLICIES, Engine, EngineConfig, RowSettings
 from dynalora.runtime.events import FinishEvent, GenerationResult, LoraEvent, TokenEvent
 from dynalora.runtime.guard import GuardConfig
 from dynalora.runtime.sampling import SamplingConfig
@@ -10,6 +10,7 @@ from dynalora.runtime.triggers import (EveryN, SpecialToken, Surprise, TokenProb
                                        TriggerPolicy, WindowPressure)
 
 __all__ = ["KV_POLICIES", "Engine", "EngineConfig", "EveryN", "FinishEvent", "GenerationResult", "GuardConfig",
-           "LoraEvent", "SHIFT_TOKEN", "SamplingConfig", "SpecialToken", "Surprise", "THINK_TOKEN", "TokenEvent",
+           "LoraEvent", "RowSettings", "SHIFT_TOKEN", "SamplingConfig", "SpecialToken", "Surprise", "THINK_TOKEN",
+           "TokenEvent",
            "TokenProbability", "TrainedTrigger", "TriggerConfig", "TriggerPolicy", "WindowPressure",
            "add_trigger_tokens"]

@@ -87,6 +87,12 @@ class Absorber:
         if self.config.relevance_gate and tokenizer is None:
             raise ValueError("AbsorbConfig.relevance_gate needs the tokenizer: Absorber(..., tokenizer=...)")
 
+    def keep_rows(self, keep: list[int]) -> None:
+        """Rows left a running batch: row ``keep[i]`` is now row ``i`` (its history and names go with it)."""
+        moved = {old: new for new, old in enumerate(keep)}
+        self.history = {moved[row]: chunks for row, chunks in self.history.items() if row in moved}
+        self.names = {moved[row]: names for row, names in self.names.items() if row in moved}
+
     def replay(self, row: int) -> list[list[int]]:
         """The chunks the row's memory holds, oldest first (none once the memory was reset)."""
         if not self.dyn.state.row_factors(row, "memory"):

@@ -28,8 +28,8 @@ from dynalora.runtime.events import Event, FinishEvent, GenerationResult, LoraEv
 from dynalora.runtime.detokenize import IncrementalDecoder
 from dynalora.runtime.features import HiddenCapture
 from dynalora.runtime.guard import GuardConfig
-from dynalora.runtime.padding import pad_rows
 from dynalora.runtime.sampling import SamplingConfig, choose_next
+from dynalora.runtime.token_batch import TokenBatch, join_caches, select_cache
 from dynalora.runtime.triggers import DelayedUpdate, RowTriggers, StepObservation, TriggerConfig
 from dynalora.runtime.update import apply_update
 
@@ -74,51 +74,32 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.update_delay must be ≥ 0, got {self.update_delay}")
 
 
-class _Batch:
-    """Token ids, mask and positions of every row so far, left-padded: all (B, L), on the model's device.
+@dataclass
+class RowSettings:
+    """What one row generates: how many tokens, how it samples, where it stops. Rows of one ``stream`` share one;
+    each request of a server has its own (its own seed: a sampled row draws the same tokens alone or batched)."""
 
-    The buffers hold ``room`` more columns than the prompt from the start, so a step writes one column in place
-    instead of copying the whole batch (``append`` grows them only if a stream outruns its room)."""
+    max_new_tokens: int
+    sampling: SamplingConfig
+    stop_strings: tuple[str, ...] = ()
+    generator: torch.Generator | None = None
 
-    def __init__(self, rows: list[list[int]], pad_id: int, device: torch.device, room: int = 0):
-        self._ids, self._mask = pad_rows(rows, pad_id, device, left=True, room=room)
-        self._positions = (self._mask.cumsum(-1) - 1).clamp(min=0)
-        self.length = max(len(r) for r in rows)
-
-    @property
-    def ids(self) -> torch.Tensor:  # (B, L)
-        return self._ids[:, :self.length]
-
-    @property
-    def mask(self) -> torch.Tensor:  # (B, L)
-        return self._mask[:, :self.length]
-
-    @property
-    def positions(self) -> torch.Tensor:  # (B, L)
-        return self._positions[:, :self.length]
-
-    def append(self, tokens: torch.Tensor) -> None:  # tokens (B,)
-        if self.length == self._ids.shape[1]:  # out of room: double it
-            grow = max(self.length, 16)
-            self._ids = torch.cat([self._ids, torch.zeros_like(self._ids[:, :grow])], dim=1)
-            self._mask = torch.cat([self._mask, torch.zeros_like(self._mask[:, :grow])], dim=1)
-            self._positions = torch.cat([self._positions, torch.zeros_like(self._positions[:, :grow])], dim=1)
-        self._ids[:, self.length] = tokens
-        self._mask[:, self.length] = 1
-        self._positions[:, self.length] = self._positions[:, self.length - 1] + 1
-        self.length += 1
-
-    def row_tokens(self, b: int) -> list[int]:
-        return self.ids[b][self.mask[b].bool()].tolist()
+    def sampling_group(self) -> tuple:
+        """Rows with equal groups are sampled in one call: greedy rows together, sampled rows by their settings."""
+        if self.sampling.greedy:
+            return ("greedy", self.sampling.repetition_penalty)
+        return ("sampled", id(self))
 
 
 @dataclass
 class _Row:
-    """One row's generation state: its trigger policies, its delayed update, its text so far, done or not."""
+    """One row's generation state: its settings, trigger policies, delayed update, text so far, done or not."""
 
+    settings: RowSettings
     triggers: RowTriggers
     delayed: DelayedUpdate
     text: IncrementalDecoder
+    produced: int = 0
     finished: bool = False
 
 
@@ -201,7 +182,7 @@ class Engine:
             self.capture.window = saved_window
             self.capture.reset()
 
-    def _forward(self, batch: _Batch, new_tokens: int, cache: DynamicCache) -> torch.Tensor:
+    def _forward(self, batch: TokenBatch, new_tokens: int, cache: DynamicCache) -> torch.Tensor:
         """Feed the last ``new_tokens`` positions of every row; returns next-token logits (B, V)."""
         self.capture.expect(batch.mask[:, -new_tokens:])
         out = self.model(input_ids=batch.ids[:, -new_tokens:], attention_mask=batch.mask,
@@ -209,18 +190,18 @@ class Engine:
                          logits_to_keep=1)
         return out.logits[:, -1].float()
 
-    def _forward_prompt(self, batch: _Batch, cache: DynamicCache, want_all: bool) -> torch.Tensor:
+    def _forward_prompt(self, batch: TokenBatch, cache: DynamicCache, want_all: bool) -> torch.Tensor:
         self.capture.expect(batch.mask)
         out = self.model(input_ids=batch.ids, attention_mask=batch.mask, position_ids=batch.positions, cache=cache,
                          use_cache=True, logits_to_keep=0 if want_all else 1)
         return out.logits.float()  # (B, T or 1, V)
 
     @torch.no_grad()
-    def _recompute_row(self, batch: _Batch, cache: DynamicCache, row: int,
-                       count: int | None) -> tuple[int, torch.Tensor]:
+    def _recompute_row(self, row: int, count: int | None) -> tuple[int, torch.Tensor]:
         """Recompute the last ``count`` cached positions of ``row`` (all if None) under its current LoRA.
 
         Returns the number of positions and the fresh next-token logits ``(V,)`` of the last cached one."""
+        batch, cache = self._batch, self._cache
         length = cache.get_seq_length()
         count = length if count is None else min(count, length)
         keep = length - count
@@ -243,17 +224,17 @@ class Engine:
             layer.values[row, :, keep:length] = fresh.values[0, :, keep:length]
         return count, out.logits[0, -1].float()
 
-    def _apply(self, row: int, position: int, reason: str, batch: _Batch, cache: DynamicCache) -> LoraEvent:
+    def _apply(self, row: int, position: int, reason: str) -> LoraEvent:
         """Run the hypernetwork for one row and apply its answer (:func:`apply_update`). After a recompute,
         ``self.fresh_logits[row]`` holds the row's next-token logits under the new LoRA."""
         features = TriggerFeatures(row=row, position=position, reason=reason,
                                    trigger_hidden=self.capture.last(row), pooled_hidden=self.capture.pooled(row),
-                                   token_ids=batch.row_tokens(row))
+                                   token_ids=self._batch.row_tokens(row))
         event = apply_update(self.dyn.state, self.hypernetwork, features, self.config.guard)
         if event.kind == "shift" and self.config.kv_policy != "keep":
             count = None if self.config.kv_policy == "recompute_all" else self.config.recompute_tokens
             started = time.perf_counter()
-            recomputed, self.fresh_logits[row] = self._recompute_row(batch, cache, row, count)
+            recomputed, self.fresh_logits[row] = self._recompute_row(row, count)
             event.seconds += time.perf_counter() - started
             event.detail += f"; recomputed {recomputed} cached positions"
         return event
@@ -269,158 +250,265 @@ class Engine:
 
     @torch.no_grad()
     def _stream(self, prompts: list[str | list[int]], max_new_tokens: int = 128,
-               sampling: SamplingConfig | None = None, stop_strings: tuple[str, ...] = (), chat: bool = False,
-               system: str | None = None, logits_processor: LogitsProcessor | None = None) -> Iterator[Event]:
-        """Generate for every prompt (one row each, row ``b`` uses LoRA state row ``b``)."""
+                sampling: SamplingConfig | None = None, stop_strings: tuple[str, ...] = (), chat: bool = False,
+                system: str | None = None, logits_processor: LogitsProcessor | None = None) -> Iterator[Event]:
+        """Generate for every prompt (one row each, row ``b`` uses LoRA state row ``b``): the rows join together
+        and run until all are finished (:meth:`start`, :meth:`join`, :meth:`step`, :meth:`advance`)."""
         sampling = sampling or SamplingConfig.from_generation_config(getattr(self.model, "generation_config", None))
         if isinstance(prompts, (str, bytes)):
             raise TypeError("prompts is a list (one prompt per row); wrap a single prompt in a list")
         rows = [self.encode_prompt(p, chat, system) for p in prompts]
-        self.capture.follow_current_thread()  # whichever thread runs this stream
-        if not rows or any(len(r) == 0 for r in rows):
-            raise ValueError("every prompt needs at least one token")
-        count = len(rows)
-        if count > self.dyn.state.max_batch:
-            raise ValueError(f"{count} prompts, but the LoRA state holds {self.dyn.state.max_batch} rows "
-                             "(StateConfig.max_batch)")
         generator = (torch.Generator(device=self.device).manual_seed(sampling.seed) if sampling.seed is not None
                      else None)
-        pad = self._pad_id()
-        self.evicted_tokens: dict[int, int] = {}  # row -> tokens absorbed and dropped during this stream
-        self.absorb_failed: set[int] = set()  # rows whose background write failed: no new one this stream
-        if self.worker is not None:
-            self.worker.collect(wait=True)  # an abandoned stream's writes are dropped: their tokens were not evicted
-        if self.absorber is not None:  # a prompt longer than the window is absorbed before the prefill
-            for b in range(count):
-                rows[b], events = self._evict_row(b, rows[b])
-                yield from events
-            if self.absorber.config.relevance_gate:  # memory on only for prompts that name what it absorbed
-                for b in range(count):
-                    self.dyn.state.set_memory_weight(b, self.absorber.relevance(b, self.decode(rows[b])))
-        self._room = max_new_tokens
-        batch = _Batch(rows, pad, self.device, room=max_new_tokens)
-        state = [_Row(RowTriggers(self.triggers), DelayedUpdate(self.config.update_delay),
-                      IncrementalDecoder(self.decode)) for _ in range(count)]
-        trigger_ids = set(self.trigger_token_ids.values())
-        trigger_names = {v: k for k, v in self.trigger_token_ids.items()}
-        cache = DynamicCache(config=self.model.config)
-        self.capture.reset()
-        self.interrupted = False
-        self.fresh_logits: dict[int, torch.Tensor] = {}
-        want_prompt = any(row.triggers.wants_prompt for row in state)
-
-        logits_all = self._forward_prompt(batch, cache, want_all=want_prompt)  # (B, T|1, V)
-        logits = logits_all[:, -1]
-        if want_prompt:  # policies that look at the prompt: p(trigger), surprise
-            yield from self._observe_prompt(batch, logits_all, [row.triggers for row in state], cache)
-            for b, fresh in self.fresh_logits.items():  # a recompute after a prompt trigger
-                logits[b] = fresh
-        seen = torch.zeros_like(logits, dtype=torch.bool)
-        if sampling.repetition_penalty != 1.0:
-            seen.scatter_(1, batch.ids, batch.mask.bool())
-
-        for step in range(max_new_tokens):
-            if self.config.merge_alone and count == 1 and self.dyn.state.merged_row is None:
-                self.dyn.merge_row(0)  # taken out again by the next write to the state
-            if isinstance(logits_processor, (HFLogitsProcessor, LogitsProcessorList)):
-                logits = logits_processor(batch.ids, logits)  # transformers' processors see the ids so far
-            elif logits_processor is not None:
-                logits = logits_processor(step, logits)
-            log_probs = torch.log_softmax(logits, dim=-1)  # (B, V), trigger tokens included
-            if not self.config.sample_triggers and trigger_ids:
-                logits = logits.clone()
-                logits[:, list(trigger_ids)] = float("-inf")
-            next_tokens = choose_next(logits, seen, sampling, generator)  # (B,)
-            length = cache.get_seq_length() + 1
-            decisions: dict[int, tuple[str | None, str | None, LoraEvent | None]] = {}
-            for b, row in enumerate(state):
-                if row.finished:
-                    next_tokens[b] = pad
-                    continue
-                token = int(next_tokens[b])
-                position = int(batch.mask[b].sum())  # where this step's token goes
-                obs = StepObservation(position=position, token_id=token, token_nll=-float(log_probs[b, token]),
-                                      trigger_probs={t: float(log_probs[b, t].exp()) for t in trigger_ids},
-                                      context_length=length)
-                reason, held_back = row.triggers.observe(obs)
-                applied = None
-                if token in trigger_ids:
-                    # consumed: fired or not, a trigger never enters the context (the trigger rows were fitted,
-                    # and every evaluation runs, on contexts without one; one left there makes the next likelier).
-                    # The row takes its best ordinary token at this step: after a fired update, from the logits
-                    # the KV policy recomputed under the new LoRA, else from this step's.
-                    source = logits[b]
-                    if reason is None:
-                        held_back = held_back or f"token:{trigger_names[token]} (no policy fires on it)"
-                    elif not self.config.update_delay:
-                        self.fresh_logits.pop(b, None)  # only logits this update recomputes may be used
-                        applied = self._apply(b, position, reason, batch, cache)
-                        source = self.fresh_logits.pop(b, source)
-                    ordinary = source[None].clone()  # (1, V)
-                    ordinary[:, list(trigger_ids)] = float("-inf")
-                    next_tokens[b] = choose_next(ordinary, seen[b:b + 1], sampling, generator)[0]
-                decisions[b] = (reason, held_back, applied)
-            seen.scatter_(1, next_tokens[:, None], True)
-            batch.append(next_tokens)
-            for b, row in enumerate(state):
-                if row.finished:
-                    continue
-                token = int(next_tokens[b])  # never a trigger: those were consumed above
-                position = int(batch.mask[b].sum()) - 1
-                reason, held_back, applied = decisions[b]
-                if applied is not None:  # a consumed trigger's update: it came before this token
-                    yield applied
-                if token not in self.eos_ids:
-                    yield TokenEvent(row=b, position=position, token_id=token, text=row.text.add(token))
-                if held_back:
-                    yield LoraEvent("suppressed", b, position, held_back, 0.0, None, None)
-                due = row.delayed.due(reason) if applied is None else None
-                if due:
-                    yield self._apply(b, position, due, batch, cache)
-                stop = self._stop_reason(token, row.text.text, stop_strings)
-                if stop or step == max_new_tokens - 1 or self.interrupted:
-                    row.finished = True
-                    yield FinishEvent(row=b, reason=stop or ("interrupted" if self.interrupted else "length"))
-            finished = [row.finished for row in state]
-            if all(finished):
+        settings = RowSettings(max_new_tokens, sampling, tuple(stop_strings), generator)
+        self.start(logits_processor)
+        yield from self.join(rows, [settings] * len(rows))
+        for _ in range(max_new_tokens):
+            yield from self.step()
+            if all(row.finished for row in self._rows):
                 break
-            if self.worker is not None:
-                kept, events = self._absorb_in_background(batch, finished)
-                yield from events
-                evicted = (kept, []) if kept is not None else None
-            else:
-                evicted = self._evict(batch, finished) if self.absorber is not None else None
-            if evicted:
-                batch, events = evicted
-                yield from events
-                cache = DynamicCache(config=self.model.config)
-                self.capture.reset()
-                logits = self._forward_prompt(batch, cache, want_all=False)[:, -1]
-            else:
-                logits = self._forward(batch, 1, cache)
+            yield from self.advance()
         if self.worker is not None:  # writes still in flight are dropped: their tokens never left the context
             self.worker.collect(wait=True)
 
-    def _evict(self, batch: _Batch, finished: list[bool]) -> tuple[_Batch, list[LoraEvent]] | None:
+    def start(self, logits_processor: LogitsProcessor | None = None) -> None:
+        """Begin a run with no rows, on the calling thread: rows :meth:`join` it, each :meth:`step` chooses a token
+        for every unfinished row, :meth:`leave` drops the finished ones, :meth:`advance` runs the forward that gives
+        the next step's logits. A server joins requests between steps (continuous batching)."""
+        self.capture.follow_current_thread()  # whichever thread runs this run
+        self.evicted_tokens: dict[int, int] = {}  # row -> tokens absorbed and dropped during this run
+        self.absorb_failed: set[int] = set()  # rows whose background write failed: no new one this run
+        if self.worker is not None:
+            self.worker.collect(wait=True)  # an abandoned run's writes are dropped: their tokens were not evicted
+        self._rows: list[_Row] = []
+        self._batch: TokenBatch | None = None
+        self._cache: DynamicCache | None = None
+        self._logits: torch.Tensor | None = None  # (B, V): every row's next-token logits
+        self._seen: torch.Tensor | None = None  # (B, V) bool: tokens already in each row (repetition penalty)
+        self._logits_processor = logits_processor
+        self._steps = 0  # steps taken by this run (what a ``(step, logits)`` processor is given)
+        self.capture.reset()
+        self.interrupted = False
+        self.fresh_logits: dict[int, torch.Tensor] = {}
+
+    @property
+    def running_rows(self) -> int:
+        """Rows in the run (finished ones included until :meth:`leave`)."""
+        return len(self._rows)
+
+    def row_finished(self, row: int) -> bool:
+        return self._rows[row].finished
+
+    def cancel(self, row: int) -> None:
+        """Finish a row now, without a :class:`FinishEvent` (its client is gone); it leaves at the next
+        :meth:`leave`."""
+        self._rows[row].finished = True
+
+    @torch.no_grad()
+    def join(self, prompts: list[list[int]], settings: list[RowSettings]) -> Iterator[Event]:
+        """Add rows below the running ones: they take the next LoRA state rows (``running_rows`` onwards: set their
+        LoRA there first), are prefilled on their own and padded to the batch's length. Prompt-time events follow
+        (absorbing a prompt longer than the window, triggers on the prompt)."""
+        first, count = len(self._rows), len(prompts)
+        if not prompts or any(len(r) == 0 for r in prompts):
+            raise ValueError("every prompt needs at least one token")
+        if first + count > self.dyn.state.max_batch:
+            raise ValueError(f"{first + count} rows, but the LoRA state holds {self.dyn.state.max_batch} "
+                             "(StateConfig.max_batch)")
+        rows = [list(p) for p in prompts]
+        if self.absorber is not None:  # a prompt longer than the window is absorbed before the prefill
+            for i in range(count):
+                rows[i], events = self._evict_row(first + i, rows[i])
+                yield from events
+            if self.absorber.config.relevance_gate:  # memory on only for prompts that name what it absorbed
+                for i, row in enumerate(rows):
+                    self.dyn.state.set_memory_weight(first + i, self.absorber.relevance(first + i, self.decode(row)))
+        new = [_Row(s, RowTriggers(self.triggers), DelayedUpdate(self.config.update_delay),
+                    IncrementalDecoder(self.decode)) for s in settings]
+        batch = TokenBatch(rows, self._pad_id(), self.device, room=max(s.max_new_tokens for s in settings))
+        cache = DynamicCache(config=self.model.config)
+        want_prompt = any(row.triggers.wants_prompt for row in new)
+        earlier = self.capture.take()
+        with self.dyn.state.use_rows(first):
+            logits_all = self._forward_prompt(batch, cache, want_all=want_prompt)  # (k, T|1, V)
+        self.capture.put_above(earlier)
+        seen = torch.zeros(count, logits_all.shape[-1], dtype=torch.bool, device=self.device)  # (k, V)
+        if any(s.sampling.repetition_penalty != 1.0 for s in settings):
+            seen.scatter_(1, batch.ids, batch.mask.bool())
+        if self._batch is None:
+            self._batch, self._cache = batch, cache
+            self._logits, self._seen = logits_all[:, -1], seen
+        else:
+            join_caches(self._cache, cache, self._batch.join(batch))
+            self._logits = torch.cat([self._logits, logits_all[:, -1]])
+            self._seen = torch.cat([self._seen, seen])
+        self._rows += new
+        if want_prompt:  # policies that look at the prompt: p(trigger), surprise
+            yield from self._observe_prompt(logits_all, range(first, first + count))
+            for b, fresh in self.fresh_logits.items():  # a recompute after a prompt trigger
+                self._logits[b] = fresh
+            self.fresh_logits.clear()
+
+    def _choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """One token per row (``logits (B, V)`` → ``(B,)``), each row by its own settings; rows that sample alike
+        (:meth:`RowSettings.sampling_group`) in one call."""
+        groups: dict[tuple, list[int]] = {}
+        for b, row in enumerate(self._rows):
+            groups.setdefault(row.settings.sampling_group(), []).append(b)
+        if len(groups) == 1:
+            settings = self._rows[0].settings
+            return choose_next(logits, self._seen, settings.sampling, settings.generator)
+        tokens = torch.empty(len(self._rows), dtype=torch.long, device=logits.device)
+        for rows in groups.values():
+            settings = self._rows[rows[0]].settings
+            tokens[rows] = choose_next(logits[rows], self._seen[rows], settings.sampling, settings.generator)
+        return tokens
+
+    @torch.no_grad()
+    def step(self) -> Iterator[Event]:
+        """Choose the next token of every unfinished row from the logits at hand and emit what follows from it:
+        a consumed trigger's update, the token, suppressed triggers, a delayed update that is due, the row's finish."""
+        batch, logits, pad = self._batch, self._logits, self._pad_id()
+        trigger_ids = set(self.trigger_token_ids.values())
+        trigger_names = {v: k for k, v in self.trigger_token_ids.items()}
+        if self.config.merge_alone and len(self._rows) == 1 and self.dyn.state.merged_row is None:
+            self.dyn.merge_row(0)  # taken out again by the next write to the state
+        processor = self._logits_processor
+        if isinstance(processor, (HFLogitsProcessor, LogitsProcessorList)):
+            logits = processor(batch.ids, logits)  # transformers' processors see the ids so far
+        elif processor is not None:
+            logits = processor(self._steps, logits)
+        log_probs = torch.log_softmax(logits, dim=-1)  # (B, V), trigger tokens included
+        if not self.config.sample_triggers and trigger_ids:
+            logits = logits.clone()
+            logits[:, list(trigger_ids)] = float("-inf")
+        next_tokens = self._choose(logits)  # (B,)
+        length = self._cache.get_seq_length() + 1
+        decisions: dict[int, tuple[str | None, str | None, LoraEvent | None]] = {}
+        for b, row in enumerate(self._rows):
+            if row.finished:
+                next_tokens[b] = pad
+                continue
+            token = int(next_tokens[b])
+            position = int(batch.mask[b].sum())  # where this step's token goes
+            obs = StepObservation(position=position, token_id=token, token_nll=-float(log_probs[b, token]),
+                                  trigger_probs={t: float(log_probs[b, t].exp()) for t in trigger_ids},
+                                  context_length=length)
+            reason, held_back = row.triggers.observe(obs)
+            applied = None
+            if token in trigger_ids:
+                # consumed: fired or not, a trigger never enters the context (the trigger rows were fitted,
+                # and every evaluation runs, on contexts without one; one left there makes the next likelier).
+                # The row takes its best ordinary token at this step: after a fired update, from the logits
+                # the KV policy recomputed under the new LoRA, else from this step's.
+                source = logits[b]
+                if reason is None:
+                    held_back = held_back or f"token:{trigger_names[token]} (no policy fires on it)"
+                elif not self.config.update_delay:
+                    self.fresh_logits.pop(b, None)  # only logits this update recomputes may be used
+                    applied = self._apply(b, position, reason)
+                    source = self.fresh_logits.pop(b, source)
+                ordinary = source[None].clone()  # (1, V)
+                ordinary[:, list(trigger_ids)] = float("-inf")
+                next_tokens[b] = choose_next(ordinary, self._seen[b:b + 1], row.settings.sampling,
+                                             row.settings.generator)[0]
+            decisions[b] = (reason, held_back, applied)
+        self._seen.scatter_(1, next_tokens[:, None], True)
+        batch.append(next_tokens)
+        self._steps += 1
+        for b, row in enumerate(self._rows):
+            if row.finished:
+                continue
+            token = int(next_tokens[b])  # never a trigger: those were consumed above
+            position = int(batch.mask[b].sum()) - 1
+            reason, held_back, applied = decisions[b]
+            if applied is not None:  # a consumed trigger's update: it came before this token
+                yield applied
+            if token not in self.eos_ids:
+                yield TokenEvent(row=b, position=position, token_id=token, text=row.text.add(token))
+            if held_back:
+                yield LoraEvent("suppressed", b, position, held_back, 0.0, None, None)
+            due = row.delayed.due(reason) if applied is None else None
+            if due:
+                yield self._apply(b, position, due)
+            row.produced += 1
+            stop = self._stop_reason(token, row.text.text, row.settings.stop_strings)
+            if stop or row.produced >= row.settings.max_new_tokens or self.interrupted:
+                row.finished = True
+                yield FinishEvent(row=b, reason=stop or ("interrupted" if self.interrupted else "length"))
+
+    @torch.no_grad()
+    def advance(self) -> Iterator[Event]:
+        """The forward after a step: every row's next-token logits, after absorbing what left the window."""
+        finished = [row.finished for row in self._rows]
+        if self.worker is not None:
+            kept, events = self._absorb_in_background(finished)
+            yield from events
+            evicted = (kept, []) if kept is not None else None
+        else:
+            evicted = self._evict(finished) if self.absorber is not None else None
+        if evicted:
+            self._batch, events = evicted
+            yield from events
+            self._cache = DynamicCache(config=self.model.config)
+            self.capture.reset()
+            self._logits = self._forward_prompt(self._batch, self._cache, want_all=False)[:, -1]
+        else:
+            self._logits = self._forward(self._batch, 1, self._cache)
+
+    def leave(self) -> list[int]:
+        """Drop the finished rows: the others move up (LoRA state rows with them) and columns that are padding in all
+        of them go. Returns the old indices of the rows kept, in their new order."""
+        keep = [b for b, row in enumerate(self._rows) if not row.finished]
+        if len(keep) == len(self._rows):
+            return keep
+        if self.worker is not None:
+            raise ValueError("rows cannot leave a run that absorbs in the background (EngineConfig.background_absorb)")
+        state = self.dyn.state
+        for new, old in enumerate(keep):
+            if new != old:
+                state.restore(state.snapshot(old), new)
+        for row in range(len(keep), len(self._rows)):
+            state.reset(row)
+        moved = {old: new for new, old in enumerate(keep)}
+        self.evicted_tokens = {moved[b]: n for b, n in self.evicted_tokens.items() if b in moved}
+        self.absorb_failed = {moved[b] for b in self.absorb_failed if b in moved}
+        if self.absorber is not None:
+            self.absorber.keep_rows(keep)
+        self._rows = [self._rows[b] for b in keep]
+        if not keep:
+            self._batch = self._cache = self._logits = self._seen = None
+            self.capture.reset()
+            return keep
+        select_cache(self._cache, keep, self._batch.select(keep))
+        self.capture.select(keep)
+        self._logits, self._seen = self._logits[keep], self._seen[keep]
+        return keep
+
+    def _room(self) -> int:
+        """Columns a rebuilt batch reserves: the most tokens a running row may still add."""
+        return max((row.settings.max_new_tokens - row.produced for row in self._rows), default=0)
+
+    def _evict(self, finished: list[bool]) -> tuple[TokenBatch, list[LoraEvent]] | None:
         """Absorb and drop the oldest chunk of every unfinished row past the window.
 
         Positions are renumbered: the kept tokens (sink + recent) sit at 0..n-1 and the cache is rebuilt
         by a fresh forward of them under each row's new LoRA — exactly the cache a fresh forward of the
         kept tokens gives (tested), at the cost of one prefill of the window per ``chunk_tokens`` tokens."""
-        rows = [batch.row_tokens(b) for b in range(len(finished))]
+        rows = [self._batch.row_tokens(b) for b in range(len(finished))]
         events = []
         for b, row in enumerate(rows):
             if not finished[b]:
                 rows[b], row_events = self._evict_row(b, row)
                 events += row_events
-        return (_Batch(rows, self._pad_id(), self.device, self._room), events) if events else None
+        return (TokenBatch(rows, self._pad_id(), self.device, self._room()), events) if events else None
 
-    def _absorb_in_background(self, batch: _Batch, finished: list[bool]) -> tuple[_Batch | None, list[LoraEvent]]:
+    def _absorb_in_background(self, finished: list[bool]) -> tuple[TokenBatch | None, list[LoraEvent]]:
         """Merge every finished background write (evicting its chunk) and start one for every row past the
         window that has none in flight. Returns the batch after eviction (``None``: nothing was evicted) and
         the events in order: finished writes first, then the ones started."""
         config, state = self.absorber.config, self.dyn.state
-        rows = [batch.row_tokens(b) for b in range(len(finished))]
+        rows = [self._batch.row_tokens(b) for b in range(len(finished))]
         absorbed, events = [], []
         for job, factors, error in self.worker.collect():
             b, size = job.row, len(job.token_ids)
@@ -451,7 +539,7 @@ class Engine:
                 events.append(LoraEvent("absorb_start", b, len(row), "window", 0.0, blend, blend,
                                         f"writing {len(chunk)} tokens into memory in the background; they stay in "
                                         "the window until it is done"))
-        return (_Batch(rows, self._pad_id(), self.device, self._room) if absorbed else None), absorbed + events
+        return (TokenBatch(rows, self._pad_id(), self.device, self._room()) if absorbed else None), absorbed + events
 
     def _evict_row(self, row: int, token_ids: list[int]) -> tuple[list[int], list[LoraEvent]]:
         """One row through the absorber: its kept tokens and an ``absorb`` event per chunk evicted."""
@@ -462,28 +550,32 @@ class Engine:
                                 f"absorbed {r.tokens} tokens into memory (rank {r.memory_rank}, rank-cut error "
                                 f"{r.rel_error:.3f}); {len(kept)} tokens kept in the window") for r in reports]
 
-    def _observe_prompt(self, batch: _Batch, logits_all: torch.Tensor, row_triggers: list[RowTriggers],
-                        cache: DynamicCache) -> Iterator[Event]:
-        """Show prompt positions to policies that want them; fire at most the rate limit allows."""
+    def _observe_prompt(self, logits_all: torch.Tensor, rows: range) -> Iterator[Event]:
+        """Show the prompt positions of the rows that just joined (``logits_all (k, T, V)``: theirs, at the batch's
+        last ``T`` columns) to policies that want them; fire at most the rate limit allows."""
+        width = logits_all.shape[1]
+        ids, mask, positions = (t[rows.start:rows.stop, -width:] for t in (self._batch.ids, self._batch.mask,
+                                                                           self._batch.positions))
         trigger_ids = list(self.trigger_token_ids.values())
-        log_probs = torch.log_softmax(logits_all[:, :-1], dim=-1)  # (B, T-1, V): predicts positions 1..T-1
-        targets = batch.ids[:, 1:]
-        nll = -log_probs.gather(2, targets[..., None]).squeeze(-1)  # (B, T-1)
-        trigger_p = log_probs[..., trigger_ids].exp() if trigger_ids else None  # (B, T-1, n)
-        length = cache.get_seq_length()
-        for b, triggers in enumerate(row_triggers):
+        log_probs = torch.log_softmax(logits_all[:, :-1], dim=-1)  # (k, T-1, V): predicts positions 1..T-1
+        targets = ids[:, 1:]
+        nll = -log_probs.gather(2, targets[..., None]).squeeze(-1)  # (k, T-1)
+        trigger_p = log_probs[..., trigger_ids].exp() if trigger_ids else None  # (k, T-1, n)
+        length = self._cache.get_seq_length()
+        for i, b in enumerate(rows):
+            triggers = self._rows[b].triggers
             if not triggers.wants_prompt:
                 continue
-            real = batch.mask[b, 1:].bool() & batch.mask[b, :-1].bool()
+            real = mask[i, 1:].bool() & mask[i, :-1].bool()
             for t in torch.nonzero(real).flatten().tolist():
-                obs = StepObservation(position=int(batch.positions[b, t + 1]), token_id=int(targets[b, t]),
-                                      token_nll=float(nll[b, t]), in_prompt=True, context_length=length,
-                                      trigger_probs={tid: float(trigger_p[b, t, i])
-                                                     for i, tid in enumerate(trigger_ids)}
+                obs = StepObservation(position=int(positions[i, t + 1]), token_id=int(targets[i, t]),
+                                      token_nll=float(nll[i, t]), in_prompt=True, context_length=length,
+                                      trigger_probs={tid: float(trigger_p[i, t, j])
+                                                     for j, tid in enumerate(trigger_ids)}
                                       if trigger_p is not None else {})
                 reason, _ = triggers.observe(obs)
                 if reason:  # features: the hidden states at the end of the prompt
-                    yield self._apply(b, obs.position, f"prompt: {reason}", batch, cache)
+                    yield self._apply(b, obs.position, f"prompt: {reason}")
                     break
 
     def _stop_reason(self, token: int, text: str, stop_strings) -> str | None:

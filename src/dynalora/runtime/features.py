@@ -62,6 +62,31 @@ class HiddenCapture:
     def reset(self) -> None:
         self.recent = self.valid = None
 
+    def take(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """What is captured so far (``None``: nothing), leaving the capture empty: rows about to join a batch are
+        prefilled on their own and their capture is then put below this one (:meth:`put_above`)."""
+        taken = None if self.recent is None else (self.recent, self.valid)
+        self.reset()
+        return taken
+
+    def put_above(self, taken: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Rows ``taken`` first, then the rows captured since (the shorter window padded on its left, not valid)."""
+        if taken is None:
+            return
+        if self.recent is None:
+            self.recent, self.valid = taken
+            return
+        width = max(taken[0].shape[1], self.recent.shape[1])
+        parts = [(_left_pad(recent, width), _left_pad(valid, width)) for recent, valid in (taken, (self.recent,
+                                                                                                    self.valid))]
+        self.recent = torch.cat([parts[0][0], parts[1][0]])  # (B, W, H)
+        self.valid = torch.cat([parts[0][1], parts[1][1]])  # (B, W)
+
+    def select(self, keep: list[int]) -> None:
+        """Keep only the rows ``keep`` (rows that left the batch are dropped)."""
+        if self.recent is not None:
+            self.recent, self.valid = self.recent[keep], self.valid[keep]
+
     def follow_current_thread(self) -> None:
         """Capture the forwards of the calling thread from now on (the one generating: a server runs the engine on a
         worker thread; a background absorb's forwards, on yet another, stay out)."""
@@ -78,6 +103,13 @@ class HiddenCapture:
 
     def remove(self) -> None:
         self._handle.remove()
+
+
+def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:  # (B, W, ...) -> (B, width, ...) zeros first
+    missing = width - tensor.shape[1]
+    if not missing:
+        return tensor
+    return torch.cat([tensor.new_zeros(tensor.shape[0], missing, *tensor.shape[2:]), tensor], dim=1)
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""A chat session: the transcript plus row 0's LoRA state, saved and loaded together."""
+"""A chat session: the transcript plus its row's LoRA state, saved and loaded together."""
 
 from __future__ import annotations
 
@@ -27,12 +27,14 @@ class ChatSession:
         session.save("sessions/today")
     """
 
-    def __init__(self, engine: Engine, system: str | None = None):
+    def __init__(self, engine: Engine, system: str | None = None, row: int = 0):
         self.engine = engine
         self.system = system
+        self.row = row
+        """The engine row whose LoRA state is the session's (a server runs sessions on any free row; ``ask`` row 0)."""
         self.messages: list[dict[str, str]] = []
         self.absorbed_tokens = 0
-        """Transcript tokens (after the sink) already absorbed into row 0's memory and evicted."""
+        """Transcript tokens (after the sink) already absorbed into the row's memory and evicted."""
 
     def prompt_ids(self) -> list[int]:
         ids = self.engine.encode_messages(self.messages, self.system)
@@ -43,6 +45,9 @@ class ChatSession:
 
     def ask(self, text: str, **generate_kwargs) -> Iterator[Event]:
         """Stream the answer to ``text``; the (possibly partial, if interrupted) answer joins the transcript."""
+        if self.row != 0:
+            raise ValueError(f"ChatSession.ask runs on row 0 (a stream of one prompt); this session is on row "
+                             f"{self.row}")
         self.messages.append({"role": "user", "content": text})
         answer = []
         try:
@@ -52,17 +57,21 @@ class ChatSession:
                 yield event
         finally:
             self.messages.append({"role": "assistant", "content": "".join(answer)})
-            self.absorbed_tokens += getattr(self.engine, "evicted_tokens", {}).get(0, 0)
+            self.absorbed_tokens += self.evicted_now()
+
+    def evicted_now(self) -> int:
+        """Tokens of the session's row the engine's current run absorbed and dropped."""
+        return getattr(self.engine, "evicted_tokens", {}).get(self.row, 0)
 
     def reset(self) -> None:
         self.messages.clear()
         self.absorbed_tokens = 0
-        self.engine.dyn.state.reset()
+        self.engine.dyn.state.reset(self.row)
 
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.engine.dyn.state.save(folder / STATE_FILE)
+        self.engine.dyn.state.save(folder / STATE_FILE, row=self.row)
         (folder / TRANSCRIPT_FILE).write_text(json.dumps({"system": self.system, "messages": self.messages,
                                                                  "absorbed_tokens": self.absorbed_tokens}, indent=2))
         return folder
@@ -78,6 +87,6 @@ class ChatSession:
             messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in transcript["messages"]]
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise ValueError(f"{transcript_path}: not a session transcript ({error!r})") from error
-        self.engine.dyn.state.load(folder / STATE_FILE)
+        self.engine.dyn.state.load(folder / STATE_FILE, row=self.row)
         self.system, self.messages = transcript.get("system"), messages
         self.absorbed_tokens = int(transcript.get("absorbed_tokens", 0))

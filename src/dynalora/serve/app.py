@@ -3,7 +3,8 @@
 or a blend) and the response carries the LoRA events (``shift``, ``identity``, ``rejected``, ``absorb``) the engine
 produced while generating, as a ``dynalora`` extension field.
 
-Requests are served one at a time on the one engine (:mod:`dynalora.serve.engine_server`); sessions keep a conversation
+Concurrent requests share the engine's forward passes, each on its own LoRA row (:mod:`dynalora.serve.batcher`,
+:mod:`dynalora.serve.engine_server`); sessions keep a conversation
 and its LoRA on disk (:mod:`dynalora.serve.sessions`); responses are built by :mod:`dynalora.serve.responses`.
 """
 
@@ -86,7 +87,7 @@ def create_app(engine, config: ServeConfig | None = None, model_name: str = "dyn
     @app.delete("/v1/sessions/{session_id}")
     async def delete_session(session_id: str, authorization: str | None = Header(default=None)):
         server.check_key(authorization)
-        await server.run_locked(lambda: server.sessions.delete(session_id))
+        server.delete_session(session_id)
         return {"id": session_id, "object": "session.deleted", "deleted": True}
 
     @app.exception_handler(Exception)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -32,6 +32,9 @@ class ServeConfig:
     """Requests per minute per API key (or per client address without one); 0: no limit."""
     timeout_seconds: float = 600.0
     """A generation still running after this long is stopped and answered with a timeout error."""
+    blends: list[str] = field(default_factory=list)
+    """Named blends offered as models, each ``NAME:LABEL=WEIGHT,...`` (e.g. ``news-code:news=0.7,code-python=0.3``):
+    listed by ``/v1/models``, asked for with ``"model": NAME``."""
 
     def __post_init__(self):
         if self.host not in LOOPBACK and not self.api_key:

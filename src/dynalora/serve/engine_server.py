@@ -1,63 +1,47 @@
-"""The engine behind ``dynalora serve``: a request checked into a :class:`Turn`, run on a worker thread that holds
-the engine (one generation at a time; row 0 is the request's, reset before and after), sessions loaded and committed,
-the limits (body size, rate, time)."""
+"""The engine behind ``dynalora serve``: a request checked into a :class:`~dynalora.serve.batcher.Job` and run in the
+shared batch (:mod:`dynalora.serve.batcher`), sessions loaded and committed, the limits (body size, rate, time)."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import threading
 import time
-from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator
 
 from dynalora.models import dynalora_home
-from dynalora.runtime import SamplingConfig, TokenEvent
+from dynalora.runtime import SamplingConfig
 from dynalora.runtime.session import ChatSession
+from dynalora.serve.batcher import FINISHED, Batcher, Job
 from dynalora.serve.config import ServeConfig
 from dynalora.serve.schema import (ChatCompletionRequest, GenerationRequest, ServeError,
-                                   SessionRequest, check_blend, parse_blend)
+                                   SessionRequest, check_blend, named_blends, parse_blend)
 from dynalora.serve.sessions import SessionStore
 
 BASE_NAMES = ("base",)
 
 
-@dataclass
-class Turn:
-    """One generation, checked: what to run inside the engine lock and what to do after it."""
-
-    setup: Callable[[], list[int]]
-    """Puts the row's LoRA in place (a blend, or a session's saved state) and returns the prompt ids."""
-    max_tokens: int
-    sampling: SamplingConfig
-    stop: tuple[str, ...]
-    done: Callable[[str], None] | None = None
-    """Called with the answer when the generation finished (not when it was abandoned): a session's commit."""
-
-
-@dataclass
-class Prompt:
-    """The first item of a turn's events: how many prompt tokens it had (for ``usage``)."""
-
-    tokens: int
-
-
 class EngineServer:
-    """The engine behind the HTTP routes: request checks, the row's LoRA, one generation at a time, sessions."""
+    """The engine behind the HTTP routes: request checks, each request's LoRA row in the shared batch, sessions."""
 
     def __init__(self, engine, config: ServeConfig, model_name: str):
+        if engine.config.background_absorb:
+            raise ValueError("dynalora serve batches requests, whose rows come and go; background absorb keeps writes "
+                             "keyed by row: serve without it (EngineConfig.background_absorb=False)")
         self.engine, self.config, self.model_name = engine, config, model_name
         self.labels = list(engine.dyn.state.labels)
-        self.engine_lock = threading.Lock()
-        """Held by the thread generating: one request at a time on the engine."""
+        self.named_blends = named_blends(config.blends, self.labels, (model_name, *BASE_NAMES))
+        self.batcher = Batcher(engine)
+        self.busy_sessions: set[str] = set()
+        """Sessions with a turn in the batch: another turn, or a delete, waits for it to end (409)."""
         self.sessions = SessionStore(config.sessions_dir or dynalora_home() / "sessions", config.max_sessions)
         self.recent: dict[str, collections.deque] = collections.defaultdict(collections.deque)
         """Per key: the times of its requests in the last minute (``rate_limit``)."""
 
     def models(self) -> dict:
-        ids = [self.model_name, *self.labels]
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "dynalora"}
-                                           for name in ids]}
+        """The base model, every label of the bank and every named blend (with its ``dynalora.blend``)."""
+        blends = {self.model_name: {}, **{label: {label: 1.0} for label in self.labels}, **self.named_blends}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "dynalora",
+                                            "dynalora": {"blend": blend}} for name, blend in blends.items()]}
 
     def check_key(self, authorization: str | None) -> None:
         if self.config.api_key and authorization != f"Bearer {self.config.api_key}":
@@ -85,7 +69,7 @@ class EngineServer:
                                   f"{self.config.max_prompt_tokens}", param, "context_length_exceeded")
         return ids
 
-    def prepare(self, request: GenerationRequest, chat: bool) -> Turn:
+    def prepare(self, request: GenerationRequest, chat: bool) -> Job:
         """Everything checked before the engine is touched."""
         request.check_supported()
         wanted = (request.max_completion_tokens or request.max_tokens
@@ -99,21 +83,22 @@ class EngineServer:
             if not chat:
                 raise ServeError(400, "sessions are chats: use /v1/chat/completions", "dynalora.session")
             return self.session_turn(session_id, request, wanted, sampling)
-        blend = parse_blend(request.model, request.dynalora, self.labels, (self.model_name, *BASE_NAMES))
+        blend = parse_blend(request.model, request.dynalora, self.labels, (self.model_name, *BASE_NAMES),
+                            self.named_blends)
         if chat:
             ids = self.engine.encode_messages([m.model_dump() for m in request.messages])
         else:
             ids = self.engine.encode_prompt(request.prompt)
         ids = self.check_prompt(ids, "messages" if chat else "prompt")
 
-        def setup() -> list[int]:
+        def setup(row: int) -> list[int]:
             if blend:
-                self.engine.dyn.state.set_blend_by_label(0, blend)
+                self.engine.dyn.state.set_blend_by_label(row, blend)
             return ids
-        return Turn(setup, wanted, sampling, request.stop_strings())
+        return Job(setup, wanted, sampling, request.stop_strings(), send=None)
 
     def session_turn(self, session_id: str, request: ChatCompletionRequest, max_tokens: int,
-                     sampling: SamplingConfig) -> Turn:
+                     sampling: SamplingConfig) -> Job:
         """A turn of a saved session: its transcript and LoRA state loaded, the request's messages added, and —
         when the answer is complete — the new transcript and state saved as the session's next version."""
         self.sessions.record(session_id)  # 404 before anything runs
@@ -122,45 +107,57 @@ class EngineServer:
                                   "the session is created)", "model")
         if any(m.role == "system" for m in request.messages):
             raise ServeError(400, "a session's system prompt is set when it is created", "messages")
-        session = ChatSession(self.engine)
+        session, claimed = ChatSession(self.engine), []
 
-        def setup() -> list[int]:
+        def setup(row: int) -> list[int]:
+            self.claim(session_id)
+            claimed.append(session_id)
+            session.row = row
             self.sessions.load(session_id, session)
             session.messages += [m.model_dump() for m in request.messages]
             return self.check_prompt(session.prompt_ids(), "messages")
 
-        def done(answer: str) -> None:
+        def done(answer: str, row: int) -> None:
+            session.row = row  # rows move up as others leave
             session.messages.append({"role": "assistant", "content": answer})
-            session.absorbed_tokens += getattr(self.engine, "evicted_tokens", {}).get(0, 0)
+            session.absorbed_tokens += session.evicted_now()
             self.sessions.commit(session_id, session)
-        return Turn(setup, max_tokens, sampling, request.stop_strings(), done)
+        return Job(setup, max_tokens, sampling, request.stop_strings(), send=None, done=done,
+                   ended=lambda: claimed and self.release(session_id))
 
-    async def run_locked(self, work: Callable):
-        """``work()`` on a worker thread holding the engine, its row 0 reset before and after."""
-        def locked():
-            with self.engine_lock:
-                self.engine.dyn.state.reset()
-                try:
-                    return work()
-                finally:
-                    self.engine.dyn.state.reset()
-        return await asyncio.to_thread(locked)
+    def claim(self, session_id: str) -> None:
+        """Mark a session as having a turn in the batch (or being deleted); refused while it has one already."""
+        with self.sessions.lock:
+            if session_id in self.busy_sessions:
+                raise ServeError(409, f"session {session_id!r} has a turn in progress; wait for it to end", "session",
+                                 "session_busy")
+            self.busy_sessions.add(session_id)
+
+    def release(self, session_id: str) -> None:
+        with self.sessions.lock:
+            self.busy_sessions.discard(session_id)
 
     async def create_session(self, body: SessionRequest) -> dict:
         blend = check_blend(body.blend or {}, self.labels, "blend")
 
-        def create() -> str:
+        def create(row: int) -> str:
             if blend:
-                self.engine.dyn.state.set_blend_by_label(0, blend)
-            return self.sessions.create(ChatSession(self.engine, system=body.system))
-        return self.sessions.record(await self.run_locked(create))
+                self.engine.dyn.state.set_blend_by_label(row, blend)
+            return self.sessions.create(ChatSession(self.engine, system=body.system, row=row))
+        return self.sessions.record(await asyncio.wrap_future(self.batcher.call(create)))
 
-    async def events(self, turn: Turn) -> AsyncIterator:
-        """A :class:`Prompt`, then the engine's events for the turn's row, generated on a worker thread that holds
-        the engine (a thread lock: released only when that thread is done, whatever happens to the request); a
-        consumer that stops early — a client gone, its task cancelled — stops the generation."""
-        loop, queue, finished, cancel = asyncio.get_running_loop(), asyncio.Queue(), object(), threading.Event()
-        state = self.engine.dyn.state
+    def delete_session(self, session_id: str) -> None:
+        self.claim(session_id)  # not while a turn of it runs
+        try:
+            self.sessions.delete(session_id)
+        finally:
+            self.release(session_id)
+
+    async def events(self, job: Job) -> AsyncIterator:
+        """A :class:`~dynalora.serve.batcher.Prompt`, then the engine's events for the job's row, as the batch
+        produces them; a consumer that stops early — a client gone, its task cancelled, its time up — cancels the
+        row (it leaves the batch at the next step)."""
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
 
         def send(item) -> None:
             try:
@@ -168,36 +165,8 @@ class EngineServer:
             except RuntimeError:  # the request's event loop is gone (its client left): nobody to tell
                 pass
 
-        def work() -> None:
-            try:
-                with self.engine_lock:
-                    state.reset()
-                    try:
-                        ids = turn.setup()
-                        send(Prompt(len(ids)))
-                        stream = self.engine.stream([ids], max_new_tokens=turn.max_tokens, sampling=turn.sampling,
-                                                    stop_strings=turn.stop)
-                        answer = []
-                        try:
-                            for event in stream:
-                                if cancel.is_set():
-                                    break
-                                if isinstance(event, TokenEvent):
-                                    answer.append(event.text)
-                                send(event)
-                            else:
-                                if turn.done is not None:
-                                    turn.done("".join(answer))
-                        finally:
-                            stream.close()
-                    finally:
-                        state.reset()
-            except Exception as error:  # reported to the request, not lost in the thread
-                send(error)
-            finally:
-                send(finished)
-
-        threading.Thread(target=work, name="dynalora-serve", daemon=True).start()
+        job.send = send
+        self.batcher.submit(job)
         deadline = time.monotonic() + self.config.timeout_seconds
         try:
             while True:
@@ -206,10 +175,10 @@ class EngineServer:
                 except TimeoutError:
                     raise ServeError(408, f"the generation took longer than {self.config.timeout_seconds} s and was "
                                           "stopped", None, "timeout") from None
-                if item is finished:
+                if item is FINISHED:
                     return
                 if isinstance(item, Exception):
                     raise item
                 yield item
         finally:
-            cancel.set()
+            job.cancel.set()

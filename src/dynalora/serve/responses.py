@@ -10,7 +10,8 @@ from dataclasses import asdict
 from typing import AsyncIterator
 
 from dynalora.runtime import FinishEvent, LoraEvent, TokenEvent
-from dynalora.serve.engine_server import EngineServer, Prompt
+from dynalora.serve.batcher import Prompt
+from dynalora.serve.engine_server import EngineServer
 from dynalora.serve.schema import GenerationRequest
 
 

@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from dynalora.lora.bank import blend_from_text
+
 
 class ServeError(Exception):
     """An error the client caused (or may see), reported as OpenAI does: ``{"error": {message, type, param, code}}``
@@ -86,28 +88,48 @@ class CompletionRequest(GenerationRequest):
     prompt: str | list[int]
 
 
-def parse_blend(model: str, options: DynaloraOptions | None, labels: list[str],
-                base_names: tuple[str, ...]) -> dict[str, float] | None:
-    """The request's blend ``{label: weight}`` (None: the base model, no LoRA), checked against the bank's labels:
-    every weight finite and ≥ 0. Errors name the field and the label at fault."""
+def parse_blend(model: str, options: DynaloraOptions | None, labels: list[str], base_names: tuple[str, ...],
+                named: dict[str, dict[str, float]]) -> dict[str, float] | None:
+    """The request's blend ``{label: weight}`` (None: the base model, no LoRA) — from ``dynalora.blend``, a
+    ``blend:LABEL=WEIGHT,...`` model, a label, or a blend the server was started with (``named``) — checked against
+    the bank's labels: every weight finite and ≥ 0. Errors name the field and the label at fault."""
     if options is not None and options.blend is not None:
         blend, param = dict(options.blend), "dynalora.blend"
     elif model in base_names:
         return None
     elif model.startswith("blend:"):
-        blend, param = {}, "model"
-        for part in filter(None, model.removeprefix("blend:").split(",")):
-            label, _, weight = part.partition("=")
-            try:
-                blend[label.strip()] = float(weight)
-            except ValueError:
-                raise ServeError(400, f"model {model!r}: {part!r} is not LABEL=WEIGHT", "model") from None
+        try:
+            blend, param = blend_from_text(model.removeprefix("blend:"), f"model {model!r}"), "model"
+        except ValueError as error:
+            raise ServeError(400, str(error), "model") from None
     elif model in labels:
         return {model: 1.0}
+    elif model in named:
+        return dict(named[model])
     else:
         raise ServeError(404, f"the model {model!r} does not exist: use {base_names[0]!r}, one of the bank's labels "
-                              f"{labels}, or blend:LABEL=WEIGHT,...", "model", "model_not_found")
+                              f"{labels}, a named blend {sorted(named)}, or blend:LABEL=WEIGHT,...", "model",
+                         "model_not_found")
     return check_blend(blend, labels, param)
+
+
+def named_blends(entries: list[str], labels: list[str], taken: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """``["news-code:news=0.7,code-python=0.3", ...]`` (``ServeConfig.blends``) → ``{name: blend}``, checked at start:
+    a ``ValueError`` names the entry at fault."""
+    named = {}
+    for entry in entries:
+        name, sep, text = entry.partition(":")
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(f"--blends: {entry!r} is not NAME:LABEL=WEIGHT,...")
+        if name in taken or name in labels or name in named or name.startswith("blend"):
+            raise ValueError(f"--blends: the name {name!r} is taken (the base model, a label, another named blend) "
+                             "or starts with 'blend'")
+        try:
+            named[name] = check_blend(blend_from_text(text, f"--blends {name}"), labels, f"--blends {name}")
+        except ServeError as error:
+            raise ValueError(error.message) from None
+    return named
 
 
 def check_blend(blend: dict[str, float], labels: list[str], param: str) -> dict[str, float]:
