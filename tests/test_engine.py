@@ -489,3 +489,20 @@ def test_rows_that_join_and_leave_a_running_batch_match_rows_run_alone():
         alone = alone_engine.generate([prompt], max_new_tokens=count, sampling=greedy)
         assert tokens[i] == alone.token_ids[0], f"row {i}"
         assert shifts[i] == [e.position for e in alone.lora_events("shift")], f"row {i}"
+
+
+def test_ignore_eos_goes_on_past_end_of_text_to_max_new_tokens():
+    engine, _ = make_engine(policies=[])
+    eos = min(engine.eos_ids)
+
+    def run(ignore_eos: bool):
+        engine.start(logits_processor=force_token(eos, {1: [0]}))  # end-of-text is the argmax at step 1
+        events = list(engine.join([PROMPT], [RowSettings(6, SamplingConfig(temperature=0), ignore_eos=ignore_eos)]))
+        while not engine.row_finished(0):
+            events += engine.step()
+            events += engine.advance()
+        return [e.token_id for e in events if e.kind == "token"], [e.reason for e in events if e.kind == "finish"]
+
+    assert run(False) == (run(True)[0][:1], ["eos"])
+    tokens, finish = run(True)
+    assert len(tokens) == 6 and tokens[1] == eos and finish == ["length"]

@@ -2,11 +2,12 @@
 token with 1, 4 and 8 concurrent streaming clients, each on its own blend, against the same requests served one at a
 time by the same server.
 
-The server is the one ``dynalora serve`` runs with its default flags (the embedded model and shipped library unless
-``--model``/``--bank`` say otherwise), in this process on a loopback port; the clients are threads streaming over
-real HTTP (server-sent events). Modes are measured round-robin (one run of each per repeat) so machine noise hits them
-all alike. Greedy decoding: a request may end before ``max_tokens`` at an end-of-text token; throughput counts the
-tokens produced (``usage.completion_tokens``).
+The server is the one ``dynalora serve --bank`` runs with its other flags at their defaults (the embedded model and the
+shipped library unless ``--model``/``--bank`` say otherwise), in this process on a loopback port; the clients are
+threads streaming over real HTTP (server-sent events). Modes are measured round-robin (one run of each per repeat) so machine noise hits them
+all alike. Greedy decoding to exactly ``max_tokens`` (``ignore_eos``, as vLLM's serving benchmark does: several of the
+shipped adapters — plural, negation, … — end an answer within a few tokens, which would time end-of-text tokens, not
+serving); throughput counts the tokens produced (``usage.completion_tokens``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tqdm import tqdm
 
 from dynalora.bench.common import machine, stats, targets_report, write_result
 from dynalora.models import check_placement
+from dynalora.shipped import shipped
 
 TARGETS = {"clients8_vs_sequential": 3.0}
 TOPICS = ["the sea", "a city at night", "bread", "a chess game", "winter", "a lost key", "trains", "the moon"]
@@ -33,8 +35,8 @@ TOPICS = ["the sea", "a city at night", "bread", "a chess game", "winter", "a lo
 class ServeBenchConfig:
     model: str | None = None
     """Base model (default: the embedded SmolLM2-135M-Instruct)."""
-    bank: Path | None = None
-    """Adapter library (default: the shipped one)."""
+    bank: Path = shipped("library")
+    """The adapter library the requests blend (default: the shipped one)."""
     clients: tuple[int, ...] = (1, 4, 8)
     """Concurrent streaming clients of each concurrent mode (the server holds as many rows as the largest)."""
     max_tokens: int = 32
@@ -68,8 +70,9 @@ def run_serve_bench(config: ServeBenchConfig, out: Path | None = None) -> dict:
                                                 dtype=config.dtype, max_batch=most))
     system.merge_trigger_lora()
     labels = system.bank.labels
-    requests = [{"model": "base", "prompt": f"Write a few sentences about {TOPICS[i % len(TOPICS)]}.",
-                 "max_tokens": config.max_tokens, "temperature": 0, "stream": True,
+    requests = [{"model": "base",
+                 "messages": [{"role": "user", "content": f"Write a few sentences about {TOPICS[i % len(TOPICS)]}."}],
+                 "max_tokens": config.max_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
                  "dynalora": {"blend": {labels[i % len(labels)]: 0.6, labels[(i + 1) % len(labels)]: 0.4},
                               "events": False}}
                 for i in range(most)]  # request i: its own topic and blend
@@ -79,7 +82,7 @@ def run_serve_bench(config: ServeBenchConfig, out: Path | None = None) -> dict:
     thread.start()
     while not server.started:
         time.sleep(0.02)
-    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1/completions"
+    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1/chat/completions"
     modes = {"sequential": None, **{f"clients{c}": c for c in config.clients}}
     throughput = {mode: [] for mode in modes}
     first_token = {mode: [] for mode in modes}
@@ -138,7 +141,7 @@ def _stream(url: str, body: dict) -> tuple[int, float]:
             if not line.startswith("data:") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[len("data:"):])
-            if first is None and chunk["choices"] and chunk["choices"][0].get("text"):
+            if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                 first = time.perf_counter() - started
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]

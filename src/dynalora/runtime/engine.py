@@ -83,6 +83,8 @@ class RowSettings:
     sampling: SamplingConfig
     stop_strings: tuple[str, ...] = ()
     generator: torch.Generator | None = None
+    ignore_eos: bool = False
+    """Go on past end-of-text tokens (shown as text) until ``max_new_tokens``: fixed-length runs for benchmarks."""
 
     def sampling_group(self) -> tuple:
         """Rows with equal groups are sampled in one call: greedy rows together, sampled rows by their settings."""
@@ -424,7 +426,7 @@ class Engine:
             reason, held_back, applied = decisions[b]
             if applied is not None:  # a consumed trigger's update: it came before this token
                 yield applied
-            if token not in self.eos_ids:
+            if token not in self.eos_ids or row.settings.ignore_eos:
                 yield TokenEvent(row=b, position=position, token_id=token, text=row.text.add(token))
             if held_back:
                 yield LoraEvent("suppressed", b, position, held_back, 0.0, None, None)
@@ -432,7 +434,7 @@ class Engine:
             if due:
                 yield self._apply(b, position, due)
             row.produced += 1
-            stop = self._stop_reason(token, row.text.text, row.settings.stop_strings)
+            stop = self._stop_reason(token, row.text.text, row.settings)
             if stop or row.produced >= row.settings.max_new_tokens or self.interrupted:
                 row.finished = True
                 yield FinishEvent(row=b, reason=stop or ("interrupted" if self.interrupted else "length"))
@@ -578,10 +580,10 @@ class Engine:
                     yield self._apply(b, obs.position, f"prompt: {reason}")
                     break
 
-    def _stop_reason(self, token: int, text: str, stop_strings) -> str | None:
-        if token in self.eos_ids:
+    def _stop_reason(self, token: int, text: str, settings: RowSettings) -> str | None:
+        if token in self.eos_ids and not settings.ignore_eos:
             return "eos"
-        if any(stop and text.endswith(stop) for stop in stop_strings):
+        if any(stop and text.endswith(stop) for stop in settings.stop_strings):
             return "stop"
         return None
 

@@ -38,21 +38,22 @@ class Job:
     max_tokens: int
     sampling: SamplingConfig
     stop: tuple[str, ...]
-    send: Callable[[object], None]
+    send: Callable[[object], None] | None
     """Receives a :class:`Prompt`, then the engine's events for the row, an exception if one ended it, and
-    :data:`FINISHED`."""
+    :data:`FINISHED` (set by whoever submits the job)."""
     done: Callable[[str, int], None] | None = None
     """Called with the answer and the row (its LoRA state still there) when the generation finished — not when it was
     cancelled or failed: a session's commit."""
     ended: Callable[[], None] | None = None
     """Called once the job is over, however it ended (on the engine thread)."""
+    ignore_eos: bool = False
     cancel: threading.Event = field(default_factory=threading.Event)
     answer: list[str] = field(default_factory=list)
 
     def settings(self, device) -> RowSettings:
         seed = self.sampling.seed
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-        return RowSettings(self.max_tokens, self.sampling, self.stop, generator)
+        return RowSettings(self.max_tokens, self.sampling, self.stop, generator, self.ignore_eos)
 
     def end(self, error: Exception | None = None) -> None:
         if error is not None:

@@ -95,7 +95,7 @@ class EngineServer:
             if blend:
                 self.engine.dyn.state.set_blend_by_label(row, blend)
             return ids
-        return Job(setup, wanted, sampling, request.stop_strings(), send=None)
+        return Job(setup, wanted, sampling, request.stop_strings(), send=None, ignore_eos=request.ignore_eos)
 
     def session_turn(self, session_id: str, request: ChatCompletionRequest, max_tokens: int,
                      sampling: SamplingConfig) -> Job:
@@ -123,7 +123,7 @@ class EngineServer:
             session.absorbed_tokens += session.evicted_now()
             self.sessions.commit(session_id, session)
         return Job(setup, max_tokens, sampling, request.stop_strings(), send=None, done=done,
-                   ended=lambda: claimed and self.release(session_id))
+                   ended=lambda: claimed and self.release(session_id), ignore_eos=request.ignore_eos)
 
     def claim(self, session_id: str) -> None:
         """Mark a session as having a turn in the batch (or being deleted); refused while it has one already."""

@@ -68,6 +68,9 @@ class GenerationRequest(BaseModel):
     stream: bool = False
     n: int = 1
     logprobs: bool | int | None = None
+    ignore_eos: bool = False
+    """vLLM's extension: generate past end-of-text tokens (their text included) up to ``max_tokens`` — fixed-length
+    answers, for benchmarks."""
     dynalora: DynaloraOptions | None = None
 
     def check_supported(self) -> None:
