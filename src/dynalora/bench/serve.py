@@ -5,9 +5,9 @@ time by the same server.
 The server is the one ``dynalora serve --bank`` runs with its other flags at their defaults (the embedded model and the
 shipped library unless ``--model``/``--bank`` say otherwise), in this process on a loopback port; the clients are
 threads streaming over real HTTP (server-sent events). Modes are measured round-robin (one run of each per repeat) so
-machine noise hits them all alike. Greedy decoding to exactly ``max_tokens`` (``ignore_eos``, as vLLM's serving benchmark does: several of the
-shipped adapters — plural, negation, … — end an answer within a few tokens, which would time end-of-text tokens, not
-serving); throughput counts the tokens produced (``usage.completion_tokens``).
+machine noise hits them all alike. Greedy decoding to exactly ``max_tokens`` (``ignore_eos``, as vLLM's serving
+benchmark does: several of the shipped adapters — plural, negation, … — end an answer within a few tokens, which would
+time end-of-text tokens, not serving); throughput counts the tokens produced (``usage.completion_tokens``).
 """
 
 from __future__ import annotations
