@@ -4,11 +4,14 @@ or a blend) and the response carries the LoRA events (``shift``, ``identity``, `
 produced while generating, as a ``dynalora`` extension field.
 
 Concurrent requests share the engine's forward passes, each on its own LoRA row (:mod:`dynalora.serve.batcher`,
-:mod:`dynalora.serve.engine_server`); sessions keep a conversation
-and its LoRA on disk (:mod:`dynalora.serve.sessions`); responses are built by :mod:`dynalora.serve.responses`.
+:mod:`dynalora.serve.engine_server`); sessions keep a conversation and its LoRA on disk
+(:mod:`dynalora.serve.sessions`); responses are built by :mod:`dynalora.serve.responses`; ``GET /`` serves a chat page
+(``page.html``).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from dynalora.serve.config import ServeConfig
 from dynalora.serve.engine_server import EngineServer
@@ -16,12 +19,15 @@ from dynalora.serve.responses import complete, stream_chunks
 from dynalora.serve.schema import (ChatCompletionRequest, CompletionRequest, GenerationRequest, ServeError,
                                    SessionRequest)
 
+PAGE = Path(__file__).with_name("page.html")
+"""The web page ``GET /`` serves: a chat coloured by the active blend, the blend timeline, the events, the memory."""
+
 
 def create_app(engine, config: ServeConfig | None = None, model_name: str = "dynalora"):
     """The FastAPI application serving ``engine`` (``build_engine(EngineSpec(...))``) as ``model_name``."""
     from fastapi import FastAPI, Header, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import HTMLResponse, JSONResponse
     from sse_starlette.sse import EventSourceResponse
 
     server = EngineServer(engine, config or ServeConfig(), model_name)
@@ -48,6 +54,10 @@ def create_app(engine, config: ServeConfig | None = None, model_name: str = "dyn
         except ServeError as error:
             return JSONResponse(error.body(), status_code=error.status)
         return await call_next(request)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():  # the chat page; it asks for the API key itself when the server has one
+        return PAGE.read_text()
 
     @app.get("/v1/models")
     async def models(authorization: str | None = Header(default=None)):

@@ -41,7 +41,8 @@ class EngineServer:
         """The base model, every label of the bank and every named blend (with its ``dynalora.blend``)."""
         blends = {self.model_name: {}, **{label: {label: 1.0} for label in self.labels}, **self.named_blends}
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "dynalora",
-                                            "dynalora": {"blend": blend}} for name, blend in blends.items()]}
+                                            "dynalora": {"blend": blend}} for name, blend in blends.items()],
+                "dynalora": {"labels": self.labels}}
 
     def check_key(self, authorization: str | None) -> None:
         if self.config.api_key and authorization != f"Bearer {self.config.api_key}":
