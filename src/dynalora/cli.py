@@ -28,9 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     from dynalora.bench.cli import add_bench_commands
 
     add_bench_commands(commands)
-    from dynalora.cli_serve import add_serve_command
+    from dynalora.cli_serve import add_handoff_command, add_serve_command
 
     add_serve_command(commands)
+    add_handoff_command(commands)
     try:
         from dynalora.data.cli import add_data_commands
     except ImportError:  # the data package is optional while it is being built

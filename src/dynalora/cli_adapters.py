@@ -27,16 +27,18 @@ def add_model_arguments(parser: argparse.ArgumentParser, bank: bool = True) -> N
 
 
 def load_model_and_bank(args, require_bank: bool = False):
-    """(BaseModel, LoraBank) from ``--model`` and ``--bank``; an absent default bank is an empty bank."""
+    """(BaseModel, LoraBank) from ``--model`` and ``--bank`` (a bank folder or a trained library); an absent default
+    bank is an empty bank."""
     from dynalora.lora import LoraBank, module_shapes_of
     from dynalora.lora.bank import is_bank_folder
+    from dynalora.lora.library_folder import load_library_bank
     from dynalora.models import load_base_model
 
     base = load_base_model(args.model, args.dtype, args.device)
     shapes = module_shapes_of(base.model)
     bank_dir = args.bank or default_bank_dir()
-    if is_bank_folder(bank_dir):
-        bank = LoraBank.load(bank_dir, shapes)
+    if is_bank_folder(bank_dir) or (bank_dir / "library.json").is_file():
+        bank = load_library_bank(bank_dir, base.model)[0]
     elif require_bank or args.bank is not None and args.bank.exists():
         raise FileNotFoundError(f"{bank_dir}: not a bank folder (no bank.json); create it with "
                                 "`dynalora adapters import PEFT_FOLDER --label NAME`")

@@ -73,9 +73,13 @@ class SessionStore:
         rows = self.db.execute("SELECT id FROM sessions ORDER BY created").fetchall()
         return {"object": "list", "data": [self.record(ident) for (ident,) in rows]}
 
+    def folder(self, session_id: str) -> Path:
+        """The folder of the session's current version (its transcript and LoRA state files)."""
+        return self.root / self._row(session_id)[4]
+
     def load(self, session_id: str, session: ChatSession) -> None:
         """Put the session's transcript and LoRA state into ``session`` (and its engine's state)."""
-        session.load(self.root / self._row(session_id)[4])
+        session.load(self.folder(session_id))
 
     def create(self, session: ChatSession) -> str:
         """A new session from ``session`` as it stands (its system prompt, its engine's LoRA state)."""
