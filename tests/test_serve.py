@@ -16,7 +16,7 @@ import pytest
 import uvicorn
 
 from dynalora.models import tiny_model
-from dynalora.runtime import SamplingConfig
+from dynalora.runtime import SamplingConfig, TriggerConfig
 from dynalora.serve.app import create_app
 from dynalora.serve.config import ServeConfig
 from dynalora.system.assemble import System
@@ -112,6 +112,21 @@ def test_a_per_request_blend_equals_set_blend_in_process(served):
     assert plain.choices[0].text != expected.texts[0]  # the blend changes what is generated
 
 
+def test_a_request_brings_its_own_triggers(served, monkeypatch):
+    """``dynalora.trigger``: ``[]`` keeps the requested LoRA all along (the same text as the engine without triggers);
+    ``["every:6"]`` updates every 6 tokens in place of the server's every 4."""
+    client, engine, _, _ = served
+    ids = engine.encode_prompt("the cat")
+    ask = lambda trigger: client.completions.create(  # noqa: E731
+        model="adapter1", prompt="the cat", max_tokens=12, temperature=0, extra_body={"dynalora": {"trigger": trigger}})
+    quiet, sparse = ask([]), ask(["every:6"])
+    assert quiet.model_extra["dynalora"]["events"] == []
+    updates = [e["position"] for e in sparse.model_extra["dynalora"]["events"] if e["reason"] == "every 6"]
+    assert updates == [len(ids) + 5, len(ids) + 11]
+    monkeypatch.setattr(engine, "triggers", TriggerConfig([]))
+    assert quiet.choices[0].text == in_process(engine, ids, {"adapter1": 1.0}).texts[0]
+
+
 def test_streaming_gives_the_same_text_with_the_events_as_chunks(served):
     client, engine, _, _ = served
     whole = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=0)
@@ -143,6 +158,9 @@ def test_streaming_gives_the_same_text_with_the_events_as_chunks(served):
     ({"model": "tiny", "prompt": "x", "n": 2}, 400, "n"),
     ({"model": "tiny", "prompt": "x", "temperature": -1}, 400, "temperature"),
     ({"model": "tiny"}, 400, "prompt"),
+    ({"model": "tiny", "prompt": "x", "dynalora": {"trigger": ["sometimes"]}}, 400, "dynalora.trigger"),
+    ({"model": "tiny", "prompt": "x", "dynalora": {"trigger": ["every:x"]}}, 400, "dynalora.trigger"),
+    ({"model": "tiny", "prompt": "x", "dynalora": {"trigger": ["token"]}}, 400, "dynalora.trigger"),  # no tokens
 ])
 def test_bad_requests_get_openai_errors_and_change_nothing(served, body, status, param):
     _, engine, port, _ = served

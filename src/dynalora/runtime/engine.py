@@ -85,6 +85,8 @@ class RowSettings:
     generator: torch.Generator | None = None
     ignore_eos: bool = False
     """Go on past end-of-text tokens (shown as text) until ``max_new_tokens``: fixed-length runs for benchmarks."""
+    triggers: TriggerConfig | None = None
+    """The row's own trigger policies (a server request's); None: the engine's."""
 
     def sampling_group(self) -> tuple:
         """Rows with equal groups are sampled in one call: greedy rows together, sampled rows by their settings."""
@@ -325,7 +327,8 @@ class Engine:
             if self.absorber.config.relevance_gate:  # memory on only for prompts that name what it absorbed
                 for i, row in enumerate(rows):
                     self.dyn.state.set_memory_weight(first + i, self.absorber.relevance(first + i, self.decode(row)))
-        new = [_Row(s, RowTriggers(self.triggers), DelayedUpdate(self.config.update_delay),
+        new = [_Row(s, RowTriggers(self.triggers if s.triggers is None else s.triggers),
+                    DelayedUpdate(self.config.update_delay),
                     IncrementalDecoder(self.decode)) for s in settings]
         batch = TokenBatch(rows, self._pad_id(), self.device, room=max(s.max_new_tokens for s in settings))
         cache = DynamicCache(config=self.model.config)

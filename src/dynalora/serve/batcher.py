@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from dynalora.runtime import FinishEvent, RowSettings, SamplingConfig, TokenEvent
+from dynalora.runtime import FinishEvent, RowSettings, SamplingConfig, TokenEvent, TriggerConfig
 
 FINISHED = object()
 """The last item a job's ``send`` receives, whatever happened."""
@@ -47,13 +47,15 @@ class Job:
     ended: Callable[[], None] | None = None
     """Called once the job is over, however it ended (on the engine thread)."""
     ignore_eos: bool = False
+    triggers: TriggerConfig | None = None
+    """The request's own trigger policies (None: the engine's)."""
     cancel: threading.Event = field(default_factory=threading.Event)
     answer: list[str] = field(default_factory=list)
 
     def settings(self, device) -> RowSettings:
         seed = self.sampling.seed
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-        return RowSettings(self.max_tokens, self.sampling, self.stop, generator, self.ignore_eos)
+        return RowSettings(self.max_tokens, self.sampling, self.stop, generator, self.ignore_eos, self.triggers)
 
     def end(self, error: Exception | None = None) -> None:
         if error is not None:

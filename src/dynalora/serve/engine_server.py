@@ -9,13 +9,14 @@ import time
 from typing import AsyncIterator
 
 from dynalora.models import dynalora_home
-from dynalora.runtime import SamplingConfig
+from dynalora.runtime import SHIFT_TOKEN, SamplingConfig, TokenProbability, TriggerConfig
 from dynalora.runtime.session import ChatSession
 from dynalora.serve.batcher import FINISHED, Batcher, Job
 from dynalora.serve.config import ServeConfig
 from dynalora.serve.schema import (ChatCompletionRequest, GenerationRequest, ServeError,
                                    SessionRequest, check_blend, named_blends, parse_blend)
 from dynalora.serve.sessions import SessionStore
+from dynalora.system.spec import parse_trigger
 
 BASE_NAMES = ("base",)
 
@@ -79,11 +80,14 @@ class EngineServer:
             raise ServeError(400, f"max_tokens={wanted} is above this server's limit of {self.config.max_tokens}",
                              "max_tokens")
         sampling = SamplingConfig(temperature=request.temperature, top_p=request.top_p, seed=request.seed)
-        session_id = request.dynalora.session if request.dynalora is not None else None
-        if session_id is not None:
+        options = request.dynalora
+        triggers = self.request_triggers(options.trigger) if options and options.trigger is not None else None
+        if options is not None and options.session is not None:
             if not chat:
                 raise ServeError(400, "sessions are chats: use /v1/chat/completions", "dynalora.session")
-            return self.session_turn(session_id, request, wanted, sampling)
+            job = self.session_turn(options.session, request, wanted, sampling)
+            job.triggers = triggers
+            return job
         blend = parse_blend(request.model, request.dynalora, self.labels, (self.model_name, *BASE_NAMES),
                             self.named_blends)
         if chat:
@@ -96,7 +100,26 @@ class EngineServer:
             if blend:
                 self.engine.dyn.state.set_blend_by_label(row, blend)
             return ids
-        return Job(setup, wanted, sampling, request.stop_strings(), send=None, ignore_eos=request.ignore_eos)
+        return Job(setup, wanted, sampling, request.stop_strings(), send=None, ignore_eos=request.ignore_eos,
+                   triggers=triggers)
+
+    def request_triggers(self, specs: list[str]) -> TriggerConfig:
+        """A request's own trigger policies (the server's rate limits; ``prob`` without a threshold: the server's)."""
+        token_ids = self.engine.trigger_token_ids
+        server = self.engine.triggers
+        threshold = next((p.threshold for p in server.policies
+                          if isinstance(p, TokenProbability) and p.name == SHIFT_TOKEN), None)
+        policies = []
+        for spec in specs:
+            if spec.partition(":")[0] in ("token", "prob", "think") and not token_ids:
+                raise ServeError(400, f"dynalora.trigger {spec!r}: this server's model has no trigger tokens "
+                                      "(start it with --trigger-tokens)", "dynalora.trigger")
+            try:
+                policies.append(parse_trigger(spec, token_ids, threshold))
+            except ValueError as error:
+                message = str(error).replace("--trigger ", "")
+                raise ServeError(400, f"dynalora.trigger: {message}", "dynalora.trigger") from None
+        return TriggerConfig(policies, min_gap=server.min_gap, max_per_sequence=server.max_per_sequence)
 
     def session_turn(self, session_id: str, request: ChatCompletionRequest, max_tokens: int,
                      sampling: SamplingConfig) -> Job:

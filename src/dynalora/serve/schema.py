@@ -38,6 +38,9 @@ class DynaloraOptions(BaseModel):
     """Report the LoRA events (shift, identity, rejected, absorb) in the response's ``dynalora`` field."""
     session: str | None = None
     """Continue this session (``POST /v1/sessions``): its transcript and LoRA state, saved again after the turn."""
+    trigger: list[str] | None = None
+    """This request's trigger policies, in the CLI's ``--trigger`` forms (e.g. ``["every:16"]``; ``[]``: none, the
+    LoRA stays as requested); None: the server's."""
 
 
 class SessionRequest(BaseModel):
