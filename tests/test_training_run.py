@@ -53,6 +53,8 @@ ESCALATE = ["--model", "tiny:llama", "--steps", "4", "--examples-per-domain", "8
             "--batch-size", "4", "--lr", "0.01", "--think-steps", "5", "--threads", "1"]
 MIX = ["--model", "tiny:llama", "--steps", "6", "--batch-size", "4", "--width", "8", "--max-docs", "4",
        "--examples-per-domain", "4", "--context-tokens", "16", "--continuation-tokens", "16", "--threads", "1"]
+ROUTE = ["--model", "tiny:llama", "--steps", "6", "--streams", "3", "--window", "24", "--segment-chars", "300",
+         "--batch-size", "2", "--width", "8", "--threads", "1"]
 RECIPES = {  # recipe: (its flags besides its data and --out-dir, its trained weights, its record)
     "shift": (SHIFT, lambda folder: load_file(str(folder / "shift_net.safetensors")), record("train_shift.json")),
     "xlora": (XLORA, lambda folder: load_file(str(folder / "classifier.safetensors")), record("xlora.json")),
@@ -65,6 +67,7 @@ RECIPES = {  # recipe: (its flags besides its data and --out-dir, its trained we
     "escalate": (ESCALATE, lambda folder: load_file(str(folder / "level2" / "level_net.safetensors")),
                  record("escalate.json")),
     "mix": (MIX, lambda folder: load_file(str(folder / "mix_gate.safetensors")), record("train_mix.json")),
+    "route": (ROUTE, lambda folder: load_file(str(folder / "router.safetensors")), record("train_route.json")),
 }
 ALL_RECIPES = sorted(set(build_parser()._subparsers._group_actions[0].choices["train"]._subparsers._group_actions[0]
                          .choices) - {"rescan-triggers"})  # every `dynalora train` recipe, new ones too
@@ -104,8 +107,8 @@ def recipe_command(recipe: str, bank, tmp_path) -> list[str]:
         return ["train", recipe, *library, *TRIGGERS, "--steps", "10"]
     if recipe == "trigger-lora":
         return ["train", recipe, *library, *TRIGGER_LORA, "--row-dir", row()]
-    if recipe == "escalate":
-        return ["train", recipe, *library, *ESCALATE, "--shift", shift(), "--triggers", row()]
+    if recipe in ("escalate", "route"):
+        return ["train", recipe, *library, *RECIPES[recipe][0], "--shift", shift(), "--triggers", row()]
     if recipe == "mix":
         compressor = made(tmp_path / "compressor", ["train", "absorb", "--data", str(docs), *ABSORB, "--steps", "0"])
         return ["train", recipe, *library, *MIX, "--shift", shift(), "--compressor", compressor, "--facts", str(docs)]

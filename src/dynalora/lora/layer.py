@@ -29,15 +29,18 @@ class DynamicLoraLinear(nn.Module):
         y = self.base_layer(x)  # (B, T, out)
         state: LoraState = self.dynalora_state
         slot: ModuleSlot = self.dynalora_slot
+        routed = state.routed
+        if routed is not None and self.module_name not in routed[1]:
+            routed = None
         if state.merged_row is not None:  # the weights hold one row's whole LoRA (DynamicLoraModel.merge_row)
             alone = x.dim() == 2 or x.shape[0] == 1
-            if alone and state.row_offset == state.merged_row and state.overrides is None:
+            if alone and state.row_offset == state.merged_row and state.overrides is None and routed is None:
                 return y
             state.on_change()  # a batch, another row or training: the weights put back exactly, then as usual
             y = self.base_layer(x)
         if state.overrides is not None:
-            return self._functional_forward(x, y, state.overrides, slot)
-        bank_on = state.bank_active and slot.bank_a_t is not None
+            return self._functional_forward(x, y, state.overrides, slot, routed)
+        bank_on = (state.bank_active or routed is not None) and slot.bank_a_t is not None
         if not (bank_on or slot.rows_active):
             return y
         squeeze = x.dim() == 2
@@ -50,7 +53,8 @@ class DynamicLoraLinear(nn.Module):
                                f"{state.max_batch}; attach with a larger StateConfig.max_batch")
         x = x.to(slot.row_a_t.dtype)
         if bank_on:
-            mixed = (x @ slot.bank_a_t) * state.rank_weights[start:stop, None, :]  # (B, T, K*r)
+            weights = state.rank_weights[start:stop, None, :] if routed is None else routed[0]  # (B, 1 or T, K*r)
+            mixed = (x @ slot.bank_a_t) * weights  # (B, T, K*r)
             y = y + (mixed @ slot.bank_b_t).to(y.dtype)  # (B, T, out)
         if slot.rows_active:
             low = torch.bmm(x, slot.row_a_t[start:stop])  # (B, T, r_g + r_m)
@@ -59,14 +63,16 @@ class DynamicLoraLinear(nn.Module):
             y = y + torch.bmm(low, slot.row_b_t[start:stop]).to(y.dtype)  # (B, T, out)
         return y.squeeze(0) if squeeze else y
 
-    def _functional_forward(self, x, y, overrides: dict, slot: ModuleSlot) -> torch.Tensor:
+    def _functional_forward(self, x, y, overrides: dict, slot: ModuleSlot, routed=None) -> torch.Tensor:
         """Same sum, from differentiable tensors given by ``LoraState.functional`` (training), computed in the
         state's dtype (the model's; gradients flow back to the given tensors' own dtype)."""
         dtype = slot.row_a_t.dtype
         x = x.to(dtype)
-        rank_weights = overrides["rank_weights"]
+        rank_weights = overrides["rank_weights"] if routed is None else routed[0]
         if rank_weights is not None and slot.bank_a_t is not None:
-            mixed = (x @ slot.bank_a_t) * rank_weights.to(dtype)[:, None, :]  # (B, T, K*r)
+            if rank_weights.dim() == 2:  # (B, K*r): one blend a row
+                rank_weights = rank_weights[:, None, :]
+            mixed = (x @ slot.bank_a_t) * rank_weights.to(dtype)  # (B, T, K*r)
             y = y + (mixed @ slot.bank_b_t).to(y.dtype)  # (B, T, out)
         factors = overrides["rows"].get(self.module_name)
         if factors is not None:

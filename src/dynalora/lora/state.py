@@ -112,6 +112,8 @@ class LoraState:
         """The row whose whole LoRA is folded into the base weights (``DynamicLoraModel.merge_row``), or None."""
         self.on_change = None
         """Called before any write (set while a row is merged: it takes the row out)."""
+        self.router = None
+        """The token router attached to this state's model (:class:`dynalora.hyper.router.TokenRouter`), or None."""
         self._local = threading.local()  # per-thread functional overrides: a background absorb trains beside decode
         stacked = bank.stacked(dtype=dtype, device=device)
         self.slots: dict[str, ModuleSlot] = {}
@@ -194,8 +196,9 @@ class LoraState:
                    row_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
         """Within the block, layers read these tensors instead of the buffers (gradients flow into them).
 
-        ``rank_weights (B, K*r)`` (see :func:`expand_blend`); ``row_factors[module] = (A_t (B, in, R),
-        B_t (B, R, out))`` for any rank R. Used to train hypernetworks end to end through the frozen model."""
+        ``rank_weights (B, K*r)`` (see :func:`expand_blend`), or ``(B, T, K*r)``: a blend per position;
+        ``row_factors[module] = (A_t (B, in, R), B_t (B, R, out))`` for any rank R. Used to train hypernetworks end to
+        end through the frozen model."""
         self._changed()
         previous, self._local.overrides = self.overrides, {"rank_weights": rank_weights, "rows": row_factors or {}}
         try:
@@ -207,6 +210,17 @@ class LoraState:
     def overrides(self) -> dict | None:
         """This thread's differentiable tensors (see :meth:`functional`); ``None`` outside the block."""
         return getattr(self._local, "overrides", None)
+
+    @property
+    def routed(self) -> tuple[torch.Tensor, frozenset[str]] | None:
+        """Per-position rank weights ``(B, T, K*r)`` and the modules that read them in place of the row's blend, for
+        the rest of this thread's current forward (set by a token router at its layer: :mod:`dynalora.hyper.router`);
+        ``None``: every module reads the row's blend."""
+        return getattr(self._local, "routed", None)
+
+    @routed.setter
+    def routed(self, value: tuple[torch.Tensor, frozenset[str]] | None) -> None:
+        self._local.routed = value
 
     def expand_blend(self, blend: torch.Tensor) -> torch.Tensor:
         """Blend weights ``(B, K)`` → rank weights ``(B, K*r)`` (differentiable)."""

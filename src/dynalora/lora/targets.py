@@ -65,3 +65,16 @@ def find_target_modules(model: nn.Module, suffixes: tuple[str, ...] | list[str] 
         raise ValueError(f"found no known projection layers to target; pass target_modules= one or more "
                          f"of {leaves}")
     return found
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of a HF causal LM (Llama/Qwen/Mistral ``model.layers``, GPT-2 ``transformer.h``)."""
+    for path in ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers", "layers"):
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(module, nn.ModuleList):
+            return module
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}; pass EngineConfig.feature_layer "
+                     "and a model with model.layers or transformer.h")

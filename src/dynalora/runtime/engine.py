@@ -376,7 +376,8 @@ class Engine:
         batch, logits, pad = self._batch, self._logits, self._pad_id()
         trigger_ids = set(self.trigger_token_ids.values())
         trigger_names = {v: k for k, v in self.trigger_token_ids.items()}
-        if self.config.merge_alone and len(self._rows) == 1 and self.dyn.state.merged_row is None:
+        if (self.config.merge_alone and len(self._rows) == 1 and self.dyn.state.merged_row is None
+                and self.dyn.state.router is None):  # a routed row's LoRA changes at every token: never merged
             self.dyn.merge_row(0)  # taken out again by the next write to the state
         processor = self._logits_processor
         if isinstance(processor, (HFLogitsProcessor, LogitsProcessorList)):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dynalora.runtime.features import decoder_layers
+from dynalora.lora.targets import decoder_layers
 
 
 class _Stop(Exception):

@@ -64,6 +64,16 @@ def cmd_xlora(config) -> int:
     return 0
 
 
+def cmd_route(config) -> int:
+    from dynalora.train.route import train_route
+
+    result = train_route(config)
+    print(f"token router: {result['parameters']} parameters, {result['train_seconds']:.0f}s "
+          f"(+{result['prior_seconds']:.0f}s running the shift system on the streams); last 20 steps: LM loss "
+          f"{result['final_loss']:.3f}")
+    return 0
+
+
 def cmd_absorb(config) -> int:
     from dynalora.train.absorb import train_absorb
 
@@ -124,6 +134,7 @@ def add_train_commands(commands) -> None:
     from dynalora.train.escalate import EscalateTrainConfig
     from dynalora.train.library import LibraryConfig
     from dynalora.train.mix import MixTrainConfig
+    from dynalora.train.route import RouteTrainConfig
     from dynalora.train.shift import ShiftTrainConfig
     from dynalora.train.trigger_lora import TriggerLoraTrainConfig
     from dynalora.train.triggers import TriggerTrainConfig
@@ -143,6 +154,8 @@ def add_train_commands(commands) -> None:
          "train level 2 of the hypernetwork stack (a LoRA for the shift network) and the <|think|> row that calls it"),
         ("mix", MixTrainConfig, cmd_mix, {**library, "shift_dir": "--shift", "compressor_dir": "--compressor"},
          "train the gate that weighs the shift LoRA and the memory LoRA per row"),
+        ("route", RouteTrainConfig, cmd_route, {**library, "shift_dir": "--shift", "triggers_dir": "--triggers"},
+         "train the token router: per-token re-weighting of the shift network's blend, inside the forward"),
         ("xlora", XLoraTrainConfig, cmd_xlora, library,
          "train PEFT X-LoRA's classifier over the library (a baseline of eval shift)"),
         ("absorb", AbsorbTrainConfig, cmd_absorb, {"target_modules": "--targets", "time_limit_minutes": "--time-limit"},
