@@ -25,7 +25,8 @@ def test_bench_engine_times_decoding_and_each_kv_policy(tmp_path):
                                                 rank=2, context=32, trigger_repeats=1, threads=1), tmp_path / "e.json")
     check_written(result, tmp_path / "e.json",
                   {"decode_b1_engine", "decode_b1_hf_generate", "trigger_keep_at_32", "trigger_recompute_all_at_32"},
-                  {"engine_vs_hf_decode_b1", "trigger_cost_in_decode_steps"})
+                  {"engine_vs_hf_decode_b1", "trigger_cost_in_decode_steps", "routed_vs_blend_decode_b1",
+                   "routed_vs_blend_decode_b8"})
 
 
 def test_bench_switch_times_dynalora_against_peft(tmp_path):

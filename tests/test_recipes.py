@@ -198,10 +198,11 @@ def test_trigger_lora_recipe_trains_saves_and_merges_exactly(tmp_path, synthetic
 
 
 def test_shift_pipeline_end_to_end_on_a_tiny_model(tmp_path, synthetic_domains, monkeypatch):
-    """library → shift network → trigger row → eval shift (every method scored, JSON written)."""
+    """library → shift network → trigger row → token router → eval shift (every method scored, JSON written)."""
     from dynalora.data.streams import write_streams
     from dynalora.eval.shift import ShiftEvalConfig, eval_shift
     from dynalora.train.shift import ShiftTrainConfig, train_shift
+    from dynalora.train.route import RouteTrainConfig, train_route
     from dynalora.train.triggers import TriggerTrainConfig, train_triggers
     from dynalora.train.xlora import XLoraTrainConfig, train_xlora
 
@@ -215,14 +216,19 @@ def test_shift_pipeline_end_to_end_on_a_tiny_model(tmp_path, synthetic_domains, 
                                  width=32, steps=5, batch_size=4))
     train_triggers(TriggerTrainConfig(library_dir=config.out_dir, out_dir=tmp_path / "triggers", model="tiny:llama",
                                       train_streams=6, validation_streams=3, delay=8, steps=50))
+    train_route(RouteTrainConfig(library_dir=config.out_dir, shift_dir=tmp_path / "shift",
+                                 triggers_dir=tmp_path / "triggers", out_dir=tmp_path / "router", model="tiny:llama",
+                                 streams=3, segment_chars=300, window=24, steps=3, width=8))
     streams = fake_streams(type("C", (), {"seed": 5, "streams": 2})())
     streams[1]["segments"][2]["library"] = False  # one segment counted as an unseen domain
     data = write_streams(streams, tmp_path / "streams.jsonl")
     result = eval_shift(ShiftEvalConfig(data=[data], library_dir=config.out_dir, shift_dir=tmp_path / "shift",
                                         triggers_dir=tmp_path / "triggers", xlora_dir=tmp_path / "xlora",
-                                        model="tiny:llama", skip=8, prototype_texts=2), out=tmp_path / "eval.json")
+                                        router_dir=tmp_path / "router", model="tiny:llama", skip=8, prototype_texts=2),
+                        out=tmp_path / "eval.json")
     methods = result["methods"]
-    for name in ("base", "uniform_merge", "peft_linear_merge", "router_select", "oracle", "dynalora", "xlora"):
+    for name in ("base", "uniform_merge", "peft_linear_merge", "router_select", "oracle", "dynalora",
+                 "dynalora_routed", "xlora"):
         assert methods[name]["tokens"] == methods["base"]["tokens"] > 0, name
     assert abs(methods["peft_linear_merge"]["nll"] - methods["uniform_merge"]["nll"]) > 0  # not the same math
     assert result["segments"] == 6 and "unseen_domains" in result and json.loads((tmp_path / "eval.json").read_text())

@@ -70,3 +70,25 @@ def test_a_fresh_router_applies_the_prior_up_to_its_smoothing_and_saves(tmp_path
     trained.save_pretrained(tmp_path, dtype=torch.float32)
     loaded = TokenRouter.from_pretrained(tmp_path)
     assert torch.equal(loaded(hidden, prior), trained.eval()(hidden, prior))
+
+
+def test_a_system_with_a_router_routes_its_engine_and_saves_it(tmp_path):
+    from dynalora.system.assemble import System
+    from dynalora.system.spec import EngineSpec
+
+    model = tiny_model("llama")
+    random_bank(model).save(tmp_path / "bank")
+    _, router = routed_model(feature_layer=1)
+    router.save_pretrained(tmp_path / "router", dtype=torch.float32)
+    spec = EngineSpec(model="tiny:llama", bank=tmp_path / "bank", hypernetwork="none", triggers=[])
+    plain = System.from_checkpoints(spec).engine()
+    routed = System.from_checkpoints(EngineSpec(**{**vars(spec), "router": tmp_path / "router"}))
+    assert routed.dyn.state.router is not None and plain.dyn.state.router is None
+    prompts = [[5, 17, 99, 3]]
+    for engine in (plain, routed.engine()):
+        engine.dyn.state.set_blend(0, [0.4, 0.4, 0.2])
+    assert plain.generate(prompts, max_new_tokens=6).token_ids != routed.engine().generate(
+        prompts, max_new_tokens=6).token_ids
+    saved = routed.save_pretrained(tmp_path / "system")
+    assert (saved / "router" / "router.safetensors").is_file()
+    assert System.from_pretrained(saved).dyn.state.router is not None

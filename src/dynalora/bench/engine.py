@@ -17,7 +17,8 @@ from transformers import DynamicCache
 from dynalora.models import check_placement
 from dynalora.bench.common import machine, stats, targets_report, timed, write_result
 
-TARGETS = {"engine_vs_hf_decode_b1": 0.9, "engine_vs_hf_decode_b8": 0.9, "trigger_cost_in_decode_steps": 1.0}
+TARGETS = {"engine_vs_hf_decode_b1": 0.9, "engine_vs_hf_decode_b8": 0.9, "trigger_cost_in_decode_steps": 1.0,
+           "routed_vs_blend_decode_b1": 0.9, "routed_vs_blend_decode_b8": 0.9}
 
 
 @dataclass
@@ -66,7 +67,9 @@ def _random_bank(model, count: int, rank: int):
 
 def run_engine_bench(config: EngineBenchConfig, out: Path | None = None) -> dict:
     from dynalora.hyper import NearestPrototype
+    from dynalora.hyper.router import TokenRouter, TokenRouterConfig
     from dynalora.lora import DynamicLoraModel, InjectConfig, StateConfig
+    from dynalora.lora.targets import decoder_layers
     from dynalora.models import load_base_model, model_device
     from dynalora.runtime import Engine, EngineConfig, RowSettings, SamplingConfig, TriggerConfig
 
@@ -95,9 +98,30 @@ def run_engine_bench(config: EngineBenchConfig, out: Path | None = None) -> dict
         engine.eos_ids = set()  # same work as min_new_tokens: never stop early
         engine.generate([p.tolist() for p in prompts[:batch]], max_new_tokens=n)
 
+    # the token router's cost: every row on the uniform blend of the bank, re-weighted at every token or not (a random
+    # router: what it costs does not depend on what it learned)
+    router = TokenRouter(TokenRouterConfig(hidden, dyn.state.labels, feature_layer=len(decoder_layers(model)) // 2))
+    torch.nn.init.normal_(router.net[-1].weight, std=0.1)
+
+    def blended(batch, routed):
+        dyn.state.reset()
+        for row in range(batch):
+            dyn.state.set_blend(row, [1.0 / config.adapters] * config.adapters)
+        if routed:
+            router.attach(dyn)
+        try:
+            ours(batch)
+        finally:
+            if routed:
+                router.detach(dyn)
+            dyn.state.reset()
+
     runs = {"decode_b1_hf_generate": lambda: hf(1), "decode_b1_engine": lambda: ours(1),
             f"decode_b{config.batch}_hf_generate": lambda: hf(config.batch),
             f"decode_b{config.batch}_engine": lambda: ours(config.batch)}
+    for batch in (1, config.batch):
+        runs[f"decode_b{batch}_engine_blend"] = lambda batch=batch: blended(batch, False)
+        runs[f"decode_b{batch}_engine_blend_routed"] = lambda batch=batch: blended(batch, True)
     for fn in runs.values():  # warm-up with a short run
         saved, n = n, 4
         fn()
@@ -143,6 +167,10 @@ def run_engine_bench(config: EngineBenchConfig, out: Path | None = None) -> dict
         "engine_vs_hf_decode_b1": methods["decode_b1_engine"]["median"] / methods["decode_b1_hf_generate"]["median"],
         "engine_vs_hf_decode_b8": methods[f"decode_b{config.batch}_engine"]["median"]
         / methods[f"decode_b{config.batch}_hf_generate"]["median"],
+        "routed_vs_blend_decode_b1": methods["decode_b1_engine_blend_routed"]["median"]
+        / methods["decode_b1_engine_blend"]["median"],
+        "routed_vs_blend_decode_b8": methods[f"decode_b{config.batch}_engine_blend_routed"]["median"]
+        / methods[f"decode_b{config.batch}_engine_blend"]["median"],
         "trigger_cost_in_decode_steps": methods[f"trigger_keep_at_{config.context}"]["median"] / step,
         "recompute_last_cost_in_decode_steps": methods[f"trigger_recompute_last_at_{config.context}"]["median"] / step,
         "recompute_all_cost_in_decode_steps": methods[f"trigger_recompute_all_at_{config.context}"]["median"] / step,

@@ -11,7 +11,9 @@ change). Every method is scored over the original vocabulary (trigger tokens are
   train-split streams (``dynalora train xlora``; two forward passes per call, no KV cache);
 * ``oracle`` — per segment, the single library adapter with the lowest NLL (upper bound for selection);
 * ``dynalora`` — no labels: the learned ``<|shift|>`` probability fires the trigger, the shift
-  hypernetwork writes the row's LoRA in place and the stream goes on under it (KV cache kept).
+  hypernetwork writes the row's LoRA in place and the stream goes on under it (KV cache kept);
+* ``dynalora_routed`` — the same, with the token router (``dynalora train route``) re-weighting the row's blend at
+  every token inside the same forward.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from dynalora.models import check_placement, model_device
 from dynalora.runtime.teacher_forced import schedule_chunks
 from dynalora.shipped import shipped
 
-METHODS = ("base", "uniform_merge", "peft_linear_merge", "router_select", "oracle", "dynalora", "xlora")
+METHODS = ("base", "uniform_merge", "peft_linear_merge", "router_select", "oracle", "dynalora", "dynalora_routed",
+           "xlora")
 
 
 @dataclass
@@ -47,6 +50,8 @@ class ShiftEvalConfig:
     """The trained trigger (``dynalora train triggers``)."""
     xlora_dir: Path = shipped("xlora")
     """X-LoRA classifier folder (``dynalora train xlora``)."""
+    router_dir: Path = shipped("router")
+    """The token router of ``dynalora_routed`` (``dynalora train route``)."""
     model: str | None = None
     """Base model: HF id or folder (None: the embedded SmolLM2-135M-Instruct)."""
     skip: int = 32
@@ -154,6 +159,15 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
         except FileNotFoundError as error:
             xlora_note = f"not run: {error}"
 
+    token_router, token_router_note = None, None
+    if "dynalora_routed" in run:
+        from dynalora.hyper.router import TokenRouter
+
+        try:
+            token_router = TokenRouter.from_pretrained(config.router_dir, system.dyn.state.device)
+        except FileNotFoundError as error:
+            token_router_note = f"not run: {error}"
+
     # router prototypes: pooled hidden states of each adapter's own training text (train split)
     started = time.perf_counter()
     prototypes = []
@@ -229,6 +243,13 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
             scores["dynalora"] = segment_scores(scored.nll, starts, length, config.skip)
             fired_all.append(scored.fired)
             shift_seconds.extend(event.seconds for event in scored.events)
+        if token_router is not None:
+            token_router.attach(dyn)
+            try:
+                scores["dynalora_routed"] = segment_scores(system.run_stream(tokens, config.min_gap).nll, starts,
+                                                           length, config.skip)
+            finally:
+                token_router.detach(dyn)
         for name, segs in scores.items():
             for (total, count), domain, library in zip(segs, domains, library_flags):
                 bucket = totals if library else unseen_totals
@@ -247,6 +268,8 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
         methods["peft_linear_merge"] = {"note": peft_note}
     if xlora_note:
         methods["xlora"] = {"note": xlora_note}
+    if token_router_note:
+        methods["dynalora_routed"] = {"note": token_router_note}
     triggers = trigger_metrics(fired_all, starts_all, lengths, config.skip) if "dynalora" in run else {}
     triggers["threshold"] = system.threshold
     triggers["update_delay"] = config.update_delay
@@ -257,12 +280,14 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
               "segments": sum(len(s) for s in starts_all), "tokens": sum(lengths), "streams": len(streams),
               "data": [str(p) for p in paths], "skip": config.skip, "router_setup_seconds": round(router_seconds, 1),
               "router_choices": {label: router_choices.count(label) for label in labels}}
-    if "dynalora" in methods and "oracle" in methods:
-        d = methods["dynalora"]["nll"]
-        result["ratios"] = {"dynalora_vs_oracle": d / methods["oracle"]["nll"],
-                            **{f"dynalora_gain_vs_{m}": 1 - d / methods[m]["nll"] for m in
-                               ("uniform_merge", "peft_linear_merge", "base", "router_select", "xlora")
-                               if "nll" in methods.get(m, {})}}
+    result["ratios"] = {}
+    for name in ("dynalora", "dynalora_routed"):
+        if "nll" in methods.get(name, {}) and "nll" in methods.get("oracle", {}):
+            d = methods[name]["nll"]
+            result["ratios"].update({f"{name}_vs_oracle": d / methods["oracle"]["nll"],
+                                     **{f"{name}_gain_vs_{m}": 1 - d / methods[m]["nll"] for m in
+                                        ("uniform_merge", "peft_linear_merge", "base", "router_select", "xlora",
+                                         "dynalora") if m != name and "nll" in methods.get(m, {})}})
     return report(result, format_shift_table(result), out)
 
 

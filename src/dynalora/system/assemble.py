@@ -102,6 +102,10 @@ class System:
             engine_config.update_delay = SHIFT_UPDATE_DELAY if spec.update_delay is None else spec.update_delay
             inject.state.generated_rank = net.config.generated_rank if shift_hyper.use_factors else 0
         dyn = DynamicLoraModel.attach(base.model, bank, inject)
+        if spec.router is not None:
+            from dynalora.hyper.router import TokenRouter
+
+            TokenRouter.from_pretrained(spec.router, device).attach(dyn)
         hyper = None
         absorber = plan and plan.absorber(dyn, base.tokenizer, spec.window, spec.sink_tokens, spec.relevance_gate)
         if shift_hyper is not None:

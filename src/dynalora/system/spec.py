@@ -20,7 +20,7 @@ SHIFT_UPDATE_DELAY = 12
 validation streams (results/eval_shift_validation_*.json): the blend alone with delay 12 (NLL 3.137) beat no delay
 (3.147) and the blend + generated factors (3.187, 3.201)."""
 SYSTEM_PARTS = {"bank": "library", "trigger_tokens": "triggers", "shift_dir": "shift", "escalate": "escalate",
-                "mix": "mix", "compressor": "absorb", "distill.step_sizes": "absorb_steps"}
+                "mix": "mix", "router": "router", "compressor": "absorb", "distill.step_sizes": "absorb_steps"}
 """The spec's checkpoint fields (:meth:`EngineSpec.parts`) and the names ``System.save_pretrained`` copies them
 to."""
 FLAG_ALIASES = {"hypernetwork": "--hyper", "shift_dir": "--shift", "triggers": "--trigger",
@@ -61,6 +61,9 @@ class EngineSpec:
     mix: Path | None = None
     """With ``hypernetwork="shift"``: the mix gate (``dynalora train mix``) that weighs the shift answer and the
     row's memory at every trigger (useful with ``window``)."""
+    router: Path | None = None
+    """A token router (``dynalora train route``): the bank's blend re-weighted at every token inside the forward,
+    with the row's blend as its prior (trained over the shift network's blends)."""
     triggers: list[str] = field(default_factory=lambda: ["token"])
     """Trigger policies, each one of: token | prob[:THRESHOLD] | think[:THRESHOLD] | surprise[:K] | every:N |
     window:TOKENS (``prob`` without a threshold: the trained one in the trigger's triggers.json, or 0.2)."""
@@ -104,7 +107,7 @@ class EngineSpec:
         """``{field: path}`` of the checkpoints this spec's system reads (``SYSTEM_PARTS`` it uses)."""
         used = {"bank": self.bank, "trigger_tokens": self.trigger_tokens,
                 "shift_dir": self.shift_dir if self.hypernetwork == "shift" else None,
-                "escalate": self.escalate, "mix": self.mix,
+                "escalate": self.escalate, "mix": self.mix, "router": self.router,
                 "compressor": self.compressor if self.window is not None and self.absorber != "distill" else None,
                 "distill.step_sizes": self.distill.step_sizes if self.window is not None else None}
         return {name: Path(path) for name, path in used.items() if path is not None}
