@@ -92,3 +92,23 @@ def test_a_system_with_a_router_routes_its_engine_and_saves_it(tmp_path):
     saved = routed.save_pretrained(tmp_path / "system")
     assert (saved / "router" / "router.safetensors").is_file()
     assert System.from_pretrained(saved).dyn.state.router is not None
+
+
+def test_a_routed_row_reports_its_blend_on_large_moves_only():
+    from dynalora.runtime import Engine, EngineConfig, TriggerConfig
+
+    dyn, router = routed_model(feature_layer=1)
+    router.attach(dyn)
+    dyn.state.set_blend(0, [0.4, 0.4, 0.2])
+
+    def routes(threshold):
+        engine = Engine(dyn, None, None, TriggerConfig([]), EngineConfig(route_report=threshold))
+        events = engine.generate([[5, 17, 99, 3]], max_new_tokens=12).lora_events("route")
+        engine.close()
+        return events
+
+    every, some = routes(0.0), routes(0.5)
+    assert len(every) == 12 and 0 < len(some) < 12
+    assert all(sum(abs(a - b) for a, b in zip(e.new_blend, e.old_blend)) >= 0.5 for e in some)
+    at = {e.position: e.new_blend for e in every}  # the same greedy tokens: the same routed blend at each position
+    assert all(e.new_blend == at[e.position] for e in some)

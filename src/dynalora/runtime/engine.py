@@ -60,6 +60,9 @@ class EngineConfig:
     """With one row, fold its whole LoRA into the base weights between changes (``DynamicLoraModel.merge_row``):
     decoding then costs what the base model's does; any change takes it out exactly first. Outputs equal the
     unmerged engine's up to float rounding."""
+    route_report: float = 0.25
+    """With a token router: a row reports its routed blend (a ``route`` event) when it has moved this much (L1) since
+    the blend it last reported — readable events, not one a token."""
     background_absorb: bool = False
     """With an absorber: write a chunk that leaves the window on a background thread while the row goes on
     generating with it still in context; the new memory is merged, and the chunk evicted, at the first step
@@ -105,6 +108,8 @@ class _Row:
     text: IncrementalDecoder
     produced: int = 0
     finished: bool = False
+    reported_route: torch.Tensor | None = None
+    """(K,) the routed blend this row last reported (token router only)."""
 
 
 class Engine:
@@ -389,6 +394,7 @@ class Engine:
             logits = logits.clone()
             logits[:, list(trigger_ids)] = float("-inf")
         next_tokens = self._choose(logits)  # (B,)
+        routes = self._routed_blends()  # (B, K) or None
         length = self._cache.get_seq_length() + 1
         decisions: dict[int, tuple[str | None, str | None, LoraEvent | None]] = {}
         for b, row in enumerate(self._rows):
@@ -430,6 +436,8 @@ class Engine:
             reason, held_back, applied = decisions[b]
             if applied is not None:  # a consumed trigger's update: it came before this token
                 yield applied
+            if routes is not None:
+                yield from self._report_route(b, row, position, routes[b])
             if token not in self.eos_ids or row.settings.ignore_eos:
                 yield TokenEvent(row=b, position=position, token_id=token, text=row.text.add(token))
             if held_back:
@@ -442,6 +450,22 @@ class Engine:
             if stop or row.produced >= row.settings.max_new_tokens or self.interrupted:
                 row.finished = True
                 yield FinishEvent(row=b, reason=stop or ("interrupted" if self.interrupted else "length"))
+
+    def _routed_blends(self) -> torch.Tensor | None:
+        """``(B, K)``: the blend the token router gave each row's last position in the forward that made this step's
+        logits (None without a router, or when that forward was not of the whole batch)."""
+        routed = self.dyn.state.routed
+        if self.dyn.state.router is None or routed is None or routed[0].shape[0] != len(self._rows):
+            return None
+        return routed[0][:, -1, ::self.dyn.state.bank_rank].float()  # rank weights repeat each blend weight r times
+
+    def _report_route(self, b: int, row: _Row, position: int, blend: torch.Tensor) -> Iterator[LoraEvent]:
+        """A ``route`` event when the row's routed blend moved ``route_report`` (L1) from the one it last reported."""
+        before = row.reported_route if row.reported_route is not None else self.dyn.state.blend_weights[b].float()
+        if float((blend - before).abs().sum()) >= self.config.route_report:
+            row.reported_route = blend.clone()
+            yield LoraEvent("route", b, position, "token router", 0.0, before.tolist(), blend.tolist(),
+                            "the routed blend of this token (the row's blend is its prior)")
 
     @torch.no_grad()
     def advance(self) -> Iterator[Event]:

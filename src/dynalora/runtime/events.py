@@ -19,7 +19,8 @@ class TokenEvent:
 class LoraEvent:
     kind: str
     """``shift`` (applied), ``identity`` (hypernetwork said no change), ``rejected`` (guard refused it;
-    the previous state is kept), ``suppressed`` (a trigger held back by a rate limit), ``absorb`` (the
+    the previous state is kept), ``suppressed`` (a trigger held back by a rate limit), ``route`` (the token router
+    moved the row's per-token blend far from the one last reported), ``absorb`` (the
     oldest chunk folded into the memory LoRA and evicted; ``position`` is then the row's kept length)."""
     row: int
     position: int
