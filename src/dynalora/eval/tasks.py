@@ -6,8 +6,8 @@ LoRA from a few support examples (or the task's description) and is scored on th
 * ``base`` — no LoRA; ``uniform_merge`` — the exact uniform blend of the library (both adapt in 0 s);
 * ``best_adapter`` — the single library adapter with the lowest NLL of the support answers;
 * ``lorahub`` — LoraHub's gradient-free search of the K blend weights on the support examples
-  (objective: mean answer NLL + 0.05·Σ|w|, weights in [-1.5, 1.5], 40 evaluations; LoraHub runs
-  nevergrad's NGOpt, here a small seeded evolution strategy, :func:`lorahub_search`);
+  (objective: mean answer NLL + 0.05·Σ|w|, weights in [-1.5, 1.5], 40 evaluations of nevergrad's NGOpt, as
+  LoraHub runs it: :func:`lorahub_search`);
 * ``dynalora_description`` / ``dynalora_examples`` — one zero-LoRA forward over the task's description
   (or the support examples written out), the feature-layer state pooled over the network's window,
   one shift-network call: its gated blend (against a zero current blend, as ``ShiftHypernetwork``).
@@ -233,34 +233,27 @@ class SearchResult:
 
 
 def lorahub_search(objective: Callable[[torch.Tensor], float], dim: int, budget: int = 40, bound: float = 1.5,
-                   seed: int = 0, population: int = 6, sigma: float = 0.5) -> SearchResult:
-    """Gradient-free minimisation of ``objective(weights (dim,))`` over ``[-bound, bound]^dim``.
+                   seed: int = 0) -> SearchResult:
+    """LoraHub's search of the blend weights: nevergrad's ``NGOpt`` over ``[-bound, bound]^dim`` from zero (the base
+    model), ``budget`` evaluations of ``objective(weights (dim,))``, seeded; the weights are the optimiser's
+    recommendation, as LoraHub takes them (``value``: the objective there, one evaluation past the budget)."""
+    try:
+        import nevergrad as ng
+        import numpy as np
+    except ImportError:
+        raise RuntimeError("the lorahub method needs nevergrad (LoraHub's optimiser): pip install 'dynalora[eval]'") \
+            from None
+    parametrization = ng.p.Array(init=np.zeros(dim), lower=-bound, upper=bound)
+    parametrization.random_state = np.random.RandomState(seed)
+    optimizer = ng.optimizers.NGOpt(parametrization=parametrization, budget=budget)
+    values = []
 
-    A seeded (μ/μ_w, λ) evolution strategy with mirrored samples, as LoraHub's NGOpt would do on a
-    budget: start at zero (the base model), sample ``population`` candidates around the mean, move the
-    mean to the log-weighted best half of them and the best point so far, and grow σ by 1.25 after a
-    generation that improved on the best, shrink it by 0.8 otherwise. Exactly ``budget`` evaluations."""
-    generator = torch.Generator().manual_seed(seed)
-    mean = torch.zeros(dim)
-    best, best_value = mean.clone(), float(objective(mean))
-    values = [best_value]
-    while len(values) < budget:
-        count = min(population, budget - len(values))
-        noise = torch.randn((count + 1) // 2, dim, generator=generator)  # (λ/2, dim)
-        candidates = (mean + sigma * torch.cat([noise, -noise])[:count]).clamp(-bound, bound)  # (λ, dim)
-        scores = [float(objective(c)) for c in candidates]
-        values.extend(scores)
-        improved = min(scores) < best_value
-        pool = torch.cat([candidates, best[None]])  # (λ+1, dim)
-        pool_scores = torch.tensor(scores + [best_value])
-        if improved:
-            best, best_value = candidates[int(torch.tensor(scores).argmin())].clone(), min(scores)
-        parents = max(1, (count + 1) // 2)
-        order = pool_scores.argsort()[:parents]
-        weights = torch.log(torch.tensor(parents + 0.5)) - torch.log(torch.arange(1, parents + 1, dtype=torch.float))
-        mean = (weights[:, None] * pool[order]).sum(0) / weights.sum()  # (dim,)
-        sigma *= 1.25 if improved else 0.8
-    return SearchResult(best.tolist(), best_value, values)
+    def scored(weights) -> float:
+        values.append(float(objective(torch.tensor(weights, dtype=torch.float32))))
+        return values[-1]
+
+    weights = torch.tensor(optimizer.minimize(scored).value, dtype=torch.float32)
+    return SearchResult(weights.tolist(), float(objective(weights)), values)
 
 
 @dataclass
