@@ -133,3 +133,20 @@ def test_every_method_runs_on_a_tiny_system():
         expected = (out["gate"][0] * out["blend"][0]).tolist()  # gated against a zero current blend
         assert methods["dynalora_description"]["blend"] == pytest.approx(expected, abs=1e-4)
     assert not dyn.state.blend_weights.any()  # the runner leaves the state at zero
+
+
+def test_paired_bootstrap_separates_real_differences_from_noise():
+    from dynalora.eval.tasks import bootstrap_intervals
+
+    ones, zeros = [1.0] * 30, [0.0] * 30
+    mixed = [1.0, 0.0] * 15  # 0.5, and 0.53 below: three queries apart out of 30
+    close = [1.0, 0.0] * 14 + [1.0, 1.0]
+    grades = {"base": {"t1": zeros, "t2": mixed}, "dynalora_examples": {"t1": ones, "t2": close},
+              "uniform_merge": {"t1": ones, "t2": mixed}}
+    out = bootstrap_intervals(grades, seed=0, resamples=500)
+    far = out["differences"]["dynalora_examples - base"]
+    assert far["real"] and far["mean"] == pytest.approx((1 + 1 / 30) / 2, abs=1e-4) and far["interval"][0] > 0.3
+    near = out["differences"]["dynalora_examples - uniform_merge"]
+    assert not near["real"] and near["interval"][0] <= 0 <= near["interval"][1]
+    assert out["methods"]["base"][0] < 0.25 < out["methods"]["base"][1]  # its mean over the two tasks is 0.25
+    assert "base - uniform_merge" not in out["differences"]  # only dynalora methods are compared

@@ -361,8 +361,8 @@ class TaskRunner:
             picks = choose_choices(model, self.tokenizer, task, queries, self.pad_id, self.system.vocab_size,
                                    config.batch_size)
             grades = [e.choice_scores[p] if e.choice_scores else float(p == e.correct) for e, p in zip(queries, picks)]
-            return {"accuracy": sum(grades) / len(grades), "samples": [queries[i].choices[picks[i]] for i in range(3)
-                                                                       if i < len(queries)]}
+            return {"accuracy": sum(grades) / len(grades), "grades": grades,
+                    "samples": [queries[i].choices[picks[i]] for i in range(3) if i < len(queries)]}
         prompts = [prompt_ids(self.tokenizer, task, e) for e in queries]
         longest = max(len(answer_ids(self.tokenizer, t)) for e in queries for t in e.targets)
         max_new = min(longest + 4, config.max_new_tokens)
@@ -376,7 +376,7 @@ class TaskRunner:
                 texts[i] = text
         answers = [extract_answer(t, task.stop_string, task.output_regex) for t in texts]
         matches = [exact_match(a, e.targets) for a, e in zip(answers, queries)]
-        return {"accuracy": sum(m[0] for m in matches) / len(matches),
+        return {"accuracy": sum(m[0] for m in matches) / len(matches), "grades": [float(m[0]) for m in matches],
                 "accuracy_case_insensitive": sum(m[1] for m in matches) / len(matches),
                 "max_new_tokens": max_new, "samples": answers[:3]}
 
@@ -459,8 +459,10 @@ def eval_tasks(config: TaskEvalConfig, out: Path | None = None) -> dict:
                 targets[f"{fast}_{relation}_{other}"] = ok
         if f"lorahub_over_{fast}_seconds" in ratios:
             targets[f"{fast}_100x_faster_than_lorahub"] = ratios[f"lorahub_over_{fast}_seconds"] >= 100
+    grades = {m: {name: t["methods"][m]["grades"] for name, t in per_task.items()} for m in config.methods}
+    intervals = bootstrap_intervals(grades, config.seed)
     result = {
-        "tasks": per_task, "mean": mean, "ratios": ratios, "targets": targets,
+        "tasks": per_task, "mean": mean, "intervals": intervals, "ratios": ratios, "targets": targets,
         "splits": {"support": f"{config.support} examples sampled (seed {config.seed}) from each task's "
                               f"{SUPPORT_SPLIT} split",
                    "queries": f"up to {config.max_queries} examples sampled (seed {config.seed}) from each task's "
@@ -476,6 +478,41 @@ def eval_tasks(config: TaskEvalConfig, out: Path | None = None) -> dict:
     return report(result, format_tasks_table(result), out)
 
 
+def bootstrap_intervals(grades: dict[str, dict[str, list[float]]], seed: int = 0, resamples: int = 2000,
+                        level: float = 0.95) -> dict:
+    """Confidence intervals of the mean accuracy over tasks (``grades[method][task]``: per-query grades), by a paired
+    bootstrap: each resample draws every task's queries with replacement, the same draw for every method, so a
+    difference between two methods is resampled as a difference. Returns each method's interval and, for every
+    dynalora method against every other, the difference's mean and interval (``real``: the interval excludes 0)."""
+    generator = torch.Generator().manual_seed(seed)
+    methods = list(grades)
+    tasks = list(grades[methods[0]])
+    draws = torch.zeros(len(methods), resamples)  # (M, R): mean accuracy over tasks in each resample
+    for task in tasks:
+        table = torch.tensor([grades[m][task] for m in methods])  # (M, n)
+        index = torch.randint(table.shape[1], (resamples, table.shape[1]), generator=generator)  # (R, n)
+        draws += table[:, index].mean(-1) / len(tasks)  # (M, R)
+    low, high = (1 - level) / 2, (1 + level) / 2
+
+    def interval(values: torch.Tensor) -> list[float]:
+        return [round(float(values.quantile(low)), 4), round(float(values.quantile(high)), 4)]
+
+    out = {"level": level, "resamples": resamples, "methods": {m: interval(draws[i]) for i, m in enumerate(methods)},
+           "differences": {}}
+    for i, fast in enumerate(methods):
+        if not fast.startswith("dynalora"):
+            continue
+        for j, other in enumerate(methods):
+            if j != i:
+                values = draws[i] - draws[j]
+                bounds = interval(values)
+                mean = sum(sum(grades[fast][t]) / len(grades[fast][t]) - sum(grades[other][t]) / len(grades[other][t])
+                           for t in tasks) / len(tasks)
+                out["differences"][f"{fast} - {other}"] = {"mean": round(mean, 4), "interval": bounds,
+                                                          "real": bounds[0] > 0 or bounds[1] < 0}
+    return out
+
+
 def format_tasks_table(result: dict) -> str:
     """Methods × tasks accuracy, then mean accuracy and mean adaptation seconds."""
     names = list(result["tasks"])
@@ -486,4 +523,8 @@ def format_tasks_table(result: dict) -> str:
         lines.append(f"{method:<22}{cells}{m['accuracy']:>10.3f}{m['adapt_seconds']:>10.3f}")
     for key, value in result.get("ratios", {}).items():
         lines.append(f"{key}: {value:.1f}×")
+    intervals = result.get("intervals", {})
+    for name, d in intervals.get("differences", {}).items():
+        verdict = "real" if d["real"] else "not separated"
+        lines.append(f"{name}: {d['mean']:+.3f} [{d['interval'][0]:+.3f}, {d['interval'][1]:+.3f}] ({verdict})")
     return "\n".join(lines)
