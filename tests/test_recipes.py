@@ -243,7 +243,8 @@ def test_shift_pipeline_end_to_end_on_a_tiny_model(tmp_path, synthetic_domains, 
     timed = run_xlora_bench(XLoraBenchConfig(checkpoints=tmp_path, model="tiny:llama", prompt_tokens=16, new_tokens=4,
                                              repeats=1, threads=1), tmp_path / "bench.json")
     assert set(timed["ratios"]) == {"dynalora_vs_hf_time_per_token", "xlora_vs_hf_time_per_token",
-                                    "xlora_vs_dynalora_time_per_token"}
+                                    "xlora_vs_dynalora_time_per_token", "routed_vs_dynalora_time_per_token",
+                                    "xlora_vs_routed_time_per_token"}  # the router trained above is timed too
     assert all(counts == [4] for counts in timed["tokens_generated"].values())  # each made the tokens it was timed on
 
 

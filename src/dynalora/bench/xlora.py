@@ -25,7 +25,8 @@ PROMPT = ("The committee met on Tuesday to discuss the budget for the coming yea
 @dataclass
 class XLoraBenchConfig:
     checkpoints: Path = shipped()
-    """Folder with ``library``, ``shift``, ``triggers`` and ``xlora`` (the shipped ones by default)."""
+    """Folder with ``library``, ``shift``, ``triggers`` and ``xlora`` (the shipped ones by default), and ``router``
+    (the token router: the engine is timed with it too when it is there)."""
     model: str | None = None
     """Base model: HF id or folder (None: the embedded SmolLM2-135M-Instruct)."""
     prompt_tokens: int = 256
@@ -70,23 +71,43 @@ def run_xlora_bench(config: XLoraBenchConfig, out: Path | None = None) -> dict:
             counts.append(made.shape[1] - prompt.shape[1])
         return run
 
-    def dynalora_generate():
-        system.dyn.state.reset()
-        result = engine.generate([ids], max_new_tokens=config.new_tokens)
-        counts.append(len(result.token_ids[0]))
-        shifts.append(sum(1 for e in result.events if getattr(e, "kind", "") == "shift"))
+    router = None
+    if (folder / "router").is_dir():
+        from dynalora.hyper.router import TokenRouter
 
+        router = TokenRouter.from_pretrained(folder / "router", model_device(system.base.model))
+
+    def dynalora_generate(routed: bool = False):
+        def run():
+            system.dyn.state.reset()
+            if routed:
+                router.attach(system.dyn)
+            try:
+                result = engine.generate([ids], max_new_tokens=config.new_tokens)
+            finally:
+                if routed:
+                    router.detach(system.dyn)
+            counts.append(len(result.token_ids[0]))
+            shifts.append(sum(1 for e in result.events if getattr(e, "kind", "") == "shift"))
+        return run
+
+    runs = [("hf_generate_base", hf_generate(plain)), ("dynalora_engine", dynalora_generate()),
+            ("peft_xlora_generate", hf_generate(xlora))]
+    if router is not None:
+        runs.append(("dynalora_engine_routed", dynalora_generate(routed=True)))
     with system.live() as engine:  # the trigger LoRA, if any, merged while the engine runs
-        methods, tokens_made, shifts = {}, {}, []
-        for name, run in (("hf_generate_base", hf_generate(plain)), ("dynalora_engine", dynalora_generate),
-                          ("peft_xlora_generate", hf_generate(xlora))):
-            counts = []
+        methods, tokens_made, shifts_made = {}, {}, {}
+        for name, run in runs:
+            counts, shifts = [], []
             run()  # warm-up
             counts.clear()
+            shifts.clear()
             seconds = [timed(run) for _ in range(config.repeats)]
             per_token = [s / max(c, 1) for s, c in zip(seconds, counts)]
             methods[f"{name}_s_per_token"] = stats(per_token, "s")
             tokens_made[name] = counts
+            if shifts:
+                shifts_made[name] = shifts
     median = {name: m["median"] for name, m in methods.items()}
     ratios = {"dynalora_vs_hf_time_per_token": median["dynalora_engine_s_per_token"]
               / median["hf_generate_base_s_per_token"],
@@ -94,8 +115,13 @@ def run_xlora_bench(config: XLoraBenchConfig, out: Path | None = None) -> dict:
               / median["hf_generate_base_s_per_token"],
               "xlora_vs_dynalora_time_per_token": median["peft_xlora_generate_s_per_token"]
               / median["dynalora_engine_s_per_token"]}
+    if router is not None:
+        ratios["routed_vs_dynalora_time_per_token"] = (median["dynalora_engine_routed_s_per_token"]
+                                                       / median["dynalora_engine_s_per_token"])
+        ratios["xlora_vs_routed_time_per_token"] = (median["peft_xlora_generate_s_per_token"]
+                                                    / median["dynalora_engine_routed_s_per_token"])
     result = {"methods": methods, "ratios": ratios, "targets": {}, "tokens_generated": tokens_made,
-              "dynalora_shifts_per_run": shifts, "config": {k: str(v) for k, v in asdict(config).items()},
+              "shifts_per_run": shifts_made, "config": {k: str(v) for k, v in asdict(config).items()},
               "machine": machine()}
     write_result(result, out)
     return result
