@@ -21,7 +21,8 @@ def test_the_wheel_carries_the_checkpoints_and_python_m_dynalora_demo_runs_outsi
     names = set(zipfile.ZipFile(wheel).namelist())
     for needed in ("dynalora/__main__.py", "dynalora/configs/library.toml",
                    "dynalora/checkpoints/shift/shift_net.safetensors", "dynalora/checkpoints/library/library.json",
-                   "dynalora/checkpoints/triggers/trigger_tokens.safetensors", "dynalora/serve/page.html"):
+                   "dynalora/checkpoints/triggers/trigger_tokens.safetensors", "dynalora/serve/page.html",
+                   "dynalora/checkpoints/router/router.safetensors"):
         assert needed in names, needed
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp_path / "site"),
                     str(wheel)], check=True, capture_output=True)
