@@ -386,9 +386,9 @@ def test_a_transformers_logits_processor_steers_the_engine_as_it_steers_generate
 
 
 def test_the_id_buffers_grow_in_place_past_their_room():
-    from dynalora.runtime.token_batch import TokenBatch
+    from dynalora.runtime.decode_batch import DecodeBatch
 
-    batch = TokenBatch([[5, 6, 7], [8]], pad_id=0, device=torch.device("cpu"), room=2)
+    batch = DecodeBatch([[5, 6, 7], [8]], pad_id=0, device=torch.device("cpu"), room=2)
     expected_ids = torch.tensor([[5, 6, 7], [0, 0, 8]])
     for step in range(40):
         tokens = torch.tensor([step, 100 + step])

@@ -41,6 +41,16 @@ def source_kind(source: str) -> tuple[str, str]:
     return kind, target
 
 
+def random_windows(rng, lengths: list[int], count: int, window: int) -> list[tuple[int, int]]:
+    """``count`` random windows ``(sequence index, start)`` of up to ``window`` tokens over sequences of ``lengths``,
+    drawn from ``rng`` (a ``random.Random``: seeded, every process of a run draws the same global batch)."""
+    draws = []
+    for _ in range(count):
+        index = rng.randrange(len(lengths))
+        draws.append((index, rng.randrange(0, max(1, lengths[index] - window))))
+    return draws
+
+
 def text_token_stream(tokenizer, source: str, split: str, max_documents: int | None = None,
                       seed: int = 0) -> list[int]:
     """All documents of one split of a text source, tokenised and joined with EOS (documents shuffled)."""

@@ -29,7 +29,7 @@ class DynamicLoraLinear(nn.Module):
         y = self.base_layer(x)  # (B, T, out)
         state: LoraState = self.dynalora_state
         slot: ModuleSlot = self.dynalora_slot
-        routed = state.routed
+        routed = state.routed if state.router is not None else None  # a thread-local read only when routing
         if routed is not None and self.module_name not in routed[1]:
             routed = None
         if state.merged_row is not None:  # the weights hold one row's whole LoRA (DynamicLoraModel.merge_row)

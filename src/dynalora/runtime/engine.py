@@ -29,7 +29,7 @@ from dynalora.runtime.detokenize import IncrementalDecoder
 from dynalora.runtime.features import HiddenCapture
 from dynalora.runtime.guard import GuardConfig
 from dynalora.runtime.sampling import SamplingConfig, choose_next
-from dynalora.runtime.token_batch import TokenBatch, join_caches, select_cache
+from dynalora.runtime.decode_batch import DecodeBatch, join_caches, select_cache
 from dynalora.runtime.triggers import DelayedUpdate, RowTriggers, StepObservation, TriggerConfig
 from dynalora.runtime.update import apply_update
 
@@ -191,7 +191,7 @@ class Engine:
             self.capture.window = saved_window
             self.capture.reset()
 
-    def _forward(self, batch: TokenBatch, new_tokens: int, cache: DynamicCache) -> torch.Tensor:
+    def _forward(self, batch: DecodeBatch, new_tokens: int, cache: DynamicCache) -> torch.Tensor:
         """Feed the last ``new_tokens`` positions of every row; returns next-token logits (B, V)."""
         self.capture.expect(batch.mask[:, -new_tokens:])
         out = self.model(input_ids=batch.ids[:, -new_tokens:], attention_mask=batch.mask,
@@ -199,7 +199,7 @@ class Engine:
                          logits_to_keep=1)
         return out.logits[:, -1].float()
 
-    def _forward_prompt(self, batch: TokenBatch, cache: DynamicCache, want_all: bool) -> torch.Tensor:
+    def _forward_prompt(self, batch: DecodeBatch, cache: DynamicCache, want_all: bool) -> torch.Tensor:
         self.capture.expect(batch.mask)
         out = self.model(input_ids=batch.ids, attention_mask=batch.mask, position_ids=batch.positions, cache=cache,
                          use_cache=True, logits_to_keep=0 if want_all else 1)
@@ -290,7 +290,7 @@ class Engine:
         if self.worker is not None:
             self.worker.collect(wait=True)  # an abandoned run's writes are dropped: their tokens were not evicted
         self._rows: list[_Row] = []
-        self._batch: TokenBatch | None = None
+        self._batch: DecodeBatch | None = None
         self._cache: DynamicCache | None = None
         self._logits: torch.Tensor | None = None  # (B, V): every row's next-token logits
         self._seen: torch.Tensor | None = None  # (B, V) bool: tokens already in each row (repetition penalty)
@@ -335,7 +335,7 @@ class Engine:
         new = [_Row(s, RowTriggers(self.triggers if s.triggers is None else s.triggers),
                     DelayedUpdate(self.config.update_delay),
                     IncrementalDecoder(self.decode)) for s in settings]
-        batch = TokenBatch(rows, self._pad_id(), self.device, room=max(s.max_new_tokens for s in settings))
+        batch = DecodeBatch(rows, self._pad_id(), self.device, room=max(s.max_new_tokens for s in settings))
         cache = DynamicCache(config=self.model.config)
         want_prompt = any(row.triggers.wants_prompt for row in new)
         earlier = self.capture.take()
@@ -519,7 +519,7 @@ class Engine:
         """Columns a rebuilt batch reserves: the most tokens a running row may still add."""
         return max((row.settings.max_new_tokens - row.produced for row in self._rows), default=0)
 
-    def _evict(self, finished: list[bool]) -> tuple[TokenBatch, list[LoraEvent]] | None:
+    def _evict(self, finished: list[bool]) -> tuple[DecodeBatch, list[LoraEvent]] | None:
         """Absorb and drop the oldest chunk of every unfinished row past the window.
 
         Positions are renumbered: the kept tokens (sink + recent) sit at 0..n-1 and the cache is rebuilt
@@ -531,9 +531,9 @@ class Engine:
             if not finished[b]:
                 rows[b], row_events = self._evict_row(b, row)
                 events += row_events
-        return (TokenBatch(rows, self._pad_id(), self.device, self._room()), events) if events else None
+        return (DecodeBatch(rows, self._pad_id(), self.device, self._room()), events) if events else None
 
-    def _absorb_in_background(self, finished: list[bool]) -> tuple[TokenBatch | None, list[LoraEvent]]:
+    def _absorb_in_background(self, finished: list[bool]) -> tuple[DecodeBatch | None, list[LoraEvent]]:
         """Merge every finished background write (evicting its chunk) and start one for every row past the
         window that has none in flight. Returns the batch after eviction (``None``: nothing was evicted) and
         the events in order: finished writes first, then the ones started."""
@@ -569,7 +569,7 @@ class Engine:
                 events.append(LoraEvent("absorb_start", b, len(row), "window", 0.0, blend, blend,
                                         f"writing {len(chunk)} tokens into memory in the background; they stay in "
                                         "the window until it is done"))
-        return (TokenBatch(rows, self._pad_id(), self.device, self._room()) if absorbed else None), absorbed + events
+        return (DecodeBatch(rows, self._pad_id(), self.device, self._room()) if absorbed else None), absorbed + events
 
     def _evict_row(self, row: int, token_ids: list[int]) -> tuple[list[int], list[LoraEvent]]:
         """One row through the absorber: its kept tokens and an ``absorb`` event per chunk evicted."""

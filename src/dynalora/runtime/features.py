@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from dynalora.lora.targets import decoder_layers
+from dynalora.runtime.padding import left_pad
 
 
 class HiddenCapture:
@@ -66,8 +67,8 @@ class HiddenCapture:
             self.recent, self.valid = taken
             return
         width = max(taken[0].shape[1], self.recent.shape[1])
-        parts = [(_left_pad(recent, width), _left_pad(valid, width)) for recent, valid in (taken, (self.recent,
-                                                                                                    self.valid))]
+        parts = [(left_pad(recent, width - recent.shape[1], 1), left_pad(valid, width - valid.shape[1], 1))
+                 for recent, valid in (taken, (self.recent, self.valid))]
         self.recent = torch.cat([parts[0][0], parts[1][0]])  # (B, W, H)
         self.valid = torch.cat([parts[0][1], parts[1][1]])  # (B, W)
 
@@ -92,13 +93,6 @@ class HiddenCapture:
 
     def remove(self) -> None:
         self._handle.remove()
-
-
-def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:  # (B, W, ...) -> (B, width, ...) zeros first
-    missing = width - tensor.shape[1]
-    if not missing:
-        return tensor
-    return torch.cat([tensor.new_zeros(tensor.shape[0], missing, *tensor.shape[2:]), tensor], dim=1)
 
 
 @torch.no_grad()

@@ -20,6 +20,15 @@ def pad_rows(rows: list[list[int]], pad_id: int, device, left: bool = False,
     return ids.to(device), mask.to(device)
 
 
+def left_pad(tensor: torch.Tensor, columns: int, dim: int) -> torch.Tensor:
+    """``columns`` zeros (False for a mask) before ``tensor`` along ``dim``."""
+    if columns <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = columns
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
 def length_buckets(lengths: list[int], spread: float = 1.5) -> list[list[int]]:
     """Indices grouped so that no batch pads a row past ``spread`` × its shortest row (sorted by length)."""
     buckets: list[list[int]] = []

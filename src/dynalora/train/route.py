@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dynalora.data.batches import config_record
+from dynalora.data.batches import config_record, random_windows
 from dynalora.shipped import shipped, trained
 from dynalora.training import RunConfig, TrainingRun
 
@@ -100,6 +100,7 @@ def train_route(config: RouteTrainConfig) -> dict:
     router.attach(dyn)
     optimizer = torch.optim.AdamW(router.parameters(), lr=config.lr, weight_decay=0.0)
     prepared, optimizer = run.accelerator.prepare(router, optimizer)
+    lengths = [len(tokens) for tokens in sequences]
     rng = random.Random(config.seed)
     start, history, extra = run.resume(rng)
     router.train()
@@ -107,11 +108,7 @@ def train_route(config: RouteTrainConfig) -> dict:
     progress = tqdm(range(start, config.steps), desc="train route", initial=start, total=config.steps,
                     disable=not run.is_main)
     for step in progress:
-        windows = []  # the global batch, drawn alike on every process
-        for _ in range(config.batch_size):
-            index = rng.randrange(len(sequences))
-            at = rng.randrange(0, max(1, len(sequences[index]) - config.window))
-            windows.append((index, at))
+        windows = random_windows(rng, lengths, config.batch_size, config.window)  # alike on every process
         mine = [windows[i] for i in run.shard(torch.arange(config.batch_size)).tolist()]
         length = min(min(len(priors[i]) - at for i, at in mine), config.window)  # priors: one fewer than tokens
         ids = torch.tensor([sequences[i][at:at + length] for i, at in mine], device=run.device)  # (B, T)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dynalora.data.batches import config_record
+from dynalora.data.batches import config_record, random_windows
 from dynalora.shipped import shipped, trained
 from dynalora.system.xlora import CONFIG_FILE, WEIGHTS_FILE, build_xlora, xlora_classifier
 from dynalora.training import RunConfig, TrainingRun
@@ -77,6 +77,7 @@ def train_xlora(config: XLoraTrainConfig) -> dict:
     labels = [adapter["label"] for adapter in adapters]
     streams = library_streams(adapters, "train", config.streams, config.seed, config.segments, config.segment_chars)
     sequences = [tokenize_stream(tokenizer, s)[0] for s in streams]
+    lengths = [len(tokens) for tokens in sequences]
     rng = random.Random(config.seed)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
@@ -87,11 +88,8 @@ def train_xlora(config: XLoraTrainConfig) -> dict:
     progress = tqdm(range(start, config.steps), desc="train xlora", initial=start, total=config.steps,
                     disable=not run.is_main)
     for step in progress:
-        windows = []  # the global batch, drawn alike on every process
-        for _ in range(config.batch_size):
-            tokens = sequences[rng.randrange(len(sequences))]
-            at = rng.randrange(0, max(1, len(tokens) - config.window))
-            windows.append(tokens[at:at + config.window])
+        windows = [sequences[i][at:at + config.window]  # the global batch, drawn alike on every process
+                   for i, at in random_windows(rng, lengths, config.batch_size, config.window)]
         mine = [windows[i] for i in run.shard(torch.arange(config.batch_size)).tolist()]
         with run.accelerator.accumulate(model), run.accelerator.autocast():
             losses = [model(input_ids=torch.tensor([ids], device=run.device),  # (1, T)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from dynalora.runtime.padding import pad_rows
+from dynalora.runtime.padding import left_pad, pad_rows
 
 
-class TokenBatch:
+class DecodeBatch:
     """Token ids, mask and positions of every row so far, left-padded: all (B, L), on the model's device.
 
     The buffers hold ``room`` more columns than the prompt from the start, so a step writes one column in place
@@ -55,7 +55,7 @@ class TokenBatch:
     def row_tokens(self, b: int) -> list[int]:
         return self.ids[b][self.mask[b].bool()].tolist()
 
-    def join(self, other: "TokenBatch") -> tuple[int, int]:
+    def join(self, other: "DecodeBatch") -> tuple[int, int]:
         """Append ``other``'s rows below these, both right-aligned at the longer length (the shorter side gains
         padding columns on its left). Returns the columns of padding added to ``(self, other)``."""
         length = max(self.length, other.length)
@@ -91,8 +91,8 @@ class TokenBatch:
 def join_caches(first: DynamicCache, second: DynamicCache, pads: tuple[int, int]) -> DynamicCache:
     """One cache of ``first``'s rows then ``second``'s, each left-padded by ``pads`` (zeros there: masked out)."""
     for mine, theirs in zip(first.layers, second.layers):
-        mine.keys = torch.cat([_left_pad(mine.keys, pads[0]), _left_pad(theirs.keys, pads[1])], dim=0)
-        mine.values = torch.cat([_left_pad(mine.values, pads[0]), _left_pad(theirs.values, pads[1])], dim=0)
+        mine.keys = torch.cat([left_pad(mine.keys, pads[0], 2), left_pad(theirs.keys, pads[1], 2)], dim=0)
+        mine.values = torch.cat([left_pad(mine.values, pads[0], 2), left_pad(theirs.values, pads[1], 2)], dim=0)
     return first
 
 
@@ -103,8 +103,3 @@ def select_cache(cache: DynamicCache, keep: list[int], drop_columns: int) -> Non
         layer.keys = layer.keys[index, :, drop_columns:]  # (B, heads, L, head_dim)
         layer.values = layer.values[index, :, drop_columns:]
 
-
-def _left_pad(tensor: torch.Tensor, columns: int) -> torch.Tensor:  # (B, heads, L, head_dim)
-    if not columns:
-        return tensor
-    return torch.cat([tensor.new_zeros(*tensor.shape[:2], columns, tensor.shape[3]), tensor], dim=2)
