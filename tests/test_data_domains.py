@@ -198,3 +198,18 @@ def test_cli_fetch_and_list(cached_sources, capsys):
     assert data_main(["list"]) == 0
     listing = capsys.readouterr().out
     assert "BSD-3-Clause" in listing and "bigbench==1.0.0" in listing
+
+
+def test_clean_joins_leave_no_mark_at_segment_boundaries():
+    from dynalora.data.streams import clean_join
+
+    glued = ["put up their tents", "Talks between Afghan and British offic", "def f(x):\n    return x\n"]
+    clean = clean_join(glued)
+    assert clean == ["put up their", " Talks between Afghan and British", " def f(x):\n    return x"]
+    # every segment but the first starts with one space and none ends mid-word or with whitespace
+    assert all(t.startswith(" ") and not t.startswith("  ") for t in clean[1:])
+    assert all(t == t.rstrip() and glued[i].startswith(t.strip()) for i, t in enumerate(clean))
+    assert clean_join(["oneword", "Next"]) == ["oneword", " Next"]  # nothing to cut at: kept whole
+    # at sentence ends: after the last ". " or line, else the last word end
+    assert clean_join(["One. Two three", "A b", "Code:\n  x = 1\n  y", "End"], "sentence") == \
+        ["One.", " A", " Code:\n  x = 1", " End"]

@@ -2,7 +2,10 @@
 
 A stream is ``{"segments": [{"domain": ..., "text": ...}, ...]}`` (the format ``dynalora eval shift``
 reads); consecutive segments come from different domains, each a contiguous piece of one document of
-the requested split, cut at line starts.
+the requested split, cut at line starts. By default a segment ends where its characters run out (often mid-word) and
+the next is glued on (``...put up their tentsTalks between...``): a mark at every boundary that a trigger can learn
+instead of the change of subject. ``joins="word"`` cuts each segment at a word end and starts the next with a space
+(a change mid-sentence); ``joins="sentence"`` cuts it after its last sentence or line, as text changes subject.
 """
 
 from __future__ import annotations
@@ -36,6 +39,40 @@ class StreamConfig:
     a user's own adapters' text. Every such segment counts as a library one."""
     seed: int = 0
     """Random seed (which documents, which domain next)."""
+    joins: str = "glued"
+    """How a segment meets the next: glued (cut where its characters run out, the next glued on), word (cut at its
+    last word end, the next after a space) or sentence (cut after its last sentence end or line, the next after a
+    space). The same documents and domains whichever."""
+
+    def __post_init__(self):
+        if self.joins not in JOINS:
+            raise ValueError(f"StreamConfig.joins (--joins)={self.joins!r}: choose one of {', '.join(JOINS)}")
+
+
+JOINS = ("glued", "word", "sentence")
+
+
+def _sentence_end(text: str) -> int:
+    """Index just past the last sentence end (``.``, ``!`` or ``?`` before whitespace or the end) or line end; 0 if
+    none."""
+    ends = [i + 1 for i, c in enumerate(text) if c == "\n" or (c in ".!?" and (i + 1 == len(text)
+                                                                             or text[i + 1].isspace()))]
+    return ends[-1] if ends else 0
+
+
+def clean_join(texts: list[str], at: str = "word") -> list[str]:
+    """Segments that join without a mark: each but the last cut after its last whole word (``at="word"``; a piece cut
+    mid-word is dropped) or its last sentence or line (``"sentence"``; the last word end when it has none), the next
+    starting with one space. ``clean_join(["a bc d", "Ef g"]) == ["a bc", " Ef g"]``."""
+    out = []
+    for i, text in enumerate(texts):
+        text = text.strip()
+        if i < len(texts) - 1:
+            cut = _sentence_end(text) if at == "sentence" else 0
+            cut = cut or max(text.rfind(" "), text.rfind("\n"))
+            text = text[:cut].rstrip() if cut > 0 else text
+        out.append(text if i == 0 else " " + text)
+    return out
 
 
 def _segment(documents, rng: random.Random, chars: int) -> str:
@@ -71,6 +108,9 @@ def build_streams(config: StreamConfig) -> list[dict]:
             segments.append({"domain": domain, "text": _segment(pools[domain], rng, config.segment_chars),
                              "library": bool(config.sources) or domain in LIBRARY_DOMAINS})
             previous = domain
+        if config.joins != "glued":
+            for segment, text in zip(segments, clean_join([s["text"] for s in segments], config.joins)):
+                segment["text"] = text
         streams.append({"segments": segments, "split": config.split})
     return streams
 
@@ -101,7 +141,7 @@ def tokenize_stream(tokenizer, stream: dict) -> tuple[list[int], list[int], list
 
 
 def library_streams(adapters: list[dict], split: str, count: int, seed: int, segments: int,
-                    segment_chars: int) -> list[dict]:
+                    segment_chars: int, joins: str = "glued") -> list[dict]:
     """Mixed-domain streams over a library's text adapters (``[{"label", "source"}, ...]``) from one split: each
     segment is one adapter's text, labelled with the adapter (what the trigger and shift recipes train on)."""
     sources = adapter_text_sources(adapters)
@@ -109,4 +149,4 @@ def library_streams(adapters: list[dict], split: str, count: int, seed: int, seg
         raise ValueError(f"streams that change domain need at least two adapters with text sources; have {sources} "
                          "(give each adapter one: `dynalora adapters import FOLDER --data SOURCE`)")
     return build_streams(StreamConfig(split=split, streams=count, segments=segments, segment_chars=segment_chars,
-                                      sources=sources, seed=seed))
+                                      sources=sources, seed=seed, joins=joins))
