@@ -7,6 +7,7 @@ import torch
 
 from dynalora.hyper import NearestPrototype
 from dynalora.runtime import SHIFT_TOKEN, TokenProbability, TriggerConfig
+from dynalora.runtime.triggers import PromptEnd
 from dynalora.runtime.teacher_forced import score_stream
 from test_engine import make_engine, recording
 
@@ -49,6 +50,33 @@ def test_teacher_forced_scoring_of_a_generated_stream_gives_the_engines_events_b
         assert scored.blends[event.position] == event.new_blend
         assert scored.blends[event.position - 1] == event.old_blend
     assert len(scored.fired) in (len(live), len(live) + 1)  # a last firing may fall due after the stream ends
+
+
+@pytest.mark.parametrize("update_delay", [0, 3])
+def test_a_prompt_firing_lands_where_the_engine_puts_it(update_delay):
+    """The ``prompt`` policy fires once at the prompt's last token, and the engine applies its update before the first
+    generated token is read, with the prompt's features; ``score_stream(prompt_tokens=)`` reads the same stream's
+    first tokens as that prompt and gives the same events, blends and NLL."""
+    engine = shift_engine(update_delay)
+    engine.triggers = TriggerConfig([PromptEnd(), *engine.triggers.policies], min_gap=6)
+    prompt = [7, 8, 9, 10, 11, 12, 13]
+    seen = {}
+    generated = engine.generate([prompt], max_new_tokens=40, logits_processor=recording(seen, 0, {}))
+    live = [e for e in generated.lora_events() if e.kind != "suppressed"]
+    assert live[0].reason.startswith("prompt: ") and live[0].position < len(prompt) and len(live) >= 2
+    alone = shift_engine(update_delay)
+    alone.triggers = TriggerConfig([PromptEnd()])
+    events = alone.generate([prompt], max_new_tokens=8).lora_events()
+    assert [(e.reason, e.position) for e in events] == [("prompt: prompt end", len(prompt) - 1)]
+    tokens = prompt + generated.token_ids[0]
+    scored = score_stream(engine, tokens, VOCAB, prompt_tokens=len(prompt))
+    assert [(e.kind, e.reason) for e in scored.events] == [(e.kind, e.reason) for e in live]
+    for ours, theirs in zip(scored.events, live):
+        torch.testing.assert_close(torch.tensor(ours.new_blend), torch.tensor(theirs.new_blend))
+    offset = len(prompt) - 1  # the engine's step s predicted token offset+s+1
+    live_nll = torch.stack([-torch.log_softmax(seen[s][0, :VOCAB], -1)[tokens[offset + s + 1]]
+                            for s in range(len(tokens) - 1 - offset)])
+    torch.testing.assert_close(scored.nll[offset:], live_nll, atol=1e-4, rtol=1e-4)
 
 
 def test_teacher_forced_scoring_refuses_a_recomputing_engine():

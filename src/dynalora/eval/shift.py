@@ -66,6 +66,12 @@ class ShiftEvalConfig:
     """Methods to run (e.g. only ``["dynalora"]`` to compare its settings on validation streams)."""
     update_delay: int = 12
     """Tokens between a trigger and its update (0: update at the trigger)."""
+    trigger: list[str] = field(default_factory=lambda: ["prob"])
+    """The dynalora methods' trigger policies (``--trigger`` forms; ``prompt`` picks the first blend from each
+    stream's first ``prompt_tokens``)."""
+    prompt_tokens: int = 0
+    """Each stream's first this many tokens are read as a prompt (policies that look at prompts see them; an update
+    fired there lands when they have been read)."""
     use_factors: bool = False
     """Apply the shift network's generated factors too (off: they raised validation NLL)."""
     device: str = "cpu"
@@ -128,7 +134,7 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
     run = set(config.methods)
     system = load_shift_system(config.library_dir, config.shift_dir, config.triggers_dir, config.model,
                                use_factors=config.use_factors, update_delay=config.update_delay, device=config.device,
-                               dtype=config.dtype)
+                               dtype=config.dtype, triggers=config.trigger)
     dyn, capture, base, adapters = system.dyn, system.capture, system.base, system.adapters
     labels, vocab_size = system.bank.labels, system.vocab_size
     scorer = _Scorer(dyn, vocab_size)
@@ -239,14 +245,15 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
         starts_all.append(starts)
         lengths.append(length)
         if "dynalora" in run:
-            scored = system.run_stream(tokens, config.min_gap)
+            scored = system.run_stream(tokens, config.min_gap, config.prompt_tokens)
             scores["dynalora"] = segment_scores(scored.nll, starts, length, config.skip)
             fired_all.append(scored.fired)
             shift_seconds.extend(event.seconds for event in scored.events)
         if token_router is not None:
             token_router.attach(dyn)
             try:
-                scores["dynalora_routed"] = segment_scores(system.run_stream(tokens, config.min_gap).nll, starts,
+                scores["dynalora_routed"] = segment_scores(system.run_stream(tokens, config.min_gap,
+                                                                             config.prompt_tokens).nll, starts,
                                                            length, config.skip)
             finally:
                 token_router.detach(dyn)
@@ -273,6 +280,7 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
     triggers = trigger_metrics(fired_all, starts_all, lengths, config.skip) if "dynalora" in run else {}
     triggers["threshold"] = system.threshold
     triggers["update_delay"] = config.update_delay
+    triggers.update(policies=config.trigger, prompt_tokens=config.prompt_tokens, triggers_dir=str(config.triggers_dir))
     triggers["generated_factors"] = config.use_factors
     triggers["median_shift_ms"] = 1e3 * sorted(shift_seconds)[len(shift_seconds) // 2] if shift_seconds else None
     result = {"methods": methods, "unseen_domains": summary(unseen_totals),

@@ -600,6 +600,7 @@ class Engine:
             for t in torch.nonzero(real).flatten().tolist():
                 obs = StepObservation(position=int(positions[i, t + 1]), token_id=int(targets[i, t]),
                                       token_nll=float(nll[i, t]), in_prompt=True, context_length=length,
+                                      prompt_end=t == width - 2,
                                       trigger_probs={tid: float(trigger_p[i, t, j])
                                                      for j, tid in enumerate(trigger_ids)}
                                       if trigger_p is not None else {})

@@ -36,8 +36,11 @@ class StreamScore:
 
 
 @torch.no_grad()
-def score_stream(engine: Engine, tokens: list[int], vocab_size: int, row: int = 0) -> StreamScore:
-    """Teacher-force ``tokens`` through ``engine``'s model on LoRA row ``row`` (reset first)."""
+def score_stream(engine: Engine, tokens: list[int], vocab_size: int, row: int = 0, prompt_tokens: int = 0
+                 ) -> StreamScore:
+    """Teacher-force ``tokens`` through ``engine``'s model on LoRA row ``row`` (reset first). The first
+    ``prompt_tokens`` are the prompt, as the engine reads one: policies that look at prompts see them, and an update
+    fired there lands at once after the prompt's last token, read with the prompt's features."""
     if engine.config.kv_policy != "keep":
         raise ValueError(f"score_stream runs the keep KV policy; the engine has kv_policy={engine.config.kv_policy!r}")
     if len(tokens) < 2:
@@ -49,6 +52,7 @@ def score_stream(engine: Engine, tokens: list[int], vocab_size: int, row: int = 
     cache = DynamicCache(config=engine.model.config)
     recent = None  # (≤W, H) feature-layer states of the last fed positions, across chunks
     log_probs, blends, events, fired = [], [], [], []
+    held = None  # a prompt firing: its update lands when the prompt has been read
     start, saved_window = 0, capture.window
     try:
         while start < len(tokens) - 1:
@@ -59,30 +63,39 @@ def score_stream(engine: Engine, tokens: list[int], vocab_size: int, row: int = 
                                       use_cache=True).logits[0].float()  # (T, V): logits[i] predicts start+i+1
             hidden = capture.recent[0]  # (T, H)
             full = torch.log_softmax(logits, dim=-1)  # trigger tokens included, as the engine observes them
-            due, last = None, len(tokens) - 1 - start  # logits rows used: 0..last-1
+            dues, last = [], len(tokens) - 1 - start  # logits rows used: 0..last-1
             for i in range(last):
                 position = start + i + 1  # the token this row of logits predicts
                 token = tokens[position]
+                in_prompt = position < prompt_tokens
+                if in_prompt and (held or not triggers.wants_prompt):  # the engine reads a prompt to its first firing
+                    continue
                 reason, _ = triggers.observe(StepObservation(
                     position=position, token_id=token, token_nll=-float(full[i, token]),
-                    trigger_probs={t: float(full[i, t].exp()) for t in trigger_ids}, context_length=position + 1))
+                    trigger_probs={t: float(full[i, t].exp()) for t in trigger_ids}, context_length=position + 1,
+                    in_prompt=in_prompt, prompt_end=position == prompt_tokens - 1))
                 if reason:
                     fired.append(position - 1)
-                due = delayed.due(reason)
-                if due:
+                if in_prompt:
+                    held = held or (reason and f"prompt: {reason}")
+                    continue
+                # a prompt's update lands first (the engine applies it when the prompt has been read), then this one
+                dues, held = [due for due in (held, delayed.due(reason)) if due], None
+                if dues:
                     last = i + 1
                     break
             log_probs.append(torch.log_softmax(logits[:last, :vocab_size], dim=-1))
             blends.extend([state.blend_weights[row].tolist()] * last)
             fed = hidden[:last] if recent is None else torch.cat([recent, hidden[:last]])  # (·, H)
             recent = fed[-pool_window:]
-            if due is None:
+            if not dues:
                 break
             position = start + last  # the token just read under the old LoRA; the new one starts after it
             cache.crop(position - cache.get_seq_length())  # a negative count: drop what follows
-            features = TriggerFeatures(row, position, due, trigger_hidden=recent[-1], pooled_hidden=recent.mean(0),
-                                       token_ids=tokens[:position + 1])
-            events.append(apply_update(state, engine.hypernetwork, features, engine.config.guard))
+            for due in dues:
+                features = TriggerFeatures(row, position, due, trigger_hidden=recent[-1],
+                                           pooled_hidden=recent.mean(0), token_ids=tokens[:position + 1])
+                events.append(apply_update(state, engine.hypernetwork, features, engine.config.guard))
             start = position
     finally:
         capture.window = saved_window

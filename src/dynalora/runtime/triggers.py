@@ -23,6 +23,8 @@ class StepObservation:
     context_length: int
     """Tokens currently in the row's window (KV cache)."""
     in_prompt: bool = False
+    prompt_end: bool = False
+    """The prompt's last token: the next one is generated."""
 
 
 class TriggerPolicy:
@@ -61,6 +63,16 @@ class TokenProbability(TriggerPolicy):
     def observe(self, obs):
         p = obs.trigger_probs.get(self.token_id, 0.0)
         return f"p({self.name})={p:.2f}" if p >= self.threshold else None
+
+
+class PromptEnd(TriggerPolicy):
+    """Fires once, at the prompt's last token: the update reads the whole prompt before anything is generated (the
+    first blend of a conversation, chosen from what the user wrote; later shifts are the trigger's)."""
+
+    wants_prompt = True
+
+    def observe(self, obs):
+        return "prompt end" if obs.prompt_end else None
 
 
 class Surprise(TriggerPolicy):

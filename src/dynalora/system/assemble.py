@@ -166,11 +166,12 @@ class System:
             merge_trigger_lora(self.base.model, self.trigger_deltas)
             self.trigger_deltas = None
 
-    def run_stream(self, tokens: list[int], min_gap: int | None = None) -> StreamScore:
+    def run_stream(self, tokens: list[int], min_gap: int | None = None, prompt_tokens: int = 0) -> StreamScore:
         """Teacher-forced pass of a stream through the live engine (:func:`~dynalora.runtime.teacher_forced.
-        score_stream`): the learned trigger fires the hypernetwork mid-stream, as in generation."""
+        score_stream`; its first ``prompt_tokens`` read as a prompt): the learned trigger fires the hypernetwork
+        mid-stream, as in generation."""
         with self.live(min_gap) as engine:
-            return score_stream(engine, tokens, self.vocab_size)
+            return score_stream(engine, tokens, self.vocab_size, prompt_tokens=prompt_tokens)
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """The system as one folder: each checkpoint it was built from, copied under a fixed name
@@ -229,14 +230,16 @@ def build_engine(spec: EngineSpec) -> Engine:
 
 def load_shift_system(library_dir: Path, shift_dir: Path, triggers_dir: Path, model: str | None = None,
                       max_batch: int = 1, use_factors: bool = False, device: str = "cpu",
-                      dtype: str = "float32", update_delay: int | None = None) -> System:
+                      dtype: str = "float32", update_delay: int | None = None,
+                      triggers: tuple[str, ...] | list[str] = ("prob",)) -> System:
     """The shift system as the evaluations and the demo run it: the library, the shift network (its blend only
     unless ``use_factors``: its generated factors raised the NLL on validation streams) and the learned
-    ``<|shift|>`` trigger at its trained threshold, read greedily; at least 32 tokens between updates."""
+    ``<|shift|>`` trigger at its trained threshold, read greedily (``triggers``: the policies); at least 32 tokens
+    between updates."""
     return System.from_checkpoints(EngineSpec(
         model=model, device=device, dtype=dtype, bank=Path(library_dir), trigger_tokens=Path(triggers_dir),
         hypernetwork="shift", shift_dir=Path(shift_dir), use_factors=use_factors, update_delay=update_delay,
-        triggers=["prob"], min_gap=32, max_per_sequence=64, max_batch=max_batch))
+        triggers=list(triggers), min_gap=32, max_per_sequence=64, max_batch=max_batch))
 
 
 def _nested(record: dict, path: str) -> tuple[dict, str]:

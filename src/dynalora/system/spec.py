@@ -10,8 +10,8 @@ from dynalora.models import check_placement
 from dynalora.runtime.engine import KV_POLICIES
 from dynalora.runtime.memory_writers import WRITERS, DistillConfig
 from dynalora.runtime.special_tokens import SHIFT_TOKEN, THINK_TOKEN
-from dynalora.runtime.triggers import (EveryN, SpecialToken, Surprise, TokenProbability, TriggerPolicy,
-                                       WindowPressure)
+from dynalora.runtime.triggers import (EveryN, PromptEnd, SpecialToken, Surprise, TokenProbability,
+                                       TriggerPolicy, WindowPressure)
 from dynalora.shipped import shipped
 
 HYPERNETWORKS = ("prototype", "shift", "none")
@@ -26,7 +26,7 @@ to."""
 FLAG_ALIASES = {"hypernetwork": "--hyper", "shift_dir": "--shift", "triggers": "--trigger",
                 "distill.steps": "--absorb-steps", "distill.step_sizes": "--absorb-step-sizes"}
 """Short command-line names of some fields (``generate``, ``chat``, ``serve``; the generated ones work too)."""
-TRIGGER_SPECS = "token | prob[:THRESHOLD] | think[:THRESHOLD] | surprise[:K] | every:N | window:TOKENS"
+TRIGGER_SPECS = "token | prob[:THRESHOLD] | think[:THRESHOLD] | prompt | surprise[:K] | every:N | window:TOKENS"
 
 
 @dataclass
@@ -65,8 +65,9 @@ class EngineSpec:
     """A token router (``dynalora train route``): the bank's blend re-weighted at every token inside the forward,
     with the row's blend as its prior (trained over the shift network's blends)."""
     triggers: list[str] = field(default_factory=lambda: ["token"])
-    """Trigger policies, each one of: token | prob[:THRESHOLD] | think[:THRESHOLD] | surprise[:K] | every:N |
-    window:TOKENS (``prob`` without a threshold: the trained one in the trigger's triggers.json, or 0.2)."""
+    """Trigger policies, each one of: token | prob[:THRESHOLD] | think[:THRESHOLD] | prompt | surprise[:K] | every:N |
+    window:TOKENS (``prob`` without a threshold: the trained one in the trigger's triggers.json, or 0.2; ``prompt``
+    once at the prompt's last token: the first blend read from the whole prompt)."""
     min_gap: int = 8
     """At least this many tokens between two updates of a row."""
     max_per_sequence: int = 32
@@ -131,6 +132,8 @@ def parse_trigger(spec: str, token_ids: dict[str, int], shift_threshold: float |
             return TokenProbability(token_id, threshold, name=SHIFT_TOKEN)
         if name == "think" and THINK_TOKEN in token_ids:
             return TokenProbability(token_ids[THINK_TOKEN], float(value) if value else 0.5, name="think")
+        if name == "prompt" and not value:
+            return PromptEnd()
         if name == "surprise":
             return Surprise(k=float(value) if value else 3.0)
         if name == "every":
