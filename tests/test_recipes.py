@@ -402,3 +402,40 @@ def test_mix_pipeline_on_a_tiny_model(tmp_path, synthetic_domains):
     assert runs[0].token_ids == runs[1].token_ids
     first, again = ([(e.kind, e.position) for e in run.lora_events()] for run in runs)
     assert first == again and {"shift", "absorb"} <= {kind for kind, _ in first}  # the same, at the same tokens
+
+
+def test_trigger_head_recipe_fires_at_changes_and_sets_the_token_probability(tmp_path, synthetic_domains,
+                                                                            monkeypatch):
+    """The head form: trained on cached features, saved, installed — the model's own softmax then gives
+    p(<|shift|>) = σ(head(features)) at every position, and the engine reads it through the ``prob`` policy."""
+    from dynalora.models import load_base_model
+    from dynalora.runtime.special_tokens import SHIFT_TOKEN
+    from dynalora.runtime.trained_trigger import TrainedTrigger
+    from dynalora.runtime.trigger_head import head_features
+    from dynalora.train.trigger_head import TriggerHeadTrainConfig, train_trigger_head
+
+    monkeypatch.setattr("dynalora.data.streams.build_streams", fake_streams)
+    config = library_config(tmp_path, steps=4)
+    train_library(config)
+    result = train_trigger_head(TriggerHeadTrainConfig(
+        library_dir=config.out_dir, out_dir=tmp_path / "head", model="tiny:llama", train_streams=12,
+        validation_streams=6, positive_tokens=8, ignore_after=12, width=16, steps=300, positives_per_step=64,
+        negatives_per_step=256, lr=1e-2, max_false_per_1k=1000.0))
+    assert result["final_loss"] < 0.7 * result["initial_loss"]
+    assert result["train"]["boundary_recall"] > 0.5
+    trigger = TrainedTrigger.from_pretrained(tmp_path / "head")
+    assert trigger.head is not None and trigger.threshold == result["threshold"]
+    assert trigger.head.config.layers == result["head"]["layers"]
+    base = load_base_model("tiny:llama")
+    ids = torch.tensor([[5, 17, 99, 3, 42, 8, 250, 11]])
+    with head_features(base.model, trigger.head.config.layers) as captured:
+        base.model(input_ids=ids)
+    shift_id = trigger.install(base.model, base.tokenizer)[SHIFT_TOKEN]
+    logits = base.model(input_ids=ids).logits[0].float()  # (T, V)
+    expected = torch.sigmoid(trigger.head(captured[0][0]))  # (T,): the features before the rows were added
+    assert torch.allclose(torch.softmax(logits, -1)[:, shift_id], expected, atol=1e-5)
+    last = base.model(input_ids=ids, logits_to_keep=1).logits[0, -1].float()  # as the engine decodes
+    assert torch.allclose(torch.softmax(last, -1)[shift_id], expected[-1], atol=1e-5)
+    trigger.head.detach()
+    assert not torch.allclose(torch.softmax(base.model(input_ids=ids).logits[0].float(), -1)[:, shift_id], expected,
+                              atol=1e-3)

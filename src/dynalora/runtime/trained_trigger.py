@@ -3,7 +3,9 @@ read with :meth:`TrainedTrigger.from_pretrained` and written with :meth:`Trained
 (safetensors and JSON only).
 
 A trigger folder holds ``trigger_tokens.safetensors`` (the rows, a few KB), ``triggers.json`` (the threshold chosen
-on validation streams, its metrics and the recipe's config) and, for the LoRA form, ``trigger_lora.safetensors``.
+on validation streams, its metrics and the recipe's config) and, for the LoRA form, ``trigger_lora.safetensors``; for
+the head form (:mod:`~dynalora.runtime.trigger_head`), ``trigger_head.safetensors`` (its config is ``triggers.json``'s
+``head``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dynalora.runtime.special_tokens import install_trigger_rows, trigger_token_rows
+from dynalora.runtime.special_tokens import SHIFT_TOKEN, install_trigger_rows, trigger_token_rows
+from dynalora.runtime.trigger_head import HEAD_FILE, TriggerHead, TriggerHeadConfig
 from dynalora.runtime.trigger_lora import LORA_FILE, factor_deltas
 
 TOKENS_FILE = "trigger_tokens.safetensors"
@@ -33,6 +36,8 @@ class TrainedTrigger:
     """``triggers.json``: ``threshold`` and what the recipe measured (empty when the folder has none)."""
     lora: dict[str, torch.Tensor] | None = None
     """The trigger LoRA's factors ``{"<module>.A": (r, in), "<module>.B": (out, r)}``, or None (the row-only form)."""
+    head: TriggerHead | None = None
+    """The trigger head that sets ``<|shift|>``'s logit (the head form), or None."""
 
     @property
     def threshold(self) -> float | None:
@@ -46,9 +51,9 @@ class TrainedTrigger:
 
     @classmethod
     def from_model(cls, model, token_ids: dict[str, int], record: dict | None = None,
-                   lora: dict[str, torch.Tensor] | None = None) -> "TrainedTrigger":
+                   lora: dict[str, torch.Tensor] | None = None, head: TriggerHead | None = None) -> "TrainedTrigger":
         """The trigger tokens' current rows in ``model`` (as a recipe leaves them)."""
-        return cls(list(token_ids), trigger_token_rows(model, token_ids), dict(record or {}), lora)
+        return cls(list(token_ids), trigger_token_rows(model, token_ids), dict(record or {}), lora, head)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "TrainedTrigger":
@@ -66,7 +71,13 @@ class TrainedTrigger:
                              "tokens in its metadata and holds an input.<token> row for each)")
         record_file, lora_file = token_file.with_name(RECORD_FILE), token_file.with_name(LORA_FILE)
         record = json.loads(record_file.read_text()) if record_file.is_file() else {}
-        return cls(tokens, rows, record, load_file(str(lora_file)) if lora_file.is_file() else None)
+        head, head_file = None, token_file.with_name(HEAD_FILE)
+        if head_file.is_file():
+            if "head" not in record:
+                raise ValueError(f"{record_file}: no 'head' config for {head_file.name}")
+            head = TriggerHead(TriggerHeadConfig(**record["head"]))
+            head.load_state_dict({key: value.float() for key, value in load_file(str(head_file)).items()})
+        return cls(tokens, rows, record, load_file(str(lora_file)) if lora_file.is_file() else None, head)
 
     def save_pretrained(self, folder: str | Path, token_file: str = TOKENS_FILE) -> Path:
         """Write the folder (rows under ``token_file``; ``triggers.json`` when there is a record); returns it."""
@@ -78,9 +89,16 @@ class TrainedTrigger:
             (folder / RECORD_FILE).write_text(json.dumps(self.record, indent=2))
         if self.lora:
             save_file({key: value.contiguous() for key, value in self.lora.items()}, str(folder / LORA_FILE))
+        if self.head is not None:
+            save_file({key: value.half().contiguous() for key, value in self.head.state_dict().items()},
+                      str(folder / HEAD_FILE))
         return folder
 
     def install(self, model, tokenizer) -> dict[str, int]:
-        """Add the tokens to ``tokenizer`` and ``model`` and copy the trained rows in (the trigger LoRA is not
-        merged: see :func:`~dynalora.runtime.trigger_lora.trigger_lora_merged`); returns ``{token: id}``."""
-        return install_trigger_rows(model, tokenizer, self.tokens, self.rows)
+        """Add the tokens to ``tokenizer`` and ``model`` and copy the trained rows in, and attach the trigger head if
+        there is one (the trigger LoRA is not merged: see :func:`~dynalora.runtime.trigger_lora.trigger_lora_merged`);
+        returns ``{token: id}``."""
+        ids = install_trigger_rows(model, tokenizer, self.tokens, self.rows)
+        if self.head is not None:
+            self.head.to(next(model.parameters()).device).attach(model, ids[SHIFT_TOKEN])
+        return ids

@@ -45,6 +45,13 @@ def cmd_trigger_lora(config) -> int:
     return 0
 
 
+def cmd_trigger_head(config) -> int:
+    from dynalora.train.trigger_head import train_trigger_head
+
+    _print_trigger_result("trigger head", train_trigger_head(config))
+    return 0
+
+
 def cmd_rescan_triggers(args) -> int:
     from dynalora.train.triggers import rescan_thresholds
 
@@ -136,6 +143,7 @@ def add_train_commands(commands) -> None:
     from dynalora.train.mix import MixTrainConfig
     from dynalora.train.route import RouteTrainConfig
     from dynalora.train.shift import ShiftTrainConfig
+    from dynalora.train.trigger_head import TriggerHeadTrainConfig
     from dynalora.train.trigger_lora import TriggerLoraTrainConfig
     from dynalora.train.triggers import TriggerTrainConfig
     from dynalora.train.xlora import XLoraTrainConfig
@@ -149,6 +157,8 @@ def add_train_commands(commands) -> None:
          "train the <|shift|> token's row on mixed-domain streams"),
         ("trigger-lora", TriggerLoraTrainConfig, cmd_trigger_lora, {**library, "train_streams": "--streams"},
          "the trigger's second form: its row and a LoRA on the top layers, from a trained row"),
+        ("trigger-head", TriggerHeadTrainConfig, cmd_trigger_head, {**library, "train_streams": "--streams"},
+         "the trigger's third form: <|shift|>'s logit from an MLP over several layers (fires at real changes)"),
         ("escalate", EscalateTrainConfig, cmd_escalate, {**library, "shift_dir": "--shift", "triggers_dir":
                                                           "--triggers"},
          "train level 2 of the hypernetwork stack (a LoRA for the shift network) and the <|think|> row that calls it"),
@@ -169,7 +179,7 @@ def add_train_commands(commands) -> None:
 
     p = sub.add_parser("rescan-triggers", help="train nothing: choose trained triggers' thresholds again on their "
                                                "validation streams")
-    p.add_argument("folders", type=Path, nargs="+", metavar="DIR", help="trained trigger folders (either form)")
+    p.add_argument("folders", type=Path, nargs="+", metavar="DIR", help="trained trigger folders (row or LoRA form)")
     p.add_argument("--library", type=Path, default=TriggerTrainConfig.library_dir)
     p.add_argument("--model", default=None)
     p.set_defaults(handler=cmd_rescan_triggers)

@@ -202,7 +202,7 @@ def train_triggers(config: TriggerTrainConfig) -> dict:
 def rescan_thresholds(triggers_dir: Path, library_dir: Path = shipped("library"), model: str | None = None,
                       threads: int = 2) -> dict:
     """Choose the firing threshold again on the same validation streams (the grid in ``THRESHOLDS``) for a
-    trained trigger — either form; its LoRA, if any, is merged — and rewrite ``triggers.json``'s threshold,
+    trained trigger — the row or the LoRA form; its LoRA, if any, is merged — and rewrite ``triggers.json``'s threshold,
     validation and scan. Nothing is trained: the trigger's weights stay as they are."""
     from dynalora.lora import DynamicLoraModel
     from dynalora.models import load_base_model
@@ -213,6 +213,9 @@ def rescan_thresholds(triggers_dir: Path, library_dir: Path = shipped("library")
 
     torch.set_num_threads(threads)
     trigger = TrainedTrigger.from_pretrained(triggers_dir)
+    if trigger.head is not None:
+        raise ValueError(f"{triggers_dir}: a trigger head (`train trigger-head` chooses its threshold itself); "
+                         "rescan-triggers reads the row and LoRA forms")
     record, saved = trigger.record, trigger.record["config"]
     base = load_base_model(model)
     shift_id = trigger.install(base.model, base.tokenizer)[SHIFT_TOKEN]
