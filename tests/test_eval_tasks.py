@@ -19,8 +19,11 @@ from dynalora.eval.tasks import (
     examples_text,
     extract_answer,
     lorahub_search,
+    sample_examples,
     set_all_rows,
 )
+from dynalora.data.splits import split_of
+from dynalora.hyper.router import TokenRouter, TokenRouterConfig
 from dynalora.hyper.shift_net import ShiftHypernetwork
 from dynalora.models import ByteTokenizer
 from dynalora.runtime import Engine, EngineConfig, TriggerConfig
@@ -114,7 +117,10 @@ def test_every_method_runs_on_a_tiny_system():
                         "examples": [{"input": w, "target": w} for w in ("ab", "cd", "ef", "gh")]}, "toy_copy")
     assert description_text(exact) == "Copy it."
     assert examples_text(exact, exact.examples[:2]) == "Copy it. Then stop.\nQ: ab\nA: ab\n\nQ: cd\nA: cd"
-    runner = TaskRunner(system, config, engine)
+    router = TokenRouter(TokenRouterConfig(feature_size=dyn.model.config.hidden_size, bank_labels=dyn.state.labels,
+                                           feature_layer=0, width=8))
+    torch.nn.init.normal_(router.net[-1].weight, std=2.0)  # a router that moves the blend
+    runner = TaskRunner(system, config, engine, router)
     for task, queries in ((exact, exact.examples[2:]), (_mc_task(), _mc_task().examples)):
         methods = runner.run(task, task.examples[:2], queries)
         assert list(methods) == list(METHODS)
@@ -132,6 +138,10 @@ def test_every_method_runs_on_a_tiny_system():
             capture.enabled = False
         expected = (out["gate"][0] * out["blend"][0]).tolist()  # gated against a zero current blend
         assert methods["dynalora_description"]["blend"] == pytest.approx(expected, abs=1e-4)
+        # the routed method: the examples' blend as the router's prior, scored with the router attached
+        routed, plain = methods["dynalora_examples_routed"], methods["dynalora_examples"]
+        assert routed["blend"] == plain["blend"] and routed["support_nll"] != plain["support_nll"]
+        assert dyn.state.router is None  # detached again
     assert not dyn.state.blend_weights.any()  # the runner leaves the state at zero
 
 
@@ -150,3 +160,17 @@ def test_paired_bootstrap_separates_real_differences_from_noise():
     assert not near["real"] and near["interval"][0] <= 0 <= near["interval"][1]
     assert out["methods"]["base"][0] < 0.25 < out["methods"]["base"][1]  # its mean over the two tasks is 0.25
     assert "base - uniform_merge" not in out["differences"]  # only dynalora methods are compared
+
+
+def test_queries_come_from_the_query_splits_never_from_train():
+    examples = [{"input": f"question {i}", "target": str(i)} for i in range(400)]
+    task = parse_task({"description": "", "preferred_score": "exact_str_match", "examples": examples}, "toy")
+    (support, _), (test_only, test_pool) = sample_examples(task, 5, 1000, 0)
+    _, (both, both_pool) = sample_examples(task, 5, 1000, 0, ("validation", "test"))
+    splits = {e.input: split_of(e.input) for e in task.examples}
+    assert {splits[e.input] for e in support} == {"train"}
+    assert {splits[e.input] for e in test_only} == {"test"} and len(test_only) == test_pool
+    assert {splits[e.input] for e in both} == {"validation", "test"} and both_pool > test_pool
+    assert sample_examples(task, 5, 10, 0)[1] == sample_examples(task, 5, 10, 0, ("test",))[1]
+    with pytest.raises(ValueError, match="--query-splits.*train holds the support examples"):
+        TaskEvalConfig(query_splits=["train", "test"])

@@ -10,10 +10,13 @@ LoRA from a few support examples (or the task's description) and is scored on th
   LoraHub runs it: :func:`lorahub_search`);
 * ``dynalora_description`` / ``dynalora_examples`` — one zero-LoRA forward over the task's description
   (or the support examples written out), the feature-layer state pooled over the network's window,
-  one shift-network call: its gated blend (against a zero current blend, as ``ShiftHypernetwork``).
+  one shift-network call: its gated blend (against a zero current blend, as ``ShiftHypernetwork``);
+* ``dynalora_examples_routed`` — the same blend as the token router's prior (:mod:`dynalora.hyper.router`): the
+  queries are scored with the blend re-weighted at every token inside the forward.
 
-Support examples come from the task's **train** split, queries from its **test** split (by hash of the
-input, :func:`dynalora.data.split_examples`); both are seeded samples. Scoring follows BIG-Bench:
+Support examples come from the task's **train** split, queries from its **test** split — or from every split
+named in ``query_splits`` but train (by hash of the input, :func:`dynalora.data.split_examples`); both are seeded
+samples. Scoring follows BIG-Bench:
 ``multiple_choice`` — the summed log-probability of each choice after the zero-shot prompt, the grade
 of the best one (``choice_scores``: partial credit where a task gives it, else 1/0);
 ``exact_match`` — greedy generation, cut at the first newline / the task's ``stop_string``, the task's
@@ -43,8 +46,10 @@ from dynalora.runtime.padding import pad_rows
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("base", "best_adapter", "uniform_merge", "lorahub", "dynalora_description", "dynalora_examples")
-SUPPORT_SPLIT, QUERY_SPLIT = "train", "test"
+METHODS = ("base", "best_adapter", "uniform_merge", "lorahub", "dynalora_description", "dynalora_examples",
+           "dynalora_examples_routed")
+ROUTED = "_routed"  # a method name's suffix: the method's blend as the token router's prior
+SUPPORT_SPLIT = "train"
 
 
 @dataclass
@@ -57,16 +62,22 @@ class TaskEvalConfig:
     """The shift network (``dynalora train shift``)."""
     triggers_dir: Path = shipped("triggers")
     """The trained trigger (``dynalora train triggers``)."""
+    router_dir: Path = shipped("router")
+    """The token router of ``dynalora_examples_routed`` (``dynalora train route``)."""
     model: str | None = None
     """Base model: HF id or folder (None: the embedded SmolLM2-135M-Instruct)."""
     support: int = 5
     """Support examples per task (from its train split) for best_adapter, lorahub and dynalora_examples."""
     max_queries: int = 60
-    """Query examples per task (from its test split; fewer where the split is smaller)."""
+    """Query examples per task (from its query splits; fewer where they are smaller)."""
+    query_splits: list[str] = field(default_factory=lambda: ["test"])
+    """The splits queries come from: test, or validation and test for more queries (never train: the support
+    examples' split)."""
     seed: int = 0
     """Seed of the support/query samples and of the LoraHub search."""
     methods: list[str] = field(default_factory=lambda: list(METHODS))
-    """Methods scored: base, best_adapter, uniform_merge, lorahub, dynalora_description, dynalora_examples."""
+    """Methods scored: base, best_adapter, uniform_merge, lorahub, dynalora_description, dynalora_examples,
+    dynalora_examples_routed."""
     lorahub_steps: int = 40
     """Objective evaluations of the LoraHub search (LoraHub: NGOpt with 40 steps)."""
     lorahub_l1: float = 0.05
@@ -97,6 +108,12 @@ class TaskEvalConfig:
             if getattr(self, name) < low:
                 raise ValueError(f"TaskEvalConfig.{name} (--{name.replace('_', '-')}) must be ≥ {low}, "
                                  f"got {getattr(self, name)}")
+        from dynalora.data.splits import SPLITS
+
+        bad = [s for s in self.query_splits if s not in SPLITS or s == SUPPORT_SPLIT]
+        if bad or not self.query_splits:
+            raise ValueError(f"--query-splits: {bad or 'none given'}; choose from "
+                             f"{[s for s in SPLITS if s != SUPPORT_SPLIT]} (train holds the support examples)")
         if self.lorahub_bound <= 0:
             raise ValueError(f"TaskEvalConfig.lorahub_bound must be > 0, got {self.lorahub_bound}")
         check_placement(self.device, self.dtype)
@@ -127,18 +144,20 @@ def check_tasks(names: list[str], known: list[str], held_out: list[str], allow_l
                              + f"; held out: {held_out}. Pass --allow-library-tasks to evaluate it anyway")
 
 
-def sample_examples(task, support: int, max_queries: int, seed: int):
-    """(support examples from the train split, query examples from the test split): seeded samples, task order."""
+def sample_examples(task, support: int, max_queries: int, seed: int, query_splits: tuple[str, ...] = ("test",)):
+    """((support examples from the train split, pool size), (query examples from ``query_splits``, pool size)):
+    seeded samples, task order. With the test split alone, the same draw as before ``query_splits`` existed."""
     from dynalora.data import split_examples
 
-    pools = {}
-    for split, count in ((SUPPORT_SPLIT, support), (QUERY_SPLIT, max_queries)):
-        pool = split_examples(task, split)
+    drawn = []
+    for splits, count in (((SUPPORT_SPLIT,), support), (tuple(query_splits), max_queries)):
+        pool = [example for split in splits for example in split_examples(task, split)]
         if not pool:
-            raise ValueError(f"task {task.name!r} has no examples in its {split} split")
-        picked = sorted(random.Random(f"{seed}:{task.name}:{split}").sample(range(len(pool)), min(count, len(pool))))
-        pools[split] = ([pool[i] for i in picked], len(pool))
-    return pools[SUPPORT_SPLIT], pools[QUERY_SPLIT]
+            raise ValueError(f"task {task.name!r} has no examples in its {'/'.join(splits)} split")
+        picked = sorted(random.Random(f"{seed}:{task.name}:{'+'.join(splits)}").sample(range(len(pool)),
+                                                                                   min(count, len(pool))))
+        drawn.append(([pool[i] for i in picked], len(pool)))
+    return drawn[0], drawn[1]
 
 
 # -- scoring -------------------------------------------------------------------------------------------
@@ -316,8 +335,8 @@ def shift_net_blend(system, text: str) -> Adaptation:
 class TaskRunner:
     """Adapts and scores every method on one task with one dynamic model (all state rows share the LoRA)."""
 
-    def __init__(self, system, config: TaskEvalConfig, engine):
-        self.system, self.config, self.engine = system, config, engine
+    def __init__(self, system, config: TaskEvalConfig, engine, router=None):
+        self.system, self.config, self.engine, self.router = system, config, engine, router
         self.dyn, self.tokenizer = system.dyn, system.base.tokenizer
         self.labels = list(system.bank.labels)
         self.pad_id = engine._pad_id()
@@ -386,10 +405,17 @@ class TaskRunner:
                  for e in support]
         methods = {}
         for method in self.config.methods:
-            adaptation = self.adapt(method, task, support, pairs)
+            routed = method.endswith(ROUTED)
+            adaptation = self.adapt(method.removesuffix(ROUTED), task, support, pairs)
             set_all_rows(self.dyn.state, adaptation.blend, adaptation.generated)
-            scores = self.score(task, queries)
-            support_nll = self.support_nll(pairs, adaptation.blend, adaptation.generated)
+            if routed:
+                self.router.attach(self.dyn)
+            try:
+                scores = self.score(task, queries)
+                support_nll = self.support_nll(pairs, adaptation.blend, adaptation.generated)
+            finally:
+                if routed:
+                    self.router.detach(self.dyn)
             methods[method] = {"accuracy": scores.pop("accuracy"), "adapt_seconds": adaptation.seconds, **scores,
                                "support_nll": round(support_nll, 4), "blend": [round(w, 4) for w in adaptation.blend],
                                **adaptation.extra}
@@ -421,7 +447,12 @@ def eval_tasks(config: TaskEvalConfig, out: Path | None = None) -> dict:
     system.capture.window = system.net.config.pool_window  # as the engine pools its features
     system.capture.enabled = False  # only the dynalora feature passes capture
     engine = Engine(system.dyn, system.base.tokenizer, None, TriggerConfig(), EngineConfig(sample_triggers=False))
-    runner = TaskRunner(system, config, engine)
+    router = None
+    if any(m.endswith(ROUTED) for m in config.methods):
+        from dynalora.hyper.router import TokenRouter
+
+        router = TokenRouter.from_pretrained(config.router_dir, system.dyn.state.device)
+    runner = TaskRunner(system, config, engine, router)
     with torch.no_grad():  # warm-up, untimed, so no method pays the first forward's allocations
         system.dyn(input_ids=torch.tensor([[runner.pad_id] * 8], device=model_device(system.dyn.model)),
                    use_cache=False)
@@ -429,11 +460,11 @@ def eval_tasks(config: TaskEvalConfig, out: Path | None = None) -> dict:
     per_task = {}
     for task in tasks:
         (support, support_pool), (queries, query_pool) = sample_examples(task, config.support, config.max_queries,
-                                                                         config.seed)
+                                                                         config.seed, tuple(config.query_splits))
         task_started = time.perf_counter()
         methods = runner.run(task, support, queries)
         per_task[task.name] = {"metric": task.metric, "queries": len(queries), "support": len(support),
-                               "train_examples": support_pool, "test_examples": query_pool,
+                               "train_examples": support_pool, "query_pool": query_pool,
                                "description": description_text(task),
                                "seconds": round(time.perf_counter() - task_started, 1), "methods": methods}
         logger.info(f"{task.name}: " + ", ".join(f"{m} {v['accuracy']:.3f}" for m, v in methods.items()))
@@ -466,10 +497,11 @@ def eval_tasks(config: TaskEvalConfig, out: Path | None = None) -> dict:
         "splits": {"support": f"{config.support} examples sampled (seed {config.seed}) from each task's "
                               f"{SUPPORT_SPLIT} split",
                    "queries": f"up to {config.max_queries} examples sampled (seed {config.seed}) from each task's "
-                              f"{QUERY_SPLIT} split",
+                              f"{' + '.join(config.query_splits)} split",
                    "by": "hash of the example input (dynalora.data.split_examples)"},
         "held_out_from_library": [n for n in names if n in held_out],
         "config": {"support": config.support, "max_queries": config.max_queries, "seed": config.seed,
+                   "query_splits": config.query_splits,
                    "lorahub_steps": config.lorahub_steps, "lorahub_l1": config.lorahub_l1,
                    "lorahub_bound": config.lorahub_bound, "max_new_tokens": config.max_new_tokens,
                    "use_factors": config.use_factors, "threads": config.threads},
