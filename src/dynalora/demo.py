@@ -17,12 +17,13 @@ from dynalora.shipped import shipped
 
 DIM, BOLD, RESET = styles()  # empty when piped or NO_COLOR is set
 DEMO_DOMAINS = ["news", "drama-shakespeare", "code-python", "scripture"]
+PROMPT_TOKENS = 32  # the stream's first tokens are read as a prompt: the first blend comes from them
 
 
 @dataclass
 class DemoConfig:
     checkpoints: Path = shipped()
-    """Folder with library, shift, triggers and absorb (default: the checkpoints shipped in the package)."""
+    """Folder with library, shift, trigger_head and absorb (default: the checkpoints shipped in the package)."""
     model: str | None = None
     """Base model (None: the embedded SmolLM2-135M-Instruct, the one the checkpoints were trained on)."""
     device: str = "cpu"
@@ -56,17 +57,17 @@ def run_demo(config: DemoConfig) -> dict:
     from dynalora.runtime.special_tokens import SHIFT_TOKEN
     from dynalora.system.assemble import load_shift_system
 
-    system = load_shift_system(*(config.checkpoints / name for name in ("library", "shift", "triggers")), config.model,
-                               device=config.device, dtype=config.dtype)
+    system = load_shift_system(*(config.checkpoints / name for name in ("library", "shift", "trigger_head")),
+                               config.model, device=config.device, dtype=config.dtype, triggers=("prob", "prompt"))
     base, bank, net, dyn, threshold = system.base, system.bank, system.net, system.dyn, system.threshold
     print(f"{BOLD}dynalora demo{RESET}: {base.name}, {len(bank)} library adapters {bank.labels},\n"
           f"shift network ({sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters), "
-          f"learned {SHIFT_TOKEN} (threshold p>{threshold})\n")
+          f"learned {SHIFT_TOKEN} (trigger head, threshold p>{threshold}); the first blend from the prompt\n")
 
     stream = build_streams(StreamConfig(split="test", streams=1, segments=4, segment_chars=config.segment_chars,
-                                        domains=DEMO_DOMAINS, seed=config.seed))[0]
+                                        domains=DEMO_DOMAINS, seed=config.seed, joins="sentence"))[0]
     tokens, starts, domains = tokenize_stream(base.tokenizer, stream)
-    scored = system.run_stream(tokens)
+    scored = system.run_stream(tokens, prompt_tokens=PROMPT_TOKENS)
     fired, blends = scored.fired, scored.blends
     print(f"A stream of {len(tokens)} tokens (test split) that changes domain {len(starts) - 1} times:")
     events = sorted([(s, "segment", d) for s, d in zip(starts, domains)]
@@ -77,7 +78,9 @@ def run_demo(config: DemoConfig) -> dict:
             print(f"\n{BOLD}token {position:>4}: the text becomes {detail}{RESET}  “{preview}…”")
         else:  # the update lands update_delay tokens after the trigger
             top = sorted(zip(bank.labels, detail.new_blend), key=lambda x: -x[1])[:3]
-            print(f"{DIM}  token {position:>4}: <|shift|> fired; from token {detail.position}: "
+            fired_how = f"the first {PROMPT_TOKENS} tokens read as the prompt" if detail.reason.startswith("prompt") \
+                else "<|shift|> fired"
+            print(f"{DIM}  token {position:>4}: {fired_how}; from token {detail.position}: "
                   + ", ".join(f"{label} {w:.2f}" for label, w in top) + f"  ({detail.seconds * 1e3:.1f} ms){RESET}")
     result = {"tokens": len(tokens), "segments": domains, "segment_starts": starts, "shifts": fired}
     if config.plot is not None:
