@@ -105,6 +105,9 @@ def recipe_command(recipe: str, bank, tmp_path) -> list[str]:
         return ["train", recipe, "--data", str(docs), *RECIPES[recipe][0]]
     if recipe == "triggers":
         return ["train", recipe, *library, *TRIGGERS, "--steps", "10"]
+    if recipe == "trigger-head":
+        return ["train", recipe, *library, *TRIGGERS[:-4], "--steps", "6", "--width", "8", "--positive-tokens", "8",
+                "--ignore-after", "12", "--positives-per-step", "8", "--negatives-per-step", "16", "--threads", "1"]
     if recipe == "trigger-lora":
         return ["train", recipe, *library, *TRIGGER_LORA, "--row-dir", row()]
     if recipe in ("escalate", "route"):
