@@ -403,10 +403,12 @@ class TaskRunner:
         pairs = [(prompt_ids(self.tokenizer, task, e),
                   answer_ids(self.tokenizer, e.target if e.target is not None else e.choices[e.correct], eos=True))
                  for e in support]
-        methods = {}
+        methods, adaptations = {}, {}  # a routed method reuses its unrouted twin's adaptation (and its seconds)
         for method in self.config.methods:
-            routed = method.endswith(ROUTED)
-            adaptation = self.adapt(method.removesuffix(ROUTED), task, support, pairs)
+            routed, unrouted = method.endswith(ROUTED), method.removesuffix(ROUTED)
+            if unrouted not in adaptations:
+                adaptations[unrouted] = self.adapt(unrouted, task, support, pairs)
+            adaptation = adaptations[unrouted]
             set_all_rows(self.dyn.state, adaptation.blend, adaptation.generated)
             if routed:
                 self.router.attach(self.dyn)

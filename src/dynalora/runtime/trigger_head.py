@@ -75,11 +75,11 @@ class TriggerHead(nn.Module):
         self.eval()
 
         def rewrite(features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-            others = logits.float().clone()  # (B, T, V)
-            others[..., token_id] = float("-inf")
+            if logits.requires_grad:
+                logits = logits.clone()  # (B, T, V); otherwise the LM head's fresh output is rewritten in place
+            logits[..., token_id] = float("-inf")
             with torch.no_grad():
-                logit = self(features) + torch.logsumexp(others, dim=-1)  # (B, T): p(token) = σ(a) exactly
-            logits = logits.clone()
+                logit = self(features) + torch.logsumexp(logits.float(), dim=-1)  # (B, T): p(token) = σ(a) exactly
             logits[..., token_id] = logit.to(logits.dtype)
             return logits
 

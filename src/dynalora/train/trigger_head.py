@@ -22,15 +22,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import DynamicCache
 
 from dynalora.data.batches import config_record
-from dynalora.data.streams import library_streams, tokenize_stream
+from dynalora.data.streams import library_streams
 from dynalora.data.trigger_metrics import simulate_policy, trigger_metrics
-from dynalora.runtime.teacher_forced import schedule_chunks
 from dynalora.runtime.trigger_head import TriggerHead, TriggerHeadConfig, default_head_layers, head_features
 from dynalora.shipped import shipped, trained
-from dynalora.train.triggers import choose_threshold, oracle_schedule
+from dynalora.train.triggers import choose_threshold, run_under_schedule, walk_streams
 from dynalora.training import RunConfig, TrainingRun
 
 
@@ -108,29 +106,22 @@ def head_targets(starts: list[int], length: int, positive_tokens: int, ignore_af
     return target
 
 
-@torch.no_grad()
 def stream_head_features(dyn, tokens: list[int], schedule, layers: list[int]) -> torch.Tensor:
-    """The head's input features ``(L, F)`` (float16) of a stream run in chunks under a LoRA schedule
-    (``[(start, blend or None), ...]``) with a KV cache, as the engine runs it."""
-    model = dyn.model
-    cache = DynamicCache(config=model.config)
-    with head_features(model, layers) as captured:
-        for start, stop in schedule_chunks(dyn, schedule, len(tokens)):
-            model(input_ids=torch.tensor([tokens[start:stop]], device=model.device), cache=cache, use_cache=True)
+    """The head's input features ``(L, F)`` (float16) of a stream run under a LoRA schedule
+    (:func:`~dynalora.train.triggers.run_under_schedule`)."""
+    with head_features(dyn.model, layers) as captured:
+        for _ in run_under_schedule(dyn, tokens, schedule):
+            pass
     return torch.cat([features[0] for features in captured]).half()
 
 
 def collect(dyn, tokenizer, labels, streams, config: TriggerHeadTrainConfig, layers: list[int]):
     """Per stream: features ``(L, F)``, targets ``(L,)``, segment starts, length."""
-    features, targets, starts_all, lengths = [], [], [], []
-    for stream in tqdm(streams, desc="trigger head features", leave=False):
-        tokens, starts, domains = tokenize_stream(tokenizer, stream)
-        schedule = oracle_schedule(starts, domains, labels, config.ignore_after, len(tokens))
-        features.append(stream_head_features(dyn, tokens, schedule, layers))
-        targets.append(head_targets(starts, len(tokens), config.positive_tokens, config.ignore_after))
-        starts_all.append(starts)
-        lengths.append(len(tokens))
-    return features, targets, starts_all, lengths
+    return walk_streams(tokenizer, labels, streams, config.ignore_after,
+                        lambda tokens, schedule: stream_head_features(dyn, tokens, schedule, layers),
+                        lambda starts, length: head_targets(starts, length, config.positive_tokens,
+                                                            config.ignore_after),
+                        "trigger head features")
 
 
 def fit_head(head: TriggerHead, features: torch.Tensor, target: torch.Tensor, config: TriggerHeadTrainConfig):

@@ -77,19 +77,24 @@ class TriggerTrainConfig:
     process, and keeps no resumable state (the LoRA form, ``train trigger-lora``, uses the rest)."""
 
 
-@torch.no_grad()
-def stream_hidden_states(dyn, tokens: list[int], schedule: list[tuple[int, list[float] | None]],
-                         vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run a stream in chunks under a LoRA schedule ``[(start, blend or None), ...]`` with a KV cache
-    (keep policy); returns final hidden states ``(L, H)`` and ``log Z`` over the original vocab ``(L,)``, in float32."""
+def run_under_schedule(dyn, tokens: list[int], schedule: list[tuple[int, list[float] | None]]):
+    """Run a stream in chunks under a LoRA schedule ``[(start, blend or None), ...]`` with a KV cache (keep policy),
+    as the engine runs it; yields each chunk's logits ``(T, V)`` (what the caller's hooks capture rides along)."""
     model = dyn.model
     cache = DynamicCache(config=model.config)
-    log_z = []
-    with lm_head_inputs(model) as captured:
+    with torch.no_grad():
         for start, stop in schedule_chunks(dyn, schedule, len(tokens)):
             ids = torch.tensor([tokens[start:stop]], device=model.device)  # (1, T)
-            logits = model(input_ids=ids, cache=cache, use_cache=True).logits[0]
-            log_z.append(torch.logsumexp(logits[:, :vocab_size].float(), dim=-1))
+            yield model(input_ids=ids, cache=cache, use_cache=True).logits[0]
+
+
+def stream_hidden_states(dyn, tokens: list[int], schedule: list[tuple[int, list[float] | None]],
+                         vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final hidden states ``(L, H)`` and ``log Z`` over the original vocab ``(L,)`` (float32) of a stream run under a
+    LoRA schedule (:func:`run_under_schedule`)."""
+    with lm_head_inputs(dyn.model) as captured:
+        log_z = [torch.logsumexp(logits[:, :vocab_size].float(), dim=-1)
+                 for logits in run_under_schedule(dyn, tokens, schedule)]
     captured = [hidden[0] for hidden in captured]  # (T, H) per chunk
     return torch.cat(captured).float(), torch.cat(log_z)
 
@@ -113,19 +118,27 @@ def targets_for(starts: list[int], length: int, delay: int, ignore_after: int) -
     return target
 
 
-def collect(dyn, tokenizer, labels, streams, delay: int, ignore_after: int, vocab_size: int):
-    """Per stream, under the oracle schedule: final hidden states, log Z, targets, segment starts, length."""
-    hidden, log_z, targets, starts_all, lengths = [], [], [], [], []
-    for stream in tqdm(streams, desc="trigger features", leave=False):
+def walk_streams(tokenizer, labels, streams, delay: int, features_of, targets_of, desc: str):
+    """Per stream, run under the oracle schedule (:func:`oracle_schedule` with ``delay``): ``features_of(tokens,
+    schedule)``, ``targets_of(starts, length)``, the segment starts and the length — four lists."""
+    features, targets, starts_all, lengths = [], [], [], []
+    for stream in tqdm(streams, desc=desc, leave=False):
         tokens, starts, domains = tokenize_stream(tokenizer, stream)
-        h, z = stream_hidden_states(dyn, tokens, oracle_schedule(starts, domains, labels, delay, len(tokens)),
-                                    vocab_size)
-        hidden.append(h)
-        log_z.append(z)
-        targets.append(targets_for(starts, len(tokens), delay, ignore_after).to(h.device))
+        features.append(features_of(tokens, oracle_schedule(starts, domains, labels, delay, len(tokens))))
+        targets.append(targets_of(starts, len(tokens)))
         starts_all.append(starts)
         lengths.append(len(tokens))
-    return hidden, log_z, targets, starts_all, lengths
+    return features, targets, starts_all, lengths
+
+
+def collect(dyn, tokenizer, labels, streams, delay: int, ignore_after: int, vocab_size: int):
+    """Per stream, under the oracle schedule: final hidden states, log Z, targets, segment starts, length."""
+    states, targets, starts, lengths = walk_streams(
+        tokenizer, labels, streams, delay,
+        lambda tokens, schedule: stream_hidden_states(dyn, tokens, schedule, vocab_size),
+        lambda starts, length: targets_for(starts, length, delay, ignore_after), "trigger features")
+    hidden, log_z = [h for h, _ in states], [z for _, z in states]
+    return hidden, log_z, [t.to(h.device) for t, h in zip(targets, hidden)], starts, lengths
 
 
 THRESHOLDS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999,
