@@ -172,6 +172,20 @@ def test_fetch_downloads_verifies_and_caches(tmp_path, monkeypatch):
         fetch.fetch_pypi_file("demo", "1.0", kind="egg")
 
 
+def test_fetch_names_a_release_whose_files_pypi_refuses(tmp_path, monkeypatch):
+    """PyPI can name a version as current while listing no files for it and refusing its own document (seen for
+    bigbench==1.0.0): the error says so, with PyPI's words, instead of "no sdist"."""
+    def urlopen(url, timeout=None):
+        if url == "https://pypi.org/pypi/gone/json":
+            return io.BytesIO(json.dumps({"info": {"version": "3.0"}, "releases": {"0.1": []}, "urls": []}).encode())
+        raise urllib.error.HTTPError(url, 403, "Forbidden", {}, io.BytesIO(b"This package version is not available."))
+
+    monkeypatch.setenv("DYNALORA_HOME", str(tmp_path))
+    monkeypatch.setattr(fetch.urllib.request, "urlopen", urlopen)
+    with pytest.raises(fetch.DataFetchError, match=r"HTTP 403 for gone==3\.0 .*: This package version is not"):
+        fetch.fetch_pypi_file("gone", "3.0", progress=False)
+
+
 def test_fetch_rejects_a_corrupt_download(tmp_path, monkeypatch):
     monkeypatch.setenv("DYNALORA_HOME", str(tmp_path))
     monkeypatch.setattr(fetch.urllib.request, "urlopen", FakePyPI(b"payload", listed_sha256="0" * 64))

