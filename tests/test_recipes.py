@@ -412,7 +412,7 @@ def test_trigger_head_recipe_fires_at_changes_and_sets_the_token_probability(tmp
     from dynalora.runtime.special_tokens import SHIFT_TOKEN
     from dynalora.runtime.trained_trigger import TrainedTrigger
     from dynalora.runtime.trigger_head import head_features
-    from dynalora.train.trigger_head import TriggerHeadTrainConfig, train_trigger_head
+    from dynalora.train.trigger_head import TriggerHeadTrainConfig, rescan_head, train_trigger_head
 
     monkeypatch.setattr("dynalora.data.streams.build_streams", fake_streams)
     config = library_config(tmp_path, steps=4)
@@ -425,6 +425,12 @@ def test_trigger_head_recipe_fires_at_changes_and_sets_the_token_probability(tmp
     assert result["train"]["boundary_recall"] > 0.5
     trigger = TrainedTrigger.from_pretrained(tmp_path / "head")
     assert trigger.head is not None and trigger.threshold == result["threshold"]
+    assert trigger.votes == tuple(result["votes"]) and {tuple(c["votes"]) for c in result["threshold_scan"]} == \
+        {(1, 1), (2, 2), (2, 3), (3, 4), (3, 5)}
+    rescanned = rescan_head(tmp_path / "head", config.out_dir, "tiny:llama", votes=["2/3"], max_false_per_1k=1000.0)
+    assert [c["fired"] for c in rescanned["threshold_scan"]] == \
+        [c["fired"] for c in result["threshold_scan"] if c["votes"] == [2, 3]]  # the same validation streams
+    assert TrainedTrigger.from_pretrained(tmp_path / "head").votes == (2, 3)
     assert trigger.head.config.layers == result["head"]["layers"]
     base = load_base_model("tiny:llama")
     ids = torch.tensor([[5, 17, 99, 3, 42, 8, 250, 11]])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dynalora.eval.shift import segment_scores
@@ -11,6 +12,9 @@ from dynalora.lora import DynamicLoraModel, InjectConfig, StateConfig
 from dynalora.lora.targets import find_target_modules
 from dynalora.models import tiny_model
 from dynalora.data.trigger_metrics import simulate_policy, trigger_metrics
+from dynalora.runtime.special_tokens import SHIFT_TOKEN
+from dynalora.runtime.triggers import RowTriggers, StepObservation, TokenProbability, TriggerConfig
+from dynalora.system.spec import parse_trigger
 from dynalora.train.triggers import oracle_schedule, targets_for
 
 from test_engine import random_bank
@@ -77,6 +81,35 @@ def test_trigger_targets_schedule_and_metrics():
     metrics = trigger_metrics([fired], [[0, 50, 120]], [200], window=32)
     assert metrics["boundary_recall"] == 0.5 and metrics["false_per_1k_tokens"] == 5.0
     assert metrics["mean_delay"] == 10 and abs(metrics["precision"] - 2 / 3) < 1e-9
+
+
+def test_votes_ignore_a_lone_spike_and_the_policy_fires_where_the_simulation_does():
+    """``k`` of the last ``n``: a lone spike does not fire, a run fires at its k-th position; the engine's
+    policy (with the row's rate limit) and the simulation the recipes choose thresholds with agree exactly."""
+    probs = torch.zeros(200)
+    probs[[5, 60, 61, 62, 100, 102, 170]] = 0.9
+    assert simulate_policy(probs, 0.5, min_gap=8, votes=(2, 3)) == [61, 102]
+    assert simulate_policy(probs, 0.5, min_gap=8, votes=(3, 3)) == [62]
+    assert simulate_policy(probs, 0.5, min_gap=8) == [5, 60, 100, 170]
+    probs = torch.rand(400, generator=torch.Generator().manual_seed(0))
+    for votes in ((1, 1), (2, 3), (3, 4)):
+        row = RowTriggers(TriggerConfig([TokenProbability(7, 0.7, votes=votes)], min_gap=5))
+        fired = [t for t, p in enumerate(probs.tolist())
+                 if row.observe(StepObservation(t, 0, 0.0, {7: p}, t + 1))[0] is not None]
+        assert fired == simulate_policy(probs, 0.7, min_gap=5, votes=votes)
+
+
+def test_prob_trigger_specs_take_a_threshold_and_votes_or_the_trained_ones():
+    ids = {SHIFT_TOKEN: 9}
+    policy = parse_trigger("prob:0.7:3/4", ids, 0.99, (2, 2))
+    assert (policy.threshold, policy.votes) == (0.7, (3, 4))
+    policy = parse_trigger("prob", ids, 0.99, (2, 2))
+    assert (policy.threshold, policy.votes) == (0.99, (2, 2))
+    assert parse_trigger("prob:0.5", ids).votes == (1, 1)
+    with pytest.raises(ValueError, match=r"--trigger 'prob:0.5:4/3'.*1 ≤ k ≤ n"):
+        parse_trigger("prob:0.5:4/3", ids)
+    with pytest.raises(ValueError, match=r"--trigger 'prob:0.5:3'.*K/N"):
+        parse_trigger("prob:0.5:3", ids)
 
 
 def test_segment_scores_skip_the_first_tokens_of_each_segment():

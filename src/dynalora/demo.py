@@ -62,7 +62,8 @@ def run_demo(config: DemoConfig) -> dict:
     base, bank, net, dyn, threshold = system.base, system.bank, system.net, system.dyn, system.threshold
     print(f"{BOLD}dynalora demo{RESET}: {base.name}, {len(bank)} library adapters {bank.labels},\n"
           f"shift network ({sum(p.numel() for p in net.parameters()) / 1e6:.2f}M parameters), "
-          f"learned {SHIFT_TOKEN} (trigger head, threshold p>{threshold}); the first blend from the prompt\n")
+          f"learned {SHIFT_TOKEN} (trigger head: p>{threshold} at {system.votes[0]} of the last {system.votes[1]} "
+          "tokens); the first blend from the prompt\n")
 
     stream = build_streams(StreamConfig(split="test", streams=1, segments=4, segment_chars=config.segment_chars,
                                         domains=DEMO_DOMAINS, seed=config.seed, joins="sentence"))[0]

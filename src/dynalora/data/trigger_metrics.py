@@ -4,12 +4,17 @@ false triggers against the segment starts."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
-def simulate_policy(probs: torch.Tensor, threshold: float, min_gap: int) -> list[int]:
-    """Positions where ``p > threshold`` fires, honouring ``min_gap``."""
+def simulate_policy(probs: torch.Tensor, threshold: float, min_gap: int, votes: tuple[int, int] = (1, 1)) -> list[int]:
+    """Positions where ``p > threshold`` at ``k`` of the last ``n`` positions (``votes``) fires, honouring
+    ``min_gap`` (as :class:`~dynalora.runtime.triggers.TokenProbability` with ``RowTriggers`` fires)."""
+    k, n = votes
+    above = (probs > threshold).float()  # (L,)
+    passed = F.conv1d(above[None, None], above.new_ones(1, 1, n), padding=n - 1)[0, 0, :len(probs)]  # (L,) in last n
     fired, last = [], -10**9
-    for t in torch.nonzero(probs > threshold).flatten().tolist():
+    for t in torch.nonzero(passed >= k).flatten().tolist():
         if t - last >= min_gap:
             fired.append(t)
             last = t

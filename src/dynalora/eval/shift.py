@@ -278,7 +278,7 @@ def eval_shift(config: ShiftEvalConfig, out: Path | None = None) -> dict:
     if token_router_note:
         methods["dynalora_routed"] = {"note": token_router_note}
     triggers = trigger_metrics(fired_all, starts_all, lengths, config.skip) if "dynalora" in run else {}
-    triggers["threshold"] = system.threshold
+    triggers["threshold"], triggers["votes"] = system.threshold, list(system.votes)
     triggers["update_delay"] = config.update_delay
     triggers.update(policies=config.trigger, prompt_tokens=config.prompt_tokens, triggers_dir=str(config.triggers_dir))
     triggers["generated_factors"] = config.use_factors

@@ -45,6 +45,13 @@ class TrainedTrigger:
         return self.record.get("threshold")
 
     @property
+    def votes(self) -> tuple[int, int]:
+        """Fire when the threshold is passed at ``k`` of the last ``n`` positions (chosen with the threshold; 1/1 when
+        the record names none)."""
+        k, n = self.record.get("votes", (1, 1))
+        return int(k), int(n)
+
+    @property
     def deltas(self) -> dict[str, torch.Tensor] | None:
         """The trigger LoRA as ``{module: ΔW (out, in)}``, or None."""
         return factor_deltas(self.lora) if self.lora else None

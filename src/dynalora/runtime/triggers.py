@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import deque
 from dataclasses import dataclass, field
 
 
@@ -50,19 +51,46 @@ class SpecialToken(TriggerPolicy):
         return None
 
 
+def check_votes(votes: tuple[int, int]) -> tuple[int, int]:
+    """``(k, n)`` with ``1 ≤ k ≤ n``, or a ValueError naming it."""
+    k, n = votes
+    if not 1 <= k <= n:
+        raise ValueError(f"trigger votes {k}/{n}: need 1 ≤ k ≤ n (fire when k of the last n positions pass)")
+    return int(k), int(n)
+
+
+def parse_votes(text: str) -> tuple[int, int]:
+    """``"3/4"`` → ``(3, 4)``."""
+    k, slash, n = text.partition("/")
+    if not slash or not k.isdigit() or not n.isdigit():
+        raise ValueError(f"trigger votes {text!r}: expected K/N, e.g. 3/4")
+    return check_votes((int(k), int(n)))
+
+
 class TokenProbability(TriggerPolicy):
-    """Fires when p(trigger token) passes ``threshold`` at any position, the prompt included."""
+    """Fires when p(trigger token) passes ``threshold`` at ``k`` of the last ``n`` observed positions (``votes``; the
+    prompt included): ``(1, 1)`` fires on one position, ``(3, 4)`` ignores a lone spike."""
 
     wants_prompt = True
 
-    def __init__(self, token_id: int, threshold: float = 0.2, name: str = "trigger"):
+    def __init__(self, token_id: int, threshold: float = 0.2, name: str = "trigger",
+                 votes: tuple[int, int] = (1, 1)):
         if not 0 < threshold <= 1:
             raise ValueError(f"TokenProbability.threshold must be in (0, 1], got {threshold}")
         self.token_id, self.threshold, self.name = token_id, threshold, name
+        self.votes = check_votes(votes)
+        self.recent: deque[bool] = deque(maxlen=self.votes[1])
+
+    def reset(self):
+        self.recent.clear()
 
     def observe(self, obs):
         p = obs.trigger_probs.get(self.token_id, 0.0)
-        return f"p({self.name})={p:.2f}" if p >= self.threshold else None
+        self.recent.append(p >= self.threshold)
+        k, n = self.votes
+        if sum(self.recent) < k:
+            return None
+        return f"p({self.name})={p:.2f}" + (f" ({k} of the last {n})" if n > 1 else "")
 
 
 class PromptEnd(TriggerPolicy):

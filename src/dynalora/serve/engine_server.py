@@ -104,18 +104,19 @@ class EngineServer:
                    triggers=triggers)
 
     def request_triggers(self, specs: list[str]) -> TriggerConfig:
-        """A request's own trigger policies (the server's rate limits; ``prob`` without a threshold: the server's)."""
+        """A request's own trigger policies (the server's rate limits; ``prob`` without a threshold or votes: the
+        server's)."""
         token_ids = self.engine.trigger_token_ids
         server = self.engine.triggers
-        threshold = next((p.threshold for p in server.policies
-                          if isinstance(p, TokenProbability) and p.name == SHIFT_TOKEN), None)
+        shift = next((p for p in server.policies if isinstance(p, TokenProbability) and p.name == SHIFT_TOKEN), None)
+        threshold, votes = (shift.threshold, shift.votes) if shift else (None, (1, 1))
         policies = []
         for spec in specs:
             if spec.partition(":")[0] in ("token", "prob", "think") and not token_ids:
                 raise ServeError(400, f"dynalora.trigger {spec!r}: this server's model has no trigger tokens "
                                       "(start it with --trigger-tokens)", "dynalora.trigger")
             try:
-                policies.append(parse_trigger(spec, token_ids, threshold))
+                policies.append(parse_trigger(spec, token_ids, threshold, votes))
             except ValueError as error:
                 message = str(error).replace("--trigger ", "")
                 raise ServeError(400, f"dynalora.trigger: {message}", "dynalora.trigger") from None

@@ -52,6 +52,8 @@ class System:
     """The ordinary vocabulary (trigger tokens excluded): what text is scored over."""
     threshold: float | None = None
     """The trained ``<|shift|>`` probability threshold (``triggers.json`` beside the token file), if any."""
+    votes: tuple[int, int] = (1, 1)
+    """The trained trigger fires when ``threshold`` is passed at ``k`` of the last ``n`` positions."""
     absorber: object = None
     """The :class:`~dynalora.runtime.absorb.Absorber` writing memory past ``spec.window`` (None: off)."""
     trigger_deltas: dict | None = None
@@ -69,11 +71,11 @@ class System:
                              "(e.g. checkpoints/library)")
         base = load_base_model(spec.model, spec.dtype, spec.device)
         device = model_device(base.model)
-        threshold, trigger_deltas, token_ids = None, None, {}
+        threshold, votes, trigger_deltas, token_ids = None, (1, 1), None, {}
         if spec.trigger_tokens is not None:
             trigger = TrainedTrigger.from_pretrained(spec.trigger_tokens)
             token_ids = trigger.install(base.model, base.tokenizer)
-            threshold, trigger_deltas = trigger.threshold, trigger.deltas
+            threshold, votes, trigger_deltas = trigger.threshold, trigger.votes, trigger.deltas
         elif spec.reads_trigger_tokens():
             token_ids = add_trigger_tokens(base.model, base.tokenizer)
         bank, adapters = _load_bank(spec.bank, base.model)
@@ -87,7 +89,7 @@ class System:
             kinds = {name.rsplit(".", 1)[-1] for name in bank.modules} | set(plan.target_kinds)
             inject = InjectConfig(target_modules=sorted(kinds), state=StateConfig(
                 max_batch=spec.max_batch, generated_rank=0, memory_rank=plan.memory_rank))
-        policies = [parse_trigger(s, token_ids, threshold) for s in spec.triggers]
+        policies = [parse_trigger(s, token_ids, threshold, votes) for s in spec.triggers]
         engine_config = EngineConfig(kv_policy=spec.kv_policy, background_absorb=spec.background_absorb,
                                      merge_alone=spec.merge_alone,
                                      update_delay=spec.update_delay or 0,
@@ -123,7 +125,7 @@ class System:
             probe.close()
         triggers = TriggerConfig(policies, min_gap=spec.min_gap, max_per_sequence=spec.max_per_sequence)
         return cls(spec, base, bank, adapters, dyn, hyper, triggers, engine_config, token_ids,
-                   ordinary_vocab_size(base.model, base.tokenizer), threshold, absorber, trigger_deltas)
+                   ordinary_vocab_size(base.model, base.tokenizer), threshold, votes, absorber, trigger_deltas)
 
     @property
     def net(self):

@@ -11,7 +11,7 @@ from dynalora.runtime.engine import KV_POLICIES
 from dynalora.runtime.memory_writers import WRITERS, DistillConfig
 from dynalora.runtime.special_tokens import SHIFT_TOKEN, THINK_TOKEN
 from dynalora.runtime.triggers import (EveryN, PromptEnd, SpecialToken, Surprise, TokenProbability,
-                                       TriggerPolicy, WindowPressure)
+                                       TriggerPolicy, WindowPressure, parse_votes)
 from dynalora.shipped import shipped
 
 HYPERNETWORKS = ("prototype", "shift", "none")
@@ -26,7 +26,7 @@ to."""
 FLAG_ALIASES = {"hypernetwork": "--hyper", "shift_dir": "--shift", "triggers": "--trigger",
                 "distill.steps": "--absorb-steps", "distill.step_sizes": "--absorb-step-sizes"}
 """Short command-line names of some fields (``generate``, ``chat``, ``serve``; the generated ones work too)."""
-TRIGGER_SPECS = "token | prob[:THRESHOLD] | think[:THRESHOLD] | prompt | surprise[:K] | every:N | window:TOKENS"
+TRIGGER_SPECS = "token | prob[:THRESHOLD[:K/N]] | think[:THRESHOLD] | prompt | surprise[:K] | every:N | window:TOKENS"
 
 
 @dataclass
@@ -65,8 +65,9 @@ class EngineSpec:
     """A token router (``dynalora train route``): the bank's blend re-weighted at every token inside the forward,
     with the row's blend as its prior (trained over the shift network's blends)."""
     triggers: list[str] = field(default_factory=lambda: ["token"])
-    """Trigger policies, each one of: token | prob[:THRESHOLD] | think[:THRESHOLD] | prompt | surprise[:K] | every:N |
-    window:TOKENS (``prob`` without a threshold: the trained one in the trigger's triggers.json, or 0.2; ``prompt``
+    """Trigger policies, each one of: token | prob[:THRESHOLD[:K/N]] | think[:THRESHOLD] | prompt | surprise[:K] |
+    every:N | window:TOKENS (``prob`` without a threshold or votes: the trained ones in the trigger's triggers.json,
+    or 0.2 and 1/1 — ``prob:0.9:3/4`` fires when p passes 0.9 at 3 of the last 4 positions; ``prompt``
     once at the prompt's last token: the first blend read from the whole prompt)."""
     min_gap: int = 8
     """At least this many tokens between two updates of a row."""
@@ -119,17 +120,22 @@ class EngineSpec:
         return reads or self.escalate is not None
 
 
-def parse_trigger(spec: str, token_ids: dict[str, int], shift_threshold: float | None = None) -> TriggerPolicy:
-    """``"every:16"`` → ``EveryN(16)`` etc. (``prob`` without a threshold: ``shift_threshold``, the trained one, or
-    0.2); raises naming the accepted forms."""
+def parse_trigger(spec: str, token_ids: dict[str, int], shift_threshold: float | None = None,
+                  shift_votes: tuple[int, int] = (1, 1)) -> TriggerPolicy:
+    """``"every:16"`` → ``EveryN(16)`` etc. (``prob:T:K/N`` fires when p passes T at K of the last N positions;
+    without a threshold: ``shift_threshold``, the trained one, or 0.2; without votes: ``shift_votes``, the trained
+    ones, or 1/1); raises naming the accepted forms."""
     name, _, value = spec.partition(":")
     try:
         if name == "token" and not value:
             return SpecialToken(token_ids)
         if name == "prob":
             token_id = token_ids.get(SHIFT_TOKEN, next(iter(token_ids.values())))
-            threshold = float(value) if value else (0.2 if shift_threshold is None else shift_threshold)
-            return TokenProbability(token_id, threshold, name=SHIFT_TOKEN)
+            threshold_text, _, votes_text = value.partition(":")
+            threshold = float(threshold_text) if threshold_text else (0.2 if shift_threshold is None else
+                                                                      shift_threshold)
+            votes = parse_votes(votes_text) if votes_text else shift_votes
+            return TokenProbability(token_id, threshold, name=SHIFT_TOKEN, votes=votes)
         if name == "think" and THINK_TOKEN in token_ids:
             return TokenProbability(token_ids[THINK_TOKEN], float(value) if value else 0.5, name="think")
         if name == "prompt" and not value:

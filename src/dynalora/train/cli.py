@@ -53,12 +53,21 @@ def cmd_trigger_head(config) -> int:
 
 
 def cmd_rescan_triggers(args) -> int:
+    from dynalora.runtime.trigger_head import HEAD_FILE
+    from dynalora.train.trigger_head import rescan_head
     from dynalora.train.triggers import rescan_thresholds
 
     for folder in args.folders:
-        v = rescan_thresholds(folder, args.library, args.model)["validation"]
-        print(f"{folder}: threshold {v['threshold']}: validation recall {v['boundary_recall']:.2f}, precision "
-              f"{v['precision']:.2f}, false/1k tokens {v['false_per_1k_tokens']:.2f}")
+        if (folder / HEAD_FILE).is_file():
+            v = rescan_head(folder, args.library, args.model, args.votes, args.max_false_per_1k)["validation"]
+        elif args.votes or args.max_false_per_1k is not None:
+            raise SystemExit(f"{folder}: --votes and --max-false-per-1k apply to a trigger head ({HEAD_FILE})")
+        else:
+            v = rescan_thresholds(folder, args.library, args.model)["validation"]
+        rule = v.get("votes", [1, 1])
+        print(f"{folder}: threshold {v['threshold']} at {rule[0]} of the last {rule[1]}: validation recall "
+              f"{v['boundary_recall']:.2f}, precision {v['precision']:.2f}, false/1k tokens "
+              f"{v['false_per_1k_tokens']:.2f}")
     return 0
 
 
@@ -179,7 +188,12 @@ def add_train_commands(commands) -> None:
 
     p = sub.add_parser("rescan-triggers", help="train nothing: choose trained triggers' thresholds again on their "
                                                "validation streams")
-    p.add_argument("folders", type=Path, nargs="+", metavar="DIR", help="trained trigger folders (row or LoRA form)")
+    p.add_argument("folders", type=Path, nargs="+", metavar="DIR", help="trained trigger folders (row, LoRA or head)")
+    p.add_argument("--votes", nargs="+", metavar="K/N", default=None,
+                   help="a head's firing rules to scan with the threshold (default: its record's, or 1/1 2/2 2/3 3/4 "
+                        "3/5)")
+    p.add_argument("--max-false-per-1k", type=float, default=None,
+                   help="a head's false-trigger budget per 1,000 validation tokens (default: its record's)")
     p.add_argument("--library", type=Path, default=TriggerTrainConfig.library_dir)
     p.add_argument("--model", default=None)
     p.set_defaults(handler=cmd_rescan_triggers)

@@ -146,16 +146,20 @@ THRESHOLDS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.9
 
 
 def choose_threshold(probs: list[torch.Tensor], starts: list[list[int]], lengths: list[int], window: int,
-                     min_gap: int, max_false_per_1k: float) -> tuple[dict, list[dict]]:
-    """Scan firing thresholds on validation streams; the best recall with ≤ ``max_false_per_1k`` false
-    triggers (or the fewest false triggers when none qualifies). Returns (best, every candidate)."""
+                     min_gap: int, max_false_per_1k: float,
+                     votes: tuple[tuple[int, int], ...] = ((1, 1),)) -> tuple[dict, list[dict]]:
+    """Scan firing thresholds (and firing rules: pass at ``k`` of the last ``n`` positions, each of ``votes``) on
+    validation streams; the best recall with ≤ ``max_false_per_1k`` false triggers, then the fewest false triggers
+    (or the fewest false triggers when none qualifies). Returns (best, every candidate)."""
     candidates = []
-    for threshold in THRESHOLDS:
-        fired = [simulate_policy(p, threshold, min_gap) for p in probs]
-        candidates.append({"threshold": threshold, **trigger_metrics(fired, starts, lengths, window)})
+    for rule in votes:
+        for threshold in THRESHOLDS:
+            fired = [simulate_policy(p, threshold, min_gap, rule) for p in probs]
+            candidates.append({"threshold": threshold, "votes": list(rule),
+                               **trigger_metrics(fired, starts, lengths, window)})
     allowed = [c for c in candidates if c["false_per_1k_tokens"] <= max_false_per_1k] or \
         [min(candidates, key=lambda c: c["false_per_1k_tokens"])]
-    return max(allowed, key=lambda c: (c["boundary_recall"], c["threshold"])), candidates
+    return max(allowed, key=lambda c: (c["boundary_recall"], -c["false_per_1k_tokens"], c["threshold"])), candidates
 
 
 def train_triggers(config: TriggerTrainConfig) -> dict:
