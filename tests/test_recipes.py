@@ -218,7 +218,8 @@ def test_shift_pipeline_end_to_end_on_a_tiny_model(tmp_path, synthetic_domains, 
                                       train_streams=6, validation_streams=3, delay=8, steps=50))
     train_route(RouteTrainConfig(library_dir=config.out_dir, shift_dir=tmp_path / "shift",
                                  triggers_dir=tmp_path / "triggers", out_dir=tmp_path / "router", model="tiny:llama",
-                                 streams=3, segment_chars=300, window=24, steps=3, width=8))
+                                 streams=3, segment_chars=300, window=24, steps=3, width=8,
+                                 trigger=["prob", "prompt"], prompt_tokens=8))  # the priors as eval shift's prompt runs
     streams = fake_streams(type("C", (), {"seed": 5, "streams": 2})())
     streams[1]["segments"][2]["library"] = False  # one segment counted as an unseen domain
     data = write_streams(streams, tmp_path / "streams.jsonl")

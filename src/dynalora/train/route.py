@@ -45,6 +45,11 @@ class RouteTrainConfig:
     """Characters per segment."""
     update_delay: int = 12
     """The shift system's update delay (as ``eval shift`` runs it)."""
+    trigger: list[str] = field(default_factory=lambda: ["prob"])
+    """The shift system's trigger policies (``--trigger`` forms, as ``eval shift`` takes them; ``prompt`` picks the
+    first blend from each stream's first ``prompt_tokens``)."""
+    prompt_tokens: int = 0
+    """A stream's first tokens read as a prompt (for the ``prompt`` policy)."""
     window: int = 128
     """Tokens per training sequence (a random window of a stream)."""
     steps: int = 200
@@ -80,7 +85,8 @@ def train_route(config: RouteTrainConfig) -> dict:
     torch.manual_seed(config.seed)
     run = TrainingRun(config.run, config.out_dir)
     system = load_shift_system(config.library_dir, config.shift_dir, config.triggers_dir, config.model,
-                               device=str(run.device), dtype=config.run.dtype, update_delay=config.update_delay)
+                               device=str(run.device), dtype=config.run.dtype, update_delay=config.update_delay,
+                               triggers=config.trigger)
     system.merge_trigger_lora()  # as the live engine runs (a no-op for a row-only trigger)
     dyn, tokenizer, vocab = system.dyn, system.base.tokenizer, system.vocab_size
     started = time.perf_counter()
@@ -90,7 +96,8 @@ def train_route(config: RouteTrainConfig) -> dict:
     for stream in tqdm(streams, desc="shift system on the streams", leave=False, disable=not run.is_main):
         tokens = tokenize_stream(tokenizer, stream)[0]
         sequences.append(tokens)
-        priors.append(torch.tensor(system.run_stream(tokens).blends[:-1]))  # (L-1, K): in force predicting t+1
+        scored = system.run_stream(tokens, prompt_tokens=config.prompt_tokens)
+        priors.append(torch.tensor(scored.blends[:-1]))  # (L-1, K): in force predicting t+1
     prior_seconds = time.perf_counter() - started
     layers = len(decoder_layers(dyn.model))
     router = TokenRouter(TokenRouterConfig(feature_size=dyn.model.config.hidden_size, bank_labels=system.bank.labels,
