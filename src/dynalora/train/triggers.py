@@ -77,15 +77,15 @@ class TriggerTrainConfig:
     process, and keeps no resumable state (the LoRA form, ``train trigger-lora``, uses the rest)."""
 
 
+@torch.no_grad()  # on a generator function: each step runs without grad, the caller's code between steps as it was
 def run_under_schedule(dyn, tokens: list[int], schedule: list[tuple[int, list[float] | None]]):
     """Run a stream in chunks under a LoRA schedule ``[(start, blend or None), ...]`` with a KV cache (keep policy),
     as the engine runs it; yields each chunk's logits ``(T, V)`` (what the caller's hooks capture rides along)."""
     model = dyn.model
     cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        for start, stop in schedule_chunks(dyn, schedule, len(tokens)):
-            ids = torch.tensor([tokens[start:stop]], device=model.device)  # (1, T)
-            yield model(input_ids=ids, cache=cache, use_cache=True).logits[0]
+    for start, stop in schedule_chunks(dyn, schedule, len(tokens)):
+        ids = torch.tensor([tokens[start:stop]], device=model.device)  # (1, T)
+        yield model(input_ids=ids, cache=cache, use_cache=True).logits[0]
 
 
 def stream_hidden_states(dyn, tokens: list[int], schedule: list[tuple[int, list[float] | None]],
