@@ -57,6 +57,17 @@ def main(argv: list[str] | None = None) -> int:
         # Library errors carry messages that name the file, field or shape at fault.
         print(f"dynalora {args.command}: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        end_distributed()
+
+
+def end_distributed() -> None:
+    """Close the process group a recipe under ``accelerate launch`` opened, before the interpreter exits: left to
+    the exit, gloo's threads were sometimes torn down joinable ("terminate called without an active exception",
+    the process killed by SIGABRT after its work was done)."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
