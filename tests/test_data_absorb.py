@@ -185,7 +185,8 @@ def test_reading_inputs_are_split_into_passage_and_question():
 
 def test_bigbench_reading_documents():
     if not (bigbench_dir() / "index.json").is_file():
-        pytest.skip("BIG-Bench is not in the data cache: run `dynalora data fetch --bigbench` (downloads 358 MB)")
+        pytest.skip("BIG-Bench is not in the data cache: `dynalora data fetch --bigbench` (358 MB; PyPI no longer "
+                    "serves it: place a copy of the sdist as the README's set-up says)")
     validation = reading_documents("validation")
     assert len(validation) > 500 and {document["source"] for document in validation} == {
         document["source"] for document in reading_documents("test")}
