@@ -145,6 +145,22 @@ def test_two_processes_under_accelerate_launch_train_as_one(tmp_path, bank, reci
         torch.testing.assert_close(two[name].float(), one[name].float(), atol=2e-3, rtol=1e-2)
 
 
+def test_a_command_closes_the_process_group_a_recipe_opened(tmp_path, monkeypatch):
+    """Whatever a command's handler leaves open (a recipe under ``accelerate launch``), ``main`` closes before the
+    process exits — also when the handler fails."""
+    import torch.distributed as dist
+
+    def opens_a_group(args):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        raise RuntimeError("the handler failed")
+
+    args = build_parser().parse_args(["data", "list"])
+    monkeypatch.setattr(args, "handler", opens_a_group)
+    monkeypatch.setattr("dynalora.cli.build_parser", lambda: type("P", (), {"parse_args": lambda self, argv: args})())
+    assert main(["data", "list"]) == 2
+    assert not dist.is_initialized()
+
+
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_an_interrupted_run_resumes_from_its_last_state_to_the_same_weights(tmp_path, bank, monkeypatch, recipe):
     _, weights, read_record = RECIPES[recipe]
