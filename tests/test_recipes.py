@@ -429,8 +429,11 @@ def test_trigger_head_recipe_fires_at_changes_and_sets_the_token_probability(tmp
     assert trigger.votes == tuple(result["votes"]) and {tuple(c["votes"]) for c in result["threshold_scan"]} == \
         {(1, 1), (2, 2), (2, 3), (3, 4), (3, 5)}
     rescanned = rescan_head(tmp_path / "head", config.out_dir, "tiny:llama", votes=["2/3"], max_false_per_1k=1000.0)
-    assert [c["fired"] for c in rescanned["threshold_scan"]] == \
-        [c["fired"] for c in result["threshold_scan"] if c["votes"] == [2, 3]]  # the same validation streams
+    trained_scan = [c for c in result["threshold_scan"] if c["votes"] == [2, 3]]
+    assert [(c["votes"], c["boundaries"], c["tokens"]) for c in rescanned["threshold_scan"]] == \
+        [(c["votes"], c["boundaries"], c["tokens"]) for c in trained_scan]  # the rule asked for, the same streams
+    # the same head and rule: the features are computed again (float16), so a count may move by one at a threshold
+    assert sum(abs(a["fired"] - b["fired"]) for a, b in zip(rescanned["threshold_scan"], trained_scan)) <= 2
     assert TrainedTrigger.from_pretrained(tmp_path / "head").votes == (2, 3)
     assert trigger.head.config.layers == result["head"]["layers"]
     base = load_base_model("tiny:llama")

@@ -64,6 +64,14 @@ class TriggerHead(nn.Module):
         self.mean.copy_(features.mean(0))
         self.scale.copy_(features.std(0) + 1e-4)
 
+    def round_to_saved(self) -> "TriggerHead":
+        """Round weights and normalisation to float16, as ``trigger_head.safetensors`` stores them: a threshold chosen
+        after this holds for the head that is shipped, not only for the one in memory."""
+        with torch.no_grad():
+            for tensor in self.state_dict().values():
+                tensor.copy_(tensor.half().float())
+        return self
+
     def record(self) -> dict:
         return asdict(self.config)
 

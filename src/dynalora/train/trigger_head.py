@@ -192,6 +192,7 @@ def train_trigger_head(config: TriggerHeadTrainConfig) -> dict:
     keep = target >= 0
     features = torch.cat(train[0]).to(run.device)[keep]  # (N', F) float16: cast per batch
     losses = fit_head(head, features, target[keep], config)
+    head.round_to_saved()  # the threshold below is chosen for the weights as saved
     with torch.no_grad():
         probs_of = lambda data: [torch.sigmoid(head(f.to(run.device))).cpu() for f in data[0]]  # noqa: E731
         best, candidates = choose_threshold(probs_of(validation), validation[2], validation[3], config.window,
